@@ -1,0 +1,498 @@
+"""The configuration model: what a devmesh.yaml means once it has been checked.
+
+Why it exists: every layer above the loader (planner, supervisor, proxy, mesh) reads this
+model and never the raw YAML, so the meaning of a key is decided in exactly one place.
+The model is built only from a document that already passed the JSON Schema and the
+semantic checks in ``devmesh.config``; ``from_document`` therefore trusts its input and
+fills defaults, while ``to_document`` writes a normalised document that validates again
+(the CLI sends that document to the agent, and the property tests round-trip it).
+
+What it does not guarantee: that files named by the model (``cwd``) exist, or
+that ports are free. Those are facts about a machine, checked by the agent at apply time.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+DEFAULT_PROXY_PORT = 7700
+DEFAULT_HTTPS_PORT = 7743
+DEFAULT_MESH_PORT = 7701
+DEFAULT_DISCOVERY_PORT = 7702
+
+
+class HealthKind(enum.Enum):
+    """How readiness is probed. NONE means "ready once the process is running"."""
+
+    HTTP = "http"
+    TCP = "tcp"
+    COMMAND = "command"
+    NONE = "none"
+
+
+class Condition(enum.Enum):
+    """What a dependent waits for before it starts."""
+
+    STARTED = "started"
+    HEALTHY = "healthy"
+
+
+class RestartPolicy(enum.Enum):
+    NO = "no"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+
+class VersionPolicy(enum.Enum):
+    WARN = "warn"
+    REJECT = "reject"
+
+
+class Prefer(enum.Enum):
+    LOCAL = "local"
+    PEER = "peer"
+    FALLBACK = "fallback"
+
+
+class Balance(enum.Enum):
+    ROUND_ROBIN = "round_robin"
+    RANDOM = "random"
+    FIRST = "first"
+
+
+class DbEngine(enum.Enum):
+    POSTGRES = "postgres"
+    SQLITE = "sqlite"
+
+
+class DbProvider(enum.Enum):
+    AUTO = "auto"
+    NATIVE = "native"
+    DOCKER = "docker"
+
+
+class Scheme(enum.Enum):
+    """What the service's own port speaks; the proxy terminates TLS either way."""
+
+    HTTP = "http"
+    HTTPS = "https"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Health:
+    kind: HealthKind
+    http_path: str | None = None
+    """Path probed with GET on 127.0.0.1:port; a 2xx or 3xx answer passes."""
+    command: tuple[str, ...] | None = None
+    """Argument vector run in the service's cwd and env; exit status 0 passes."""
+    interval_s: float = 1.0
+    """Seconds between two probes."""
+    timeout_s: float = 2.0
+    """Seconds one probe may take before it counts as failed."""
+    retries: int = 3
+    """Consecutive failures after which a started service is marked unhealthy."""
+    start_period_s: float = 10.0
+    """Seconds after start during which failures do not count against retries."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dependency:
+    name: str
+    version_range: str | None = None
+    """Semver range the caller accepts (npm syntax: ^1.4, ~2.3, >=2 <3, 1.x)."""
+    condition: Condition = Condition.STARTED
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Restart:
+    policy: RestartPolicy = RestartPolicy.ON_FAILURE
+    max_retries: int | None = None
+    """Restarts allowed before the service is left crash-looping; None is unlimited."""
+    backoff_s: float = 1.0
+    """First restart delay in seconds; doubles per consecutive crash, capped at 60 s."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stop:
+    signal: str = "SIGTERM"
+    grace_s: float = 10.0
+    """Seconds between the stop signal and SIGKILL."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Db:
+    engine: DbEngine
+    version: str | None = None
+    provider: DbProvider = DbProvider.AUTO
+    name: str | None = None
+    """Database name; defaults to the service's name."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Service:
+    name: str
+    version: str | None = None
+    command: tuple[str, ...] | None = None
+    """None marks a service this repo depends on but does not run (a teammate's)."""
+    cwd: str | None = None
+    """Absolute working directory; None is the folder of devmesh.yaml."""
+    port: int | None = None
+    """Fixed port, or None when the agent picks one (``port: auto`` or no command)."""
+    scheme: Scheme = Scheme.HTTP
+    env: Mapping[str, str] = field(default_factory=dict)
+    """The service's own environment: env_file entries overridden by ``env``."""
+    env_file: tuple[str, ...] = ()
+    """Files the env was read from (already merged into env); kept to show the user."""
+    health: Health | None = None
+    """None is the default check: TCP on the port when there is one, else none."""
+    depends_on: tuple[Dependency, ...] = ()
+    restart: Restart = field(default_factory=Restart)
+    stop: Stop = field(default_factory=Stop)
+    share: bool = False
+    branch: str | None = None
+    """Namespace among peers; "auto" is resolved to the git branch by the agent."""
+    fallback: str | None = None
+    db: Db | None = None
+
+    @property
+    def runs_here(self) -> bool:
+        return self.command is not None
+
+    @property
+    def effective_health(self) -> Health:
+        if self.health is not None:
+            return self.health
+        if self.runs_here and (self.port is not None or self.wants_port):
+            return Health(kind=HealthKind.TCP)
+        return Health(kind=HealthKind.NONE)
+
+    @property
+    def wants_port(self) -> bool:
+        """Every service that runs here gets a port: fixed, or picked by the agent."""
+        return self.runs_here
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxySettings:
+    port: int = DEFAULT_PROXY_PORT
+    https_port: int = DEFAULT_HTTPS_PORT
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Discovery:
+    broadcast: bool = True
+    interfaces: tuple[str, ...] = ("auto",)
+    port: int = DEFAULT_DISCOVERY_PORT
+    interval_s: float = 2.0
+    peers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeshSettings:
+    name: str | None = None
+    secret: str | None = None
+    port: int = DEFAULT_MESH_PORT
+    discovery: Discovery = field(default_factory=Discovery)
+    allow: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    versions: VersionPolicy = VersionPolicy.WARN
+    prefer: Prefer = Prefer.LOCAL
+    balance: Balance = Balance.ROUND_ROBIN
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Project:
+    name: str
+    directory: str
+    """Absolute folder of the devmesh.yaml; relative paths in the file are resolved from it."""
+    source: str = "devmesh.yaml"
+    """Where the config came from (a path, or "<stdin>"), for messages."""
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    mesh: MeshSettings | None = None
+    policy: Policy = field(default_factory=Policy)
+    services: Mapping[str, Service] = field(default_factory=dict)
+    """Services in file order."""
+
+    def service(self, name: str) -> Service:
+        return self.services[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Document <-> model. The document is the YAML shape (after interpolation), so what the model
+# writes validates against schemas/devmesh.schema.json again.
+
+
+def _opt(d: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    value = d.get(key, default)
+    return default if value is None else value
+
+
+def _argv(value: str | list[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        # Shell-style splitting without a shell: quotes group, nothing is expanded.
+        import shlex
+
+        return tuple(shlex.split(value))
+    return tuple(str(v) for v in value)
+
+
+def _health(doc: Mapping[str, Any] | None) -> Health | None:
+    if doc is None:
+        return None
+    common = {
+        "interval_s": float(_opt(doc, "interval_s", 1.0)),
+        "timeout_s": float(_opt(doc, "timeout_s", 2.0)),
+        "retries": int(_opt(doc, "retries", 3)),
+        "start_period_s": float(_opt(doc, "start_period_s", 10.0)),
+    }
+    if "http" in doc:
+        return Health(kind=HealthKind.HTTP, http_path=str(doc["http"]), **common)
+    if "command" in doc:
+        return Health(kind=HealthKind.COMMAND, command=_argv(doc["command"]), **common)
+    if doc.get("tcp"):
+        return Health(kind=HealthKind.TCP, **common)
+    return Health(kind=HealthKind.NONE, **common)
+
+
+def _dependency(name: str, doc: str | Mapping[str, Any] | None) -> Dependency:
+    if doc is None:
+        return Dependency(name=name)
+    if isinstance(doc, str):
+        return Dependency(name=name, version_range=doc)
+    return Dependency(
+        name=name,
+        version_range=doc.get("version"),
+        condition=Condition(_opt(doc, "condition", "started")),
+    )
+
+
+def _service(name: str, doc: Mapping[str, Any], directory: str) -> Service:
+    import posixpath
+
+    port_doc = doc.get("port")
+    cwd = doc.get("cwd")
+    if cwd is not None:
+        cwd = posixpath.normpath(posixpath.join(directory, cwd))
+    restart_doc = doc.get("restart") or {}
+    stop_doc = doc.get("stop") or {}
+    db_doc = doc.get("db")
+    deps_doc = doc.get("depends_on") or {}
+    if isinstance(deps_doc, list):
+        deps_doc = dict.fromkeys(deps_doc)
+    env_file = doc.get("env_file") or ()
+    if isinstance(env_file, str):
+        env_file = (env_file,)
+    return Service(
+        name=name,
+        version=None if doc.get("version") is None else str(doc["version"]),
+        command=_argv(doc.get("command")),
+        cwd=cwd,
+        port=port_doc if isinstance(port_doc, int) else None,
+        scheme=Scheme(_opt(doc, "scheme", "http")),
+        env={str(k): "" if v is None else _scalar_str(v) for k, v in (doc.get("env") or {}).items()},
+        env_file=tuple(env_file),
+        health=_health(doc.get("health")),
+        depends_on=tuple(_dependency(k, v) for k, v in deps_doc.items()),
+        restart=Restart(
+            policy=RestartPolicy(_opt(restart_doc, "policy", "on-failure")),
+            max_retries=restart_doc.get("max_retries"),
+            backoff_s=float(_opt(restart_doc, "backoff_s", 1.0)),
+        ),
+        stop=Stop(
+            signal=str(_opt(stop_doc, "signal", "SIGTERM")),
+            grace_s=float(_opt(stop_doc, "grace_s", 10.0)),
+        ),
+        share=bool(doc.get("share", False)),
+        branch=doc.get("branch"),
+        fallback=doc.get("fallback"),
+        db=None
+        if db_doc is None
+        else Db(
+            engine=DbEngine(db_doc["engine"]),
+            version=None if db_doc.get("version") is None else str(db_doc["version"]),
+            provider=DbProvider(_opt(db_doc, "provider", "auto")),
+            name=db_doc.get("name"),
+        ),
+    )
+
+
+def _scalar_str(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def from_document(
+    doc: Mapping[str, Any], *, directory: str, default_name: str, source: str = "devmesh.yaml"
+) -> Project:
+    """Build the model from a document that passed validation.
+
+    Raises KeyError or ValueError only when given a document that did not pass validation.
+    """
+    proxy_doc = doc.get("proxy") or {}
+    mesh_doc = doc.get("mesh")
+    policy_doc = doc.get("policy") or {}
+    mesh = None
+    if mesh_doc is not None:
+        disc = mesh_doc.get("discovery") or {}
+        mesh = MeshSettings(
+            name=mesh_doc.get("name"),
+            secret=mesh_doc.get("secret"),
+            port=int(_opt(mesh_doc, "port", DEFAULT_MESH_PORT)),
+            discovery=Discovery(
+                broadcast=bool(_opt(disc, "broadcast", True)),
+                interfaces=tuple(_opt(disc, "interfaces", ["auto"])),
+                port=int(_opt(disc, "port", DEFAULT_DISCOVERY_PORT)),
+                interval_s=float(_opt(disc, "interval_s", 2.0)),
+                peers=tuple(_opt(disc, "peers", [])),
+            ),
+            allow=tuple(_opt(mesh_doc, "allow", ["*"])),
+        )
+    services = {
+        str(name): _service(str(name), sdoc or {}, directory)
+        for name, sdoc in (doc.get("services") or {}).items()
+    }
+    return Project(
+        name=str(doc.get("project") or default_name),
+        directory=directory,
+        source=source,
+        proxy=ProxySettings(
+            port=int(_opt(proxy_doc, "port", DEFAULT_PROXY_PORT)),
+            https_port=int(_opt(proxy_doc, "https_port", DEFAULT_HTTPS_PORT)),
+        ),
+        mesh=mesh,
+        policy=Policy(
+            versions=VersionPolicy(_opt(policy_doc, "versions", "warn")),
+            prefer=Prefer(_opt(policy_doc, "prefer", "local")),
+            balance=Balance(_opt(policy_doc, "balance", "round_robin")),
+        ),
+        services=services,
+    )
+
+
+def _health_doc(h: Health) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if h.kind is HealthKind.HTTP:
+        out["http"] = h.http_path
+    elif h.kind is HealthKind.COMMAND:
+        out["command"] = list(h.command or ())
+    elif h.kind is HealthKind.TCP:
+        out["tcp"] = True
+    else:
+        out["tcp"] = False
+    out.update(
+        interval_s=h.interval_s,
+        timeout_s=h.timeout_s,
+        retries=h.retries,
+        start_period_s=h.start_period_s,
+    )
+    return out
+
+
+def service_document(s: Service) -> dict[str, Any]:
+    """The normalised document of one service: explicit defaults, list commands, absolute cwd.
+
+    env_file is left out because its content is already merged into env.
+    """
+    out: dict[str, Any] = {}
+    if s.version is not None:
+        out["version"] = s.version
+    if s.command is not None:
+        out["command"] = list(s.command)
+    if s.cwd is not None:
+        out["cwd"] = s.cwd
+    if s.runs_here:
+        out["port"] = s.port if s.port is not None else "auto"
+    elif s.port is not None:
+        out["port"] = s.port
+    out["scheme"] = s.scheme.value
+    if s.env:
+        out["env"] = dict(sorted(s.env.items()))
+    if s.health is not None:
+        out["health"] = _health_doc(s.health)
+    if s.depends_on:
+        out["depends_on"] = {
+            d.name: {
+                **({"version": d.version_range} if d.version_range is not None else {}),
+                "condition": d.condition.value,
+            }
+            for d in s.depends_on
+        }
+    out["restart"] = {
+        "policy": s.restart.policy.value,
+        **({"max_retries": s.restart.max_retries} if s.restart.max_retries is not None else {}),
+        "backoff_s": s.restart.backoff_s,
+    }
+    out["stop"] = {"signal": s.stop.signal, "grace_s": s.stop.grace_s}
+    out["share"] = s.share
+    if s.branch is not None:
+        out["branch"] = s.branch
+    if s.fallback is not None:
+        out["fallback"] = s.fallback
+    if s.db is not None:
+        db: dict[str, Any] = {"engine": s.db.engine.value, "provider": s.db.provider.value}
+        if s.db.version is not None:
+            db["version"] = s.db.version
+        if s.db.name is not None:
+            db["name"] = s.db.name
+        out["db"] = db
+    return out
+
+
+def to_document(p: Project) -> dict[str, Any]:
+    """The normalised document of a project; it validates against the schema again."""
+    doc: dict[str, Any] = {
+        "version": 1,
+        "project": p.name,
+        "proxy": {"port": p.proxy.port, "https_port": p.proxy.https_port},
+    }
+    if p.mesh is not None:
+        m = p.mesh
+        mesh: dict[str, Any] = {}
+        if m.name is not None:
+            mesh["name"] = m.name
+        if m.secret is not None:
+            mesh["secret"] = m.secret
+        mesh["port"] = m.port
+        mesh["discovery"] = {
+            "broadcast": m.discovery.broadcast,
+            "interfaces": list(m.discovery.interfaces),
+            "port": m.discovery.port,
+            "interval_s": m.discovery.interval_s,
+            "peers": list(m.discovery.peers),
+        }
+        mesh["allow"] = list(m.allow)
+        doc["mesh"] = mesh
+    doc["policy"] = {
+        "versions": p.policy.versions.value,
+        "prefer": p.policy.prefer.value,
+        "balance": p.policy.balance.value,
+    }
+    doc["services"] = {name: service_document(s) for name, s in p.services.items()}
+    return doc
+
+
+def spec_hash(s: Service) -> str:
+    """A stable digest of everything that requires a restart when it changes.
+
+    Derived from the normalised document, so two files that differ only in spelling
+    (string vs list command, short vs long depends_on, key order) hash the same.
+    Fields that only change routing (share, fallback, branch) are left out: changing them
+    must not restart a running process.
+    """
+    doc = service_document(s)
+    for key in ("share", "fallback", "branch"):
+        doc.pop(key, None)
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
