@@ -20,10 +20,26 @@ options) turns them into one ``$`` and never reads a value as a template.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _OPERATORS = (":-", ":?", ":+", "-", "?", "+")
+
+
+RUNTIME_NAMES: frozenset[str] = frozenset(
+    {"PORT", "DEVMESH_SERVICE", "DEVMESH_PROJECT", "DATABASE_URL"}
+)
+"""Filled by the supervisor at start, in a service's command, env and health command."""
+
+
+def url_variable(dependency: str) -> str:
+    """The variable that carries a dependency's URL: ``auth-api`` -> ``AUTH_API_URL``."""
+    return dependency.upper().replace("-", "_") + "_URL"
+
+
+def runtime_names(dependencies: Iterable[str]) -> frozenset[str]:
+    """Every name left for the start-time pass of a service with these dependencies."""
+    return RUNTIME_NAMES | {url_variable(d) for d in dependencies}
 
 
 class InterpolationError(ValueError):

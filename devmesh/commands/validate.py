@@ -1,0 +1,97 @@
+"""`devmesh validate`: check a devmesh.yaml without an agent, for editors, hooks and CI.
+
+Exit codes scripts can trust: 0 valid (warnings allowed), 1 invalid or no file found,
+2 usage error (argparse). Problems go to stderr as FILE:LINE:COL lines, the summary of a
+valid file to stdout; with --json everything is one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+EXAMPLE = """\
+examples:
+  devmesh validate                      # the devmesh.yaml of this folder or a parent
+  devmesh validate -f services/devmesh.yaml
+  cat devmesh.yaml | devmesh validate -f - --json
+"""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "validate",
+        help="check a devmesh.yaml and print every problem",
+        description=(
+            "Check a devmesh.yaml against the schema and the rules between services "
+            "(dependencies, versions, ports), printing every problem as FILE:LINE:COL."
+        ),
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-f",
+        "--file",
+        metavar="FILE",
+        help="the file to check; - reads stdin. Default: devmesh.yaml (or .yml) in this "
+        "folder or the nearest parent",
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from devmesh.config import loader, report
+
+    try:
+        path: Path | str = args.file or loader.find_config(Path.cwd())
+    except loader.ConfigNotFound as exc:
+        if args.json:
+            print(
+                report.to_json(
+                    valid=False,
+                    file="",
+                    problems=[report.Problem("", 0, 0, "", str(exc))],
+                    project=None,
+                    services=[],
+                )
+            )
+        else:
+            print(f"devmesh validate: {exc}", file=sys.stderr)
+        return 1
+    try:
+        loaded = loader.load(path)
+    except loader.ConfigError as exc:
+        if args.json:
+            print(
+                report.to_json(
+                    valid=False,
+                    file=exc.file,
+                    problems=exc.problems,
+                    project=exc.project,
+                    services=list(exc.services),
+                )
+            )
+        else:
+            errors = sum(1 for p in exc.problems if p.is_error)
+            print(str(exc), file=sys.stderr)
+            print(f"{exc.file}: invalid ({report.plural(errors, 'problem')})", file=sys.stderr)
+        return 1
+    services = list(loaded.project.services)
+    if args.json:
+        print(
+            report.to_json(
+                valid=True,
+                file=loaded.file,
+                problems=loaded.warnings,
+                project=loaded.project.name,
+                services=services,
+            )
+        )
+    else:
+        if loaded.warnings:
+            print(report.render(loaded.warnings), file=sys.stderr)
+        print(report.summary(loaded.file, loaded.project.name, services))
+    return 0

@@ -1,0 +1,148 @@
+"""Checks the JSON Schema cannot express: references between services, semver, port clashes.
+
+They run on the interpolated document even when the schema already found problems, so a
+user sees every problem in one run. Each check therefore looks only at the parts that
+have the right shape and silently skips the rest (the schema has reported those).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from devmesh.config import marks as marks_mod
+from devmesh.config import report
+from devmesh.core import graph, versions
+
+SECRET_LITERAL = (
+    "mesh.secret is a literal; use ${DEVMESH_SECRET} and keep the value out of the repo"
+)
+
+Key = tuple[str | int, ...]
+
+
+class _Out:
+    """Collects problems placed by key path."""
+
+    def __init__(self, marks: marks_mod.Marks, file: str) -> None:
+        self.marks = marks
+        self.file = file
+        self.problems: list[report.Problem] = []
+
+    def add(
+        self, path: Key, message: str, *, at_key: bool = False, severity: str = report.ERROR
+    ) -> None:
+        pos = self.marks.key(path) if at_key else self.marks.value(path)
+        self.problems.append(
+            report.Problem(self.file, pos.line, pos.column, report.dotted(path), message, severity)
+        )
+
+
+def services_of(doc: Any) -> dict[str, dict[str, Any]]:
+    """The services that are mappings, by name; anything malformed is left out."""
+    services = doc.get("services") if isinstance(doc, dict) else None
+    if not isinstance(services, dict):
+        return {}
+    return {str(k): v for k, v in services.items() if isinstance(v, dict)}
+
+
+def dependencies(service: dict[str, Any]) -> Iterator[tuple[str, Key, Any]]:
+    """(name, path inside the service, range-or-spec) for each well-formed dependency."""
+    deps = service.get("depends_on")
+    if isinstance(deps, list):
+        for i, name in enumerate(deps):
+            if isinstance(name, str):
+                yield name, ("depends_on", i), None
+    elif isinstance(deps, dict):
+        for name, spec in deps.items():
+            yield str(name), ("depends_on", name), spec
+
+
+def check(doc: Any, marks: marks_mod.Marks, file: str) -> list[report.Problem]:
+    """Every semantic problem of an interpolated document (see the module docstring)."""
+    out = _Out(marks, file)
+    services = services_of(doc)
+    _check_dependencies(services, out)
+    _check_versions(services, out)
+    _check_ports(services, out)
+    _check_secret(doc, marks, out)
+    return out.problems
+
+
+def _check_dependencies(services: dict[str, dict[str, Any]], out: _Out) -> None:
+    edges: dict[str, list[str]] = {}
+    for name, service in services.items():
+        edges[name] = []
+        for dep, where, _ in dependencies(service):
+            path = ("services", name, *where)
+            if dep in services:
+                edges[name].append(dep)
+                continue
+            out.add(
+                path,
+                f"unknown service {dep!r}: every dependency must be a service of this file; "
+                f"declare a service that runs elsewhere without `command` "
+                f"(services: {{{dep}: {{version: ...}}}})",
+                at_key=isinstance(where[-1], str),
+            )
+    cycle = graph.find_cycle(edges)
+    if cycle:
+        first, second = cycle[0], cycle[1]
+        deps = services[first].get("depends_on")
+        where: Key = ("depends_on", second)
+        if isinstance(deps, list):
+            where = ("depends_on", deps.index(second))
+        out.add(
+            ("services", first, *where),
+            "dependency cycle: " + " -> ".join(cycle),
+            at_key=isinstance(where[-1], str),
+        )
+
+
+def _check_versions(services: dict[str, dict[str, Any]], out: _Out) -> None:
+    for name, service in services.items():
+        version = service.get("version")
+        if isinstance(version, str):
+            try:
+                versions.parse_version(version)
+            except versions.VersionError as exc:
+                out.add(("services", name, "version"), f"invalid version: {exc.message}")
+        for _dep, where, spec in dependencies(service):
+            path: Key = ("services", name, *where)
+            text = spec
+            if isinstance(spec, dict):
+                text = spec.get("version")
+                path = (*path, "version")
+            if not isinstance(text, str) or not text:
+                continue
+            try:
+                versions.parse_range(text)
+            except versions.VersionError as exc:
+                out.add(path, f"invalid version range: {exc.message}")
+
+
+def _check_ports(services: dict[str, dict[str, Any]], out: _Out) -> None:
+    owners: dict[int, str] = {}
+    for name, service in services.items():
+        port = service.get("port")
+        if not isinstance(port, int) or isinstance(port, bool):
+            continue
+        if port in owners:
+            first = owners[port]
+            pos = out.marks.value(("services", first, "port"))
+            out.add(
+                ("services", name, "port"),
+                f"port {port} is already used by service {first!r} (line {pos.line}); "
+                "two services cannot listen on one port (use port: auto)",
+            )
+        else:
+            owners[port] = name
+
+
+def _check_secret(doc: Any, marks: marks_mod.Marks, out: _Out) -> None:
+    mesh = doc.get("mesh") if isinstance(doc, dict) else None
+    if not isinstance(mesh, dict) or not isinstance(mesh.get("secret"), str):
+        return
+    raw = marks.raw.get(("mesh", "secret"), ("", mesh["secret"]))[1]
+    if "${" not in raw:
+        out.add(("mesh", "secret"), SECRET_LITERAL, severity=report.WARNING)

@@ -1,0 +1,370 @@
+"""Find, read, interpolate and check a devmesh.yaml, and build the model from it.
+
+This is the one door from a file on disk to ``model.Project``: the CLI's ``validate``,
+``up`` and ``plan`` all come through here, so they agree on every problem. Steps, in order:
+YAML with marks (syntax and duplicate keys), ``version:`` (an unsupported one stops
+everything: the rest of the file may mean something else), ``${VAR}`` interpolation from
+the environment and ``.env`` (environment wins), the JSON Schema, semantic checks,
+env_file reading. All steps after the version run even when earlier ones found problems,
+so one run shows every problem.
+
+YAML 1.1 choices, on purpose: ``restart: {policy: no}`` means the policy "no" (the raw text
+is read, not the boolean); env values are taken as written when unquoted (``0755`` stays
+"0755", ``yes`` stays "yes"), because an environment holds text. Everywhere else YAML
+typing applies and the schema reports surprises (``policy: off`` -> got false).
+
+What it does not check: that ``cwd`` exists or ports are free (facts of the machine when
+the agent applies the project).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from devmesh.config import checks, envfile, marks, report, schema
+from devmesh.core import interpolate, model
+
+Problem = report.Problem
+CONFIG_NAMES: tuple[str, ...] = ("devmesh.yaml", "devmesh.yml")
+STDIN = "<stdin>"
+
+
+class ConfigUnusable(Exception):
+    """Base of the errors of devmesh.config: no usable configuration was obtained."""
+
+
+class ConfigNotFound(ConfigUnusable):
+    """No devmesh.yaml (or .yml) in the start folder or any of its parents."""
+
+    def __init__(self, start: Path) -> None:
+        super().__init__(
+            f"no {' or '.join(CONFIG_NAMES)} in {start} or any parent folder; "
+            "pass -f FILE (or -f - for stdin)"
+        )
+        self.start = start
+
+
+class ConfigError(ConfigUnusable):
+    """The file has problems; str() is every problem rendered, one per line, by position."""
+
+    def __init__(
+        self,
+        problems: list[Problem],
+        *,
+        file: str = "",
+        project: str | None = None,
+        services: tuple[str, ...] = (),
+    ) -> None:
+        self.problems = report.sort(problems)
+        super().__init__(report.render(self.problems))
+        self.file = file
+        self.project = project
+        """The project's name when the file got far enough to tell, else None."""
+        self.services = services
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    project: model.Project
+    warnings: list[Problem]
+    document: dict[str, Any]
+    """The checked document the model was built from: interpolated, env_file merged."""
+    file: str = ""
+    """The file as shown in messages."""
+
+
+def find_config(start: Path) -> Path:
+    """The nearest devmesh.yaml/devmesh.yml in start or a parent, as compose does.
+
+    Raises ConfigNotFound.
+    """
+    start = _absolute(start)
+    for folder in (start, *start.parents):
+        for name in CONFIG_NAMES:
+            candidate = folder / name
+            if candidate.is_file():
+                return candidate
+    raise ConfigNotFound(start)
+
+
+def project_name(folder: str) -> str:
+    """A folder name made into a valid project name (lower-case, other chars -> '-')."""
+    name = re.sub(r"[^a-z0-9-]", "-", folder.lower()).strip("-")
+    name = name[:63].strip("-")
+    return name or "default"
+
+
+def display_path(path: Path, cwd: Path) -> str:
+    """Relative to the cwd when inside it, else absolute: short and clickable."""
+    rel = os.path.relpath(path, cwd)
+    return str(path) if rel.startswith("..") else rel
+
+
+def load(
+    path: Path | str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    text: str | None = None,
+) -> Loaded:
+    """Load a devmesh.yaml ("-" or "<stdin>" reads stdin, or ``text`` when given).
+
+    ``environ`` defaults to os.environ; ``text`` replaces reading the file (its folder
+    still anchors .env, env_file and cwd). Raises ConfigError with every problem.
+    """
+    env = os.environ if environ is None else environ
+    cwd = Path.cwd()
+    if str(path) in ("-", STDIN):
+        file, directory, source = STDIN, cwd, STDIN
+        if text is None:
+            text = sys.stdin.read()
+    else:
+        absolute = _absolute(Path(path))
+        file, directory, source = display_path(absolute, cwd), absolute.parent, str(absolute)
+        if text is None:
+            text = _read(absolute, file)
+    return _Load(file, directory, env).run(text, source)
+
+
+def _read(path: Path, file: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        message = "file not found"
+    except IsADirectoryError:
+        message = "is a folder, not a file"
+    except UnicodeDecodeError as exc:
+        message = f"not UTF-8 text (byte {exc.start})"
+    except OSError as exc:
+        message = f"cannot read: {exc.strerror}"
+    raise ConfigError([Problem(file, 0, 0, "", message)], file=file)
+
+
+class _Load:
+    """One load: the state the steps share (file, folder, problems found so far)."""
+
+    def __init__(self, file: str, directory: Path, environ: Mapping[str, str]) -> None:
+        self.file = file
+        self.directory = directory
+        self.environ = environ
+        self.problems: list[Problem] = []
+        self.unset_seen: set[str] = set()
+
+    def problem(self, pos: marks.Position, path: tuple[str | int, ...], message: str) -> None:
+        self.problems.append(Problem(self.file, pos.line, pos.column, report.dotted(path), message))
+
+    def fail(self, data: Any = None) -> ConfigError:
+        return ConfigError(
+            self.problems, file=self.file, project=self.name(data), services=_names(data)
+        )
+
+    def name(self, data: Any) -> str | None:
+        if not isinstance(data, dict):
+            return None
+        given = data.get("project")
+        return given if isinstance(given, str) else project_name(self.directory.name)
+
+    def run(self, text: str, source: str) -> Loaded:
+        try:
+            parsed = marks.parse(text)
+        except marks.YamlSyntaxError as exc:
+            self.problem(marks.Position(exc.line, exc.column), (), f"not valid YAML: {exc.problem}")
+            raise self.fail() from None
+        data, where = parsed.data, parsed.marks
+        for path, first, again in where.duplicates:
+            self.problem(
+                again,
+                path,
+                f"duplicate key {path[-1]!r} (first at line {first.line}, column {first.column})",
+            )
+        for path, pos in parsed.bad_keys:
+            self.problem(pos, path, "keys must be plain names, not a list or a mapping")
+        if data is None:
+            self.problem(marks.Position(1, 1), (), "the file is empty; expected `version: 1`")
+            raise self.fail()
+        if not isinstance(data, dict):
+            self.problem(
+                marks.Position(1, 1),
+                (),
+                f"expected a mapping of keys (version, services, ...) at the top of the file, "
+                f"got {schema.found(data)}",
+            )
+            raise self.fail()
+        supported = ", ".join(str(v) for v in model.SUPPORTED_VERSIONS)
+        if "version" not in data:
+            self.problem(
+                marks.Position(1, 1),
+                (),
+                f"missing required key 'version' (supported versions: {supported}; "
+                "start the file with `version: 1`)",
+            )
+        elif type(data["version"]) is not int or data["version"] not in model.SUPPORTED_VERSIONS:
+            self.problem(
+                where.value(("version",)),
+                ("version",),
+                f"unsupported version {schema.found(data['version'])}; "
+                f"supported versions: {supported}",
+            )
+            raise self.fail(data)  # a later version may mean other keys: stop here
+        data = self.interpolate(data, where)
+        self.problems += [
+            p
+            for p in schema.problems(data, where, self.file)
+            if not (p.path == "" and p.message == "missing required key 'version'")
+        ]
+        self.problems += checks.check(data, where, self.file)
+        document = self.merge_env_files(data, where)
+        if any(p.is_error for p in self.problems):
+            raise self.fail(data)
+        name = self.name(data) or project_name(self.directory.name)
+        try:
+            project = model.from_document(
+                document, directory=str(self.directory), default_name=name, source=source
+            )
+        except (KeyError, ValueError, TypeError) as exc:  # a gap between schema and model
+            self.problem(marks.Position(1, 1), (), f"internal error building the model: {exc!r}")
+            raise self.fail(data) from exc
+        return Loaded(project, report.sort(self.problems), document, self.file)
+
+    # -- interpolation --------------------------------------------------------------------
+
+    def interpolate(self, data: dict[str, Any], where: marks.Marks) -> dict[str, Any]:
+        dotenv_path = self.directory / ".env"
+        dotenv: dict[str, str] = {}
+        if dotenv_path.is_file():
+            shown = display_path(dotenv_path, Path.cwd())
+            try:
+                dotenv = envfile.read(dotenv_path, display=shown)
+            except envfile.EnvFileError as exc:
+                self.problems.append(Problem(exc.path, exc.line, 1, "", exc.message))
+            except OSError as exc:
+                self.problems.append(Problem(shown, 0, 0, "", f"cannot read: {exc.strerror}"))
+
+        def lookup(name: str) -> str | None:
+            return self.environ[name] if name in self.environ else dotenv.get(name)
+
+        services = checks.services_of(data)
+        keeps = {
+            name: interpolate.runtime_names(d for d, _, _ in checks.dependencies(service))
+            for name, service in services.items()
+        }
+
+        def walk(value: Any, path: tuple[str | int, ...]) -> Any:
+            if isinstance(value, dict):
+                return {k: walk(v, (*path, k)) for k, v in value.items()}
+            if isinstance(value, list):
+                return [walk(v, (*path, i)) for i, v in enumerate(value)]
+            style, raw = where.raw.get(path, ("'", ""))
+            deferred = _deferred(path)
+            if len(path) == 4 and path[2] == "env" and style == "" and value is not None:
+                value = raw  # env values as written: `0755` stays "0755"
+            if path[-2:] == ("restart", "policy") and value is False and raw.lower() == "no":
+                value = "no"
+            if not isinstance(value, str) or "$" not in value:
+                return value
+            keep = keeps.get(str(path[1]), frozenset()) if deferred else frozenset()
+            try:
+                expanded = interpolate.expand(
+                    value,
+                    lookup,
+                    keep=keep.__contains__,
+                    keep_escapes=deferred,
+                    on_unset=lambda name: self.unset(name, path, where),
+                )
+            except interpolate.InterpolationError as exc:
+                self.problem(where.value(path), path, exc.message)
+                return value
+            if style == "" and not deferred and expanded != value:
+                return marks.plain_scalar(expanded)
+            return expanded
+
+        return walk(data, ())
+
+    def unset(self, name: str, path: tuple[str | int, ...], where: marks.Marks) -> None:
+        if name in self.unset_seen:
+            return
+        self.unset_seen.add(name)
+        pos = where.value(path)
+        self.problems.append(
+            Problem(
+                self.file,
+                pos.line,
+                pos.column,
+                report.dotted(path),
+                f"variable {name} is not set (in the environment or .env); using an empty string",
+                report.WARNING,
+            )
+        )
+
+    # -- env_file -------------------------------------------------------------------------
+
+    def merge_env_files(self, data: dict[str, Any], where: marks.Marks) -> dict[str, Any]:
+        """The document with each service's env_file contents merged under its env.
+
+        env_file values are escaped ($ -> $$): env is a start-time template, and a value
+        read from a file is text, never a template.
+        """
+        document = dict(data)
+        services = checks.services_of(data)
+        if not services:
+            return document
+        merged_services = dict(document["services"])
+        for name, service in services.items():
+            files = service.get("env_file")
+            items: list[tuple[tuple[str | int, ...], str]] = []
+            if isinstance(files, str):
+                items = [(("services", name, "env_file"), files)]
+            elif isinstance(files, list):
+                items = [
+                    (("services", name, "env_file", i), f)
+                    for i, f in enumerate(files)
+                    if isinstance(f, str) and f
+                ]
+            if not items:
+                continue
+            env: dict[str, Any] = {}
+            for path, relative in items:
+                full = self.directory / relative
+                shown = display_path(_absolute(full), Path.cwd())
+                pos = where.key(path) if isinstance(path[-1], str) else where.value(path)
+                if not full.is_file():
+                    self.problem(pos, path, f"env file {relative!r} not found (looked for {shown})")
+                    continue
+                try:
+                    values = envfile.read(full, display=shown)
+                except envfile.EnvFileError as exc:
+                    self.problems.append(
+                        Problem(exc.path, exc.line, 1, report.dotted(path), exc.message)
+                    )
+                    continue
+                except OSError as exc:
+                    self.problem(pos, path, f"cannot read env file {relative!r}: {exc.strerror}")
+                    continue
+                env.update({k: v.replace("$", "$$") for k, v in values.items()})
+            own = service.get("env")
+            if isinstance(own, dict):
+                env.update(own)
+            merged_services[name] = {**service, "env": env}
+        document["services"] = merged_services
+        return document
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute, with .. folded, symlinks kept (they are what the user typed)."""
+    return Path(os.path.normpath(Path.cwd() / path))
+
+
+def _deferred(path: tuple[str | int, ...]) -> bool:
+    """Whether path is inside a service's command, env or health command."""
+    if len(path) < 3 or path[0] != "services":
+        return False
+    return path[2] in ("command", "env") or path[2:4] == ("health", "command")
+
+
+def _names(data: Any) -> tuple[str, ...]:
+    return tuple(checks.services_of(data))
