@@ -1,0 +1,90 @@
+"""The proxy's errors: each one names a condition a developer can act on.
+
+Why one base with a status: every failure on the way to an upstream ends as an HTTP answer
+to the client, translated at one place (``server._fail``). The status hint lives on the class,
+the message (service, address, timeout) is built in ``__init__``, so the page, the access log
+and the tests all see the same words.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of the proxy's errors; ``status`` is the HTTP answer the client gets."""
+
+    status: int = 502
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ServiceNotRunningError(ProxyError):
+    """The route table says the service is stopped or crash-looping: no connect attempted."""
+
+    status = 502
+
+    def __init__(self, service: str, project: str, state: str, reason: str | None) -> None:
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"service {service!r} of project {project!r} is {state}{detail}")
+
+
+class UpstreamConnectError(ProxyError):
+    """Connecting to the service's port failed (refused, unreachable, TLS handshake)."""
+
+    status = 502
+
+    def __init__(self, service: str, host: str, port: int, reason: str, state: str) -> None:
+        hint = " (the service is still starting)" if state == "starting" else ""
+        super().__init__(
+            f"service {service!r} is not reachable: {reason} on {host}:{port}{hint}"
+        )
+
+
+class UpstreamTimeoutError(ProxyError):
+    """The service accepted nothing, or said nothing, within the configured timeout."""
+
+    status = 504
+
+    def __init__(self, service: str, host: str, port: int, phase: str, timeout_s: float) -> None:
+        super().__init__(
+            f"service {service!r} on {host}:{port} timed out: no {phase} within {timeout_s:g} s"
+        )
+
+
+class UpstreamProtocolError(ProxyError):
+    """The service answered something that is not HTTP/1.1, or closed mid-answer."""
+
+    status = 502
+
+    def __init__(self, service: str, host: str, port: int, reason: str) -> None:
+        super().__init__(f"service {service!r} on {host}:{port} sent a bad response: {reason}")
+
+
+class BodyTooLargeError(ProxyError):
+    status = 413
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds the proxy's limit of {limit} bytes")
+
+
+class BadUpgradeError(ProxyError):
+    """A WebSocket handshake that wsproto's rules reject, from either side."""
+
+    status = 400
+
+    def __init__(self, side: str, reason: str) -> None:
+        super().__init__(f"invalid WebSocket handshake from the {side}: {reason}")
+        if side == "service":
+            self.status = 502
+
+
+class CAError(ProxyError):
+    """The local CA's files are unusable (unreadable, wrong permissions, corrupt)."""
+
+    status = 500
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason

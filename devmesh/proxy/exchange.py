@@ -1,0 +1,350 @@
+"""One proxied exchange: a client's request forwarded to a service and the answer streamed back.
+
+Strategy: two h11 connections, one per side, and the proxy moves events between them.
+Bodies travel as h11 ``Data`` events in chunks of at most ``read_size`` bytes; every write is
+followed by ``drain()``, so a slow reader on either side stops the proxy reading the other
+side (the stream readers stop reading their sockets past twice their limit). Nothing is held
+whole, whatever the body's size.
+
+To keep the small-request path cheap, everything h11 can produce without I/O (a response head,
+its body, the end of message) is collected and written to the client in one ``write``.
+
+- A request body is pumped by a second task while the response is awaited, so a service that
+  answers early (a 413 of its own) is not deadlocked against a client still sending.
+- ``Expect: 100-continue`` is answered by the proxy itself once the route is known and the
+  declared length is within the limit; the service never sees the header.
+- A response without Content-Length (server-sent events, chunked downloads) is watched: if the
+  client goes away the service's connection is closed at once rather than at the next event.
+- A 101 to a WebSocket request turns the exchange into a byte tunnel (``tunnel.splice``).
+- An idle connection from the pool that turns out closed is retried once on a new one, but
+  only for a request without a body, when nothing of the answer has arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import h11
+
+from devmesh.proxy import errors, headers, pool, settings, table, tunnel
+
+
+class ClientGoneError(Exception):
+    """The client closed or reset its connection mid-exchange (no answer can reach it)."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(f"client closed the connection during {phase}")
+
+
+class StaleConnectionError(Exception):
+    """The service closed the connection before a byte of the response arrived."""
+
+
+class Client:
+    """The client side of one connection: its h11 server state and where it came from."""
+
+    __slots__ = ("conn", "edge", "ip", "peer", "proto", "reader", "size", "writer")
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        proto: str,
+        edge: table.Edge | None,
+        config: settings.Settings,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.proto = proto
+        self.edge = edge
+        self.size = config.read_size
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        self.ip = str(peer[0])
+        self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in self.ip else f"{peer[0]}:{peer[1]}"
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
+        """The next h11 event, reading the socket as needed. Raises h11.RemoteProtocolError."""
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            try:
+                data = await self.reader.read(self.size)
+            except OSError:
+                data = b""
+            conn.receive_data(data)
+
+
+class Result:
+    """What the access log needs to know about an exchange."""
+
+    __slots__ = ("bytes_in", "bytes_out", "error", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.error: str | None = None
+
+
+async def _next_upstream(
+    up: pool.Upstream, backend: table.Backend, config: settings.Settings, phase: str
+) -> h11.Event:
+    conn = up.conn
+    timeout = config.idle_timeout_s
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise errors.UpstreamProtocolError(
+                backend.service, backend.host, backend.port, str(exc)
+            ) from None
+        if event is not h11.NEED_DATA:
+            return event  # type: ignore[return-value]
+        try:
+            async with asyncio.timeout(timeout):
+                data = await up.reader.read(config.read_size)
+        except TimeoutError:
+            raise errors.UpstreamTimeoutError(
+                backend.service, backend.host, backend.port, phase, timeout
+            ) from None
+        except OSError:
+            data = b""
+        stale = phase == "response" and conn.their_state is h11.SEND_RESPONSE
+        if not data and stale and not conn.trailing_data[0]:
+            raise StaleConnectionError
+        conn.receive_data(data)
+
+
+async def _pump_body(
+    client: Client, up: pool.Upstream, limit: int | None, result: Result
+) -> None:
+    """Client request body -> service, chunk by chunk, honouring the size limit."""
+    try:
+        while True:
+            event = await client.next_event()
+            if type(event) is h11.Data:
+                result.bytes_in += len(event.data)
+                if limit is not None and result.bytes_in > limit:
+                    raise errors.BodyTooLargeError(limit)
+                up.writer.write(up.conn.send(event))
+                await up.writer.drain()
+            elif type(event) is h11.EndOfMessage:
+                up.writer.write(up.conn.send(h11.EndOfMessage()))
+                await up.writer.drain()
+                return
+            else:
+                raise ClientGoneError("the request body")
+    except BaseException:
+        up.close()  # wakes the response reader, which then reports our exception
+        raise
+
+
+async def _watch_client(client: Client, up: pool.Upstream) -> None:
+    """Close the service side as soon as the client leaves during a streamed answer."""
+    while len(client.conn.trailing_data[0]) < client.conn._max_incomplete_event_size:
+        try:
+            data = await client.reader.read(client.size)
+        except OSError:
+            data = b""
+        if not data:
+            up.close()
+            return
+        client.conn.receive_data(data)  # pipelined bytes, kept for the next cycle
+
+
+def upstream_request(
+    client: Client, request: h11.Request, ws_key: bytes | None
+) -> h11.Request:
+    host = headers.get(request.headers, b"host") or b""
+    out = headers.request_headers(request.headers, client_ip=client.ip, proto=client.proto,
+                                  host=host)
+    if client.conn.they_are_waiting_for_100_continue:
+        out = [(n, v) for n, v in out if n != b"expect"]
+    if ws_key is not None:
+        out += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
+    return h11.Request(method=request.method, target=request.target, headers=out)
+
+
+async def forward(
+    client: Client,
+    request: h11.Request,
+    *,
+    backend: table.Backend,
+    upstreams: pool.Pool,
+    config: settings.Settings,
+    result: Result,
+) -> None:
+    """Run one exchange. Raises ProxyError before the response head reached the client;
+    afterwards failures abort the client connection and are recorded in ``result.error``.
+    """
+    ws_key = None
+    if headers.wants_upgrade(request.headers) == b"websocket":
+        ws_key = tunnel.check_request(request)
+    limit = config.max_body_bytes
+    length = headers.get(request.headers, b"content-length")
+    if limit is not None and length is not None and int(length) > limit:
+        raise errors.BodyTooLargeError(limit)
+    has_body = headers.is_chunked(request.headers) or (length is not None and int(length) > 0)
+    up_request = upstream_request(client, request, ws_key)
+
+    pump: asyncio.Task[None] | None = None
+    up = await upstreams.acquire(backend)
+    try:
+        for attempt in (0, 1):
+            head = up.conn.send(up_request)
+            if not has_body:
+                if attempt == 0:
+                    await client.next_event()  # the EndOfMessage of an empty body: no I/O
+                head += up.conn.send(h11.EndOfMessage())
+            up.writer.write(head)
+            if has_body:
+                if client.conn.they_are_waiting_for_100_continue:
+                    client.writer.write(
+                        client.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+                    )
+                pump = asyncio.ensure_future(_pump_body(client, up, limit, result))
+            try:
+                event = await _next_upstream(up, backend, config, "response")
+                break
+            except StaleConnectionError:
+                if pump is not None and pump.done() and pump.exception() is not None:
+                    raise pump.exception() from None  # type: ignore[misc]
+                up.close()
+                if attempt == 0 and up.reused and not has_body:
+                    up = await upstreams.connect(backend)
+                    continue
+                raise errors.UpstreamProtocolError(
+                    backend.service, backend.host, backend.port,
+                    "connection closed before a response",
+                ) from None
+        await _respond(
+            client, up, upstreams=upstreams, backend=backend, config=config, result=result,
+            event=event, ws_key=ws_key, pump=pump,
+        )
+    except BaseException:
+        up.close()
+        if pump is not None and pump.done() and not pump.cancelled():
+            exc = pump.exception()
+            if isinstance(exc, errors.ProxyError | ClientGoneError | h11.RemoteProtocolError):
+                raise exc from None
+        raise
+    finally:
+        if pump is not None and not pump.done():
+            pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+
+
+async def _respond(
+    client: Client,
+    up: pool.Upstream,
+    *,
+    upstreams: pool.Pool,
+    backend: table.Backend,
+    config: settings.Settings,
+    result: Result,
+    event: h11.Event,
+    ws_key: bytes | None,
+    pump: asyncio.Task[None] | None,
+) -> None:
+    while type(event) is h11.InformationalResponse:
+        if event.status_code == 101:
+            if ws_key is None:
+                raise errors.BadUpgradeError("service", "101 to a request that asked no upgrade")
+            tunnel.check_response(event, ws_key)
+            await _tunnel(client, up, config, result, event)
+            return
+        if event.status_code != 100:  # 100 was already answered by the proxy itself
+            client.writer.write(client.conn.send(h11.InformationalResponse(
+                status_code=event.status_code, headers=headers.response_headers(event.headers),
+            )))
+        event = await _next_upstream(up, backend, config, "response")
+    if type(event) is not h11.Response:
+        raise errors.UpstreamProtocolError(
+            backend.service, backend.host, backend.port, f"unexpected {type(event).__name__}"
+        )
+    result.status = event.status_code
+    out = [client.conn.send(h11.Response(
+        status_code=event.status_code,
+        headers=headers.response_headers(event.headers),
+        reason=event.reason,
+    ))]
+    watcher = None
+    if headers.get(event.headers, b"content-length") is None and (pump is None or pump.done()):
+        watcher = asyncio.ensure_future(_watch_client(client, up))
+    writer = client.writer
+    try:
+        while True:
+            try:
+                event = up.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                if watcher is not None and watcher.done():
+                    raise ClientGoneError("the response") from None
+                result.error = f"service {backend.service!r} broke off its answer: {exc}"
+                client.writer.transport.abort()
+                return
+            if event is h11.NEED_DATA:
+                if out:
+                    writer.write(b"".join(out))
+                    out.clear()
+                    await writer.drain()
+                    if writer.transport.is_closing():
+                        raise ClientGoneError("the response")
+                try:
+                    async with asyncio.timeout(config.idle_timeout_s):
+                        data = await up.reader.read(config.read_size)
+                except TimeoutError:
+                    result.error = (
+                        f"service {backend.service!r} idle for {config.idle_timeout_s:g} s"
+                        " mid-answer"
+                    )
+                    writer.transport.abort()
+                    return
+                except OSError:
+                    data = b""
+                up.conn.receive_data(data)
+            elif type(event) is h11.Data:
+                result.bytes_out += len(event.data)
+                out.append(client.conn.send(event))
+            elif type(event) is h11.EndOfMessage:
+                out.append(client.conn.send(h11.EndOfMessage()))
+                break
+            else:
+                break
+        if pump is not None and not pump.done():
+            pump.cancel()  # answered early: the rest of the body is not wanted
+        writer.write(b"".join(out))
+        await writer.drain()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    upstreams.release(up)
+
+
+async def _tunnel(
+    client: Client,
+    up: pool.Upstream,
+    config: settings.Settings,
+    result: Result,
+    switch: h11.InformationalResponse,
+) -> None:
+    result.status = 101
+    hdrs = headers.response_headers(switch.headers)
+    hdrs += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
+    client.writer.write(client.conn.send(h11.InformationalResponse(status_code=101, headers=hdrs)))
+    client_rest = client.conn.trailing_data[0]
+    up_rest = up.conn.trailing_data[0]
+    if client_rest:
+        up.writer.write(client_rest)
+    if up_rest:
+        client.writer.write(up_rest)
+    sent, received = await tunnel.splice(
+        (client.reader, client.writer), (up.reader, up.writer), size=config.read_size
+    )
+    result.bytes_in += sent + len(client_rest)
+    result.bytes_out += received + len(up_rest)

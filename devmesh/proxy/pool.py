@@ -1,0 +1,129 @@
+"""Upstream connections: dialing services and keeping idle HTTP/1.1 connections for reuse.
+
+Why a pool: a keep-alive client that makes a thousand requests should cost the service one
+TCP connection, not a thousand (and no TIME_WAIT pile-up on loopback). A connection goes back
+to the pool only when h11 says both sides finished the exchange cleanly; anything else
+(an aborted body, an upgrade, a parse error) is closed.
+
+What it does not guarantee: that an idle connection is still open when taken. A service may
+close it at any moment; ``Upstream.reused`` lets the caller retry such a request once on a
+fresh connection when nothing of the response has arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import defaultdict
+
+import h11
+
+from devmesh.proxy import errors, settings, table
+
+
+class Upstream:
+    """One connection to a service with its h11 client state."""
+
+    __slots__ = ("conn", "key", "reader", "reused", "writer")
+
+    def __init__(
+        self, key: tuple[str, int, str], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.key = key
+        self.reader = reader
+        self.writer = writer
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=1024 * 1024)
+        self.reused = False
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.transport.abort()
+
+
+class Pool:
+    def __init__(self, config: settings.Settings) -> None:
+        self.settings = config
+        self._idle: defaultdict[tuple[str, int, str], list[Upstream]] = defaultdict(list)
+        self._tls: ssl.SSLContext | None = None
+        self.opened = 0
+        """Connections dialled since start (tests observe reuse through it)."""
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            if self.settings.upstream_verify_tls:
+                ctx = ssl.create_default_context(cafile=self.settings.upstream_ca_file)
+            else:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._tls = ctx
+        return self._tls
+
+    async def acquire(self, backend: table.Backend) -> Upstream:
+        """An idle connection to the backend, or a new one.
+
+        Raises UpstreamConnectError (refused, unreachable, TLS failure) or
+        UpstreamTimeoutError (no connection within connect_timeout_s).
+        """
+        key = (backend.host, backend.port, backend.scheme)
+        idle = self._idle.get(key)
+        while idle:
+            up = idle.pop()
+            if not up.reader.at_eof() and not up.writer.transport.is_closing():
+                up.reused = True
+                return up
+            up.close()
+        return await self.connect(backend)
+
+    async def connect(self, backend: table.Backend) -> Upstream:
+        key = (backend.host, backend.port, backend.scheme)
+        tls = self._tls_context() if backend.scheme == "https" else None
+        timeout = self.settings.connect_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    backend.host,
+                    backend.port,
+                    limit=self.settings.read_size,
+                    ssl=tls,
+                    server_hostname=backend.host if tls else None,
+                )
+        except TimeoutError:
+            raise errors.UpstreamTimeoutError(
+                backend.service, backend.host, backend.port, "connection", timeout
+            ) from None
+        except ConnectionRefusedError:
+            raise errors.UpstreamConnectError(
+                backend.service, backend.host, backend.port, "connection refused", backend.state
+            ) from None
+        except ssl.SSLError as exc:
+            reason = f"TLS handshake failed ({exc.reason or exc})"
+            raise errors.UpstreamConnectError(
+                backend.service, backend.host, backend.port, reason, backend.state
+            ) from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise errors.UpstreamConnectError(
+                backend.service, backend.host, backend.port, reason.lower(), backend.state
+            ) from None
+        self.opened += 1
+        return Upstream(key, reader, writer)
+
+    def release(self, up: Upstream) -> None:
+        """Return a connection whose exchange completed; anything unclean is closed."""
+        conn = up.conn
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            idle = self._idle[up.key]
+            if len(idle) < self.settings.pool_idle_per_upstream and not up.reader.at_eof():
+                idle.append(up)
+                return
+        up.close()
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for up in idle:
+                up.close()
+        self._idle.clear()

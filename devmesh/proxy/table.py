@@ -1,0 +1,112 @@
+"""The route table: plain data the agent builds and swaps in whole.
+
+Why immutable and swapped atomically: the proxy reads the table on every request from many
+connections at once; handing it a new frozen object (through ``table_provider``) means a
+request sees either the old routes or the new ones, never half of an update, and no lock is
+taken on the hot path.
+
+Ambiguity rule: when two projects run a service of the same NAME, ``NAME.localhost`` goes to
+the one that appears LAST in ``backends``. The agent lists projects in the order it applied
+them, so the most recently applied project wins; ``NAME.PROJECT.localhost`` is always exact.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from devmesh.core import hostroute
+
+
+class State(enum.Enum):
+    RUNNING = "running"
+    STARTING = "starting"
+    CRASH_LOOPING = "crash-looping"
+    STOPPED = "stopped"
+
+
+ROUTABLE_STATES = frozenset({State.RUNNING.value, State.STARTING.value})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Backend:
+    project: str
+    service: str
+    port: int
+    host: str = "127.0.0.1"
+    """Address of the service's own listener; loopback for local services."""
+    scheme: str = "http"
+    """What the service's port speaks: "http", or "https" when the proxy must dial TLS."""
+    state: str = State.RUNNING.value
+    """One of ``State``'s values; stopped and crash-looping backends get an immediate 502."""
+    reason: str | None = None
+    """Why the service is not running (last exit status, ...), shown in the 502 page."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.service}.{self.project}"
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    """The host names the agent's own pages (devmesh.localhost)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """No service matches; ``host`` is the name the client asked for."""
+
+    host: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Edge:
+    """One dependency edge: caller_service of caller_project calls target_service.
+
+    Each edge gets its own loopback listener, so the caller's NAME_URL works without any
+    resolver and the proxy knows who calls without trusting a header.
+    """
+
+    caller_project: str
+    caller_service: str
+    target_service: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.caller_service}.{self.caller_project}->{self.target_service}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    backends: tuple[Backend, ...] = ()
+    agent: Backend | None = None
+    """Where devmesh.localhost goes (the agent's dashboard); None serves the index page."""
+    _by_name: dict[str, Backend] = field(init=False, repr=False, compare=False)
+    _by_pair: dict[tuple[str, str], Backend] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_name: dict[str, Backend] = {}
+        by_pair: dict[tuple[str, str], Backend] = {}
+        for backend in self.backends:
+            by_name[backend.service.lower()] = backend  # later projects win
+            by_pair[(backend.service.lower(), backend.project.lower())] = backend
+        object.__setattr__(self, "_by_name", by_name)
+        object.__setattr__(self, "_by_pair", by_pair)
+
+    def resolve_host(self, host_header: str) -> Backend | Reserved | Unknown:
+        """Map a Host header to a backend; never raises."""
+        found = hostroute.match(host_header)
+        if found.kind is hostroute.HostKind.RESERVED:
+            return Reserved()
+        if found.kind is hostroute.HostKind.SERVICE and found.service is not None:
+            if found.project is None:
+                backend = self._by_name.get(found.service)
+            else:
+                backend = self._by_pair.get((found.service, found.project))
+            if backend is not None:
+                return backend
+        return Unknown(hostroute.hostname(host_header))
+
+    def for_edge(self, edge: Edge) -> Backend | None:
+        """The target of an edge: the service of that name in the caller's own project."""
+        return self._by_pair.get((edge.target_service.lower(), edge.caller_project.lower()))
