@@ -154,6 +154,8 @@ class _Load:
         self.environ = environ
         self.problems: list[Problem] = []
         self.unset_seen: set[str] = set()
+        self.uninterpolated: list[tuple[str | int, ...]] = []
+        """Paths whose ${...} failed; the schema would only repeat the problem there."""
 
     def problem(self, pos: marks.Position, path: tuple[str | int, ...], message: str) -> None:
         self.problems.append(Problem(self.file, pos.line, pos.column, report.dotted(path), message))
@@ -214,7 +216,7 @@ class _Load:
         data = self.interpolate(data, where)
         self.problems += [
             p
-            for p in schema.problems(data, where, self.file)
+            for p in schema.problems(data, where, self.file, skip=tuple(self.uninterpolated))
             if not (p.path == "" and p.message == "missing required key 'version'")
         ]
         self.problems += checks.check(data, where, self.file)
@@ -278,6 +280,7 @@ class _Load:
                 )
             except interpolate.InterpolationError as exc:
                 self.problem(where.value(path), path, exc.message)
+                self.uninterpolated.append(path)
                 return value
             if style == "" and not deferred and expanded != value:
                 return marks.plain_scalar(expanded)

@@ -192,6 +192,9 @@ def parse(text: str) -> Parsed:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = exc.problem or exc.context or "invalid YAML"
+        cm = exc.context_mark
+        if exc.context and exc.problem and cm is not None and cm is not mark:
+            problem = f"{problem} ({exc.context} at line {cm.line + 1}, column {cm.column + 1})"
         raise YamlSyntaxError(problem, line, column) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(str(exc), 1, 1) from None

@@ -166,7 +166,7 @@ def _message(error: jsonschema.ValidationError) -> str:
             if close:
                 text += f"; did you mean {close[0]!r}?"
         elif value is False and "no" in arg:
-            text += " (YAML reads an unquoted no as false: write 'no' in quotes)"
+            text += " (YAML reads unquoted no, off and false as false; write no)"
         return text
     if v == "required":
         missing = [k for k in arg if k not in value]
@@ -273,6 +273,9 @@ def problems(
             words = _message(error).split(", got ")[0]
             add((*path, name), f"invalid {what} {name!r}: {words}", at_key=True)
         else:
-            at_key = error.validator in ("required", "dependentRequired")
+            at_key = error.validator in ("required", "dependentRequired") or (
+                error.validator == "oneOf"
+                and all(set(_resolve(a)) == {"required"} for a in error.validator_value)
+            )
             add(path, _message(error), at_key=at_key)
     return out

@@ -1,0 +1,217 @@
+"""The loader end to end on files in a temp folder: interpolation, .env, stdin, finding."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from devmesh.config import loader
+
+BASE = """\
+version: 1
+services:
+  api:
+    version: 1.0.0
+    command: ./api --port ${PORT} --auth ${AUTH_URL} --db ${DB_URL} --home ${HOME_DIR}
+    port: ${API_PORT:-8080}
+    share: ${SHARE:-false}
+    env:
+      SELF: ${DEVMESH_SERVICE}/${DEVMESH_PROJECT}
+      DATA: ${DATABASE_URL}
+      OTHER_URL: ${OTHER_URL:-none}
+      GREETING: ${GREETING-hi}
+    health:
+      command: [check, "${PORT}", "${HOME_DIR}"]
+    depends_on:
+      auth: ^1
+      db: ~2.0
+  auth:
+    version: 1.2.0
+  db:
+    version: 2.0.1
+"""
+
+
+def write(folder: Path, text: str, name: str = "devmesh.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return write(tmp_path / "My Shop_2", BASE)
+
+
+def test_runtime_names_are_deferred_others_interpolated(project: Path):
+    loaded = loader.load(project, environ={"HOME_DIR": "/h", "API_PORT": "9000"})
+    api = loaded.project.service("api")
+    assert api.command == (
+        "./api",
+        "--port",
+        "${PORT}",
+        "--auth",
+        "${AUTH_URL}",
+        "--db",
+        "${DB_URL}",
+        "--home",
+        "/h",
+    )
+    assert api.port == 9000
+    assert api.share is False
+    assert dict(api.env) == {
+        "SELF": "${DEVMESH_SERVICE}/${DEVMESH_PROJECT}",
+        "DATA": "${DATABASE_URL}",
+        "OTHER_URL": "none",  # not a dependency of api: interpolated at load
+        "GREETING": "hi",
+    }
+    assert api.health is not None and api.health.command == ("check", "${PORT}", "/h")
+
+
+def test_project_name_from_the_folder_is_normalised(project: Path):
+    loaded = loader.load(project, environ={"HOME_DIR": "/h"})
+    assert loaded.project.name == "my-shop-2"
+    assert loaded.file == "My Shop_2/devmesh.yaml"
+    assert loaded.project.source == str(project)
+
+
+def test_environment_wins_over_dotenv(project: Path):
+    (project.parent / ".env").write_text("API_PORT=7001\nHOME_DIR=/from-dotenv\nSHARE=true\n")
+    loaded = loader.load(project, environ={"API_PORT": "7002"})
+    api = loaded.project.service("api")
+    assert api.port == 7002
+    assert api.share is True
+    assert api.command is not None and api.command[-1] == "/from-dotenv"
+
+
+def test_quoted_scalars_stay_strings_after_interpolation(tmp_path: Path):
+    path = write(tmp_path, BASE.replace("port: ${API_PORT:-8080}", 'port: "${API_PORT:-8080}"'))
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load(path, environ={"HOME_DIR": "/h"})
+    assert [p.message for p in info.value.problems] == ["expected an integer or 'auto', got '8080'"]
+
+
+def test_unset_variable_is_a_warning_once(project: Path):
+    loaded = loader.load(project, environ={})
+    assert [(p.line, p.path, p.message, p.severity) for p in loaded.warnings] == [
+        (
+            5,
+            "services.api.command",
+            "variable HOME_DIR is not set (in the environment or .env); using an empty string",
+            "warning",
+        )
+    ]
+
+
+def test_literal_secret_warns_but_validates(tmp_path: Path):
+    path = write(tmp_path, "version: 1\nmesh:\n  secret: hunter2\n")
+    loaded = loader.load(path, environ={})
+    assert [(p.line, p.column, p.path, p.message) for p in loaded.warnings] == [
+        (
+            3,
+            11,
+            "mesh.secret",
+            "mesh.secret is a literal; use ${DEVMESH_SECRET} and keep the value out of the repo",
+        ),
+    ]
+    path.write_text("version: 1\nmesh:\n  secret: ${DEVMESH_SECRET}\n")
+    assert loader.load(path, environ={"DEVMESH_SECRET": "x"}).warnings == []
+
+
+def test_stdin_uses_cwd_for_name_and_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    folder = tmp_path / "From Stdin"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    (folder / ".env").write_text("V=from-dotenv\n")
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO("version: 1\nservices:\n  a: {fallback: 'http://${V}'}\n")
+    )
+    loaded = loader.load("-", environ={})
+    assert loaded.file == "<stdin>"
+    assert loaded.project.name == "from-stdin"
+    assert loaded.project.directory == str(folder)
+    assert loaded.project.service("a").fallback == "http://from-dotenv"
+
+
+def test_stdin_problems_are_shown_as_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load("<stdin>", text="version: 1\nservices: 3\n", environ={})
+    assert str(info.value) == "<stdin>:2:11: services: expected a mapping, got 3"
+
+
+def test_find_config_walks_up_and_accepts_yml(tmp_path: Path):
+    deep = tmp_path / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    write(tmp_path / "a", "version: 1\n", "devmesh.yml")
+    assert loader.find_config(deep) == tmp_path / "a" / "devmesh.yml"
+    write(tmp_path / "a" / "b", "version: 1\n")
+    assert loader.find_config(deep) == tmp_path / "a" / "b" / "devmesh.yaml"
+
+
+def test_find_config_names_the_start_when_nothing_is_found(tmp_path: Path):
+    with pytest.raises(loader.ConfigNotFound) as info:
+        loader.find_config(tmp_path)
+    assert str(info.value) == (
+        f"no devmesh.yaml or devmesh.yml in {tmp_path} or any parent folder; "
+        "pass -f FILE (or -f - for stdin)"
+    )
+    assert isinstance(info.value, loader.ConfigUnusable)
+
+
+def test_env_file_merge_order_and_parse_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "one.env").write_text("A=1\nB=1\n")
+    (tmp_path / "two.env").write_text("B=2\nC=2\n")
+    path = write(
+        tmp_path, "version: 1\nservices:\n  s:\n    env_file: [one.env, two.env]\n    env: {C: 3}\n"
+    )
+    assert dict(loader.load(path, environ={}).project.service("s").env) == {
+        "A": "1",
+        "B": "2",
+        "C": "3",
+    }
+    (tmp_path / "two.env").write_text("B=2\nnot a line\n")
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load(path, environ={})
+    assert (
+        str(info.value)
+        == "two.env:2:1: services.s.env_file[1]: expected KEY=VALUE, got 'not a line'"
+    )
+
+
+def test_nested_duplicate_keys_and_anchors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    text = (
+        "version: 1\n"
+        "x-common: &common {version: 1.0.0, share: true}\n"
+        "services:\n"
+        "  a:\n"
+        "    <<: *common\n"
+        "    share: false\n"
+        "    env: {K: 1, K: 2}\n"
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load(path, environ={})
+    assert str(info.value) == (
+        "devmesh.yaml:2:1: x-common: unknown key 'x-common'; expected one of: "
+        "version, project, proxy, mesh, policy, services\n"
+        "devmesh.yaml:7:17: services.a.env.K: duplicate key 'K' (first at line 7, column 11)"
+    )
+
+
+def test_interpolation_error_points_at_the_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "version: 1\nproject: ${NAME:?set NAME}\n")
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load(path, environ={})
+    assert (
+        str(info.value)
+        == "devmesh.yaml:2:10: project: required variable NAME is missing a value: set NAME"
+    )
+    assert loader.load(path, environ={"NAME": "named"}).project.name == "named"
