@@ -1,0 +1,150 @@
+"""`python -m devmesh validate` as a real subprocess: exit codes, streams, --json, stdin."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures" / "config"
+VALID = """\
+version: 1
+project: quickstart
+services:
+  api:
+    version: 1.0.0
+    command: python -m http.server ${PORT}
+  web:
+    version: 1.0.0
+    command: [npm, start]
+    depends_on: [api]
+"""
+
+
+def run(args: list[str], cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVMESH_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "devmesh", "validate", *args],
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def quickstart(tmp_path: Path) -> Path:
+    folder = tmp_path / "examples" / "quickstart"
+    folder.mkdir(parents=True)
+    (folder / "devmesh.yaml").write_text(VALID)
+    return tmp_path
+
+
+def test_valid_file_prints_one_summary_line(quickstart: Path):
+    result = run(["-f", "examples/quickstart/devmesh.yaml"], quickstart)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "examples/quickstart/devmesh.yaml: valid (project quickstart, 2 services: api, web)\n"
+    )
+    assert result.stderr == ""
+
+
+def test_found_in_a_parent_folder(quickstart: Path):
+    deep = quickstart / "examples" / "quickstart" / "src" / "pkg"
+    deep.mkdir(parents=True)
+    result = run([], deep)
+    assert result.returncode == 0, result.stderr
+    path = quickstart / "examples" / "quickstart" / "devmesh.yaml"
+    assert result.stdout == f"{path}: valid (project quickstart, 2 services: api, web)\n"
+
+
+def test_invalid_file_prints_every_problem_and_exits_1():
+    result = run(["-f", "invalid/many.yaml"], FIXTURES)
+    assert result.returncode == 1
+    expected = (FIXTURES / "invalid" / "many.expected").read_text()
+    assert result.stderr == expected + "invalid/many.yaml: invalid (6 problems)\n"
+    assert result.stdout == ""
+
+
+def test_stdin(tmp_path: Path):
+    result = run(["-f", "-"], tmp_path, stdin="version: 1\nservices:\n  api: {prot: 1}\n")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "<stdin>:3:9: services.api.prot: unknown key 'prot'; did you mean 'port'?\n"
+        "<stdin>: invalid (1 problem)\n"
+    )
+
+
+def test_no_file_found_exits_1(tmp_path: Path):
+    result = run([], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"devmesh validate: no devmesh.yaml or devmesh.yml in {tmp_path} or any parent "
+        "folder; pass -f FILE (or -f - for stdin)\n"
+    )
+
+
+def test_usage_error_exits_2(tmp_path: Path):
+    result = run(["--no-such-option"], tmp_path)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --no-such-option" in result.stderr
+
+
+def test_json_valid_with_warning(tmp_path: Path):
+    (tmp_path / "devmesh.yaml").write_text("version: 1\nproject: p\nmesh: {secret: hunter2}\n")
+    result = run(["--json"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "valid": True,
+        "file": "devmesh.yaml",
+        "problems": [
+            {
+                "file": "devmesh.yaml",
+                "line": 3,
+                "column": 16,
+                "path": "mesh.secret",
+                "message": "mesh.secret is a literal; use ${DEVMESH_SECRET} and keep the value "
+                "out of the repo",
+                "severity": "warning",
+            }
+        ],
+        "project": "p",
+        "services": [],
+    }
+
+
+def test_json_invalid():
+    result = run(["-f", "invalid/port_clash.yaml", "--json"], FIXTURES)
+    assert result.returncode == 1
+    assert json.loads(result.stdout) == {
+        "valid": False,
+        "file": "invalid/port_clash.yaml",
+        "problems": [
+            {
+                "file": "invalid/port_clash.yaml",
+                "line": 10,
+                "column": 11,
+                "path": "services.web.port",
+                "message": "port 8080 is already used by service 'api' (line 6); two services "
+                "cannot listen on one port (use port: auto)",
+                "severity": "error",
+            }
+        ],
+        "project": "invalid",  # the folder's name
+        "services": ["api", "web"],
+    }
+
+
+def test_help_has_an_example(tmp_path: Path):
+    result = run(["--help"], tmp_path)
+    assert result.returncode == 0
+    assert "devmesh validate -f services/devmesh.yaml" in result.stdout
