@@ -243,6 +243,22 @@ def test_malformed_http_is_400_and_server_keeps_serving(server: tuple[Path, Prob
     assert client.Client(server[0]).request("GET", "/echo")["path"] == "/echo"
 
 
+def test_oversized_body_is_413(server: tuple[Path, Probe]) -> None:
+    size = http_server.MAX_BODY_BYTES + 1
+    head = f"POST /v1/projects/x/up HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(server[0]))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(head.encode() + b"x" * size)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head_bytes, _, body = reply.partition(b"\r\n\r\n")
+    assert head_bytes.startswith(b"HTTP/1.1 413 ")
+    assert json.loads(body) == {"error": f"request body exceeds {http_server.MAX_BODY_BYTES} bytes"}
+
+
 def test_keep_alive_serves_several_requests_on_one_connection(server: tuple[Path, Probe]) -> None:
     one = b"GET /echo?n=1 HTTP/1.1\r\nHost: a\r\n\r\n"
     two = b"GET /echo?n=2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"

@@ -17,6 +17,7 @@ user's own CLI and dashboard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -69,11 +70,7 @@ class SocketInUse(client.ControlError):
 
 @dataclass(slots=True)
 class Request:
-    """One request as handlers see it.
-
-    ``path`` is as sent (percent-encoded); ``params`` and ``query`` are decoded; header names
-    are lower-case.
-    """
+    """A request: ``path`` as sent, ``params``/``query`` decoded, header names lower-case."""
 
     method: str
     path: str
@@ -207,11 +204,9 @@ async def serve_unix(
             task_status.started()
             await listener.serve(lambda stream: _serve_connection(stream, router))
     finally:
-        try:
-            if path.stat().st_ino == identity:
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_ino == identity:  # not if a successor replaced it
                 path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def _clear_stale(path: Path) -> None:
@@ -244,9 +239,9 @@ async def _serve_connection(stream: anyio.abc.ByteStream, router: Router) -> Non
             while await _one_cycle(conn, stream, router):
                 conn.start_next_cycle()
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
+            pass  # the client left
         except TimeoutError:
-            pass
+            pass  # idle past IDLE_TIMEOUT_S
         except Exception:
             log.exception("control API connection failed")
 
@@ -259,7 +254,8 @@ async def _one_cycle(conn: h11.Connection, stream: anyio.abc.ByteStream, router:
     except h11.RemoteProtocolError as exc:
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             status = exc.error_status_hint
-            await _send_json(conn, stream, status, {"error": f"malformed HTTP request: {exc}"})
+            message = f"malformed HTTP request: {exc}" if status == 400 else str(exc)
+            await _send_json(conn, stream, status, {"error": message})
         return False
     if request is None:
         return False
@@ -307,7 +303,7 @@ async def _read_request(conn: h11.Connection, stream: anyio.abc.ByteStream) -> R
             body += event.data
             if len(body) > MAX_BODY_BYTES:
                 raise h11.RemoteProtocolError(
-                    f"body exceeds {MAX_BODY_BYTES} bytes", error_status_hint=413
+                    f"request body exceeds {MAX_BODY_BYTES} bytes", error_status_hint=413
                 )
         elif isinstance(event, h11.EndOfMessage) and head is not None:
             target = head.target.decode("latin-1")
