@@ -215,3 +215,20 @@ def test_interpolation_error_points_at_the_value(tmp_path: Path, monkeypatch: py
         == "devmesh.yaml:2:10: project: required variable NAME is missing a value: set NAME"
     )
     assert loader.load(path, environ={"NAME": "named"}).project.name == "named"
+
+
+def test_command_with_an_unbalanced_quote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    text = (
+        "version: 1\nservices:\n  a:\n    version: 1.0.0\n    command: echo \"it's\n"
+        '    health: {command: "check \'x"}\n'
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load(path, environ={})
+    assert str(info.value) == (
+        "devmesh.yaml:5:14: services.a.command: cannot split the command into words: "
+        "no closing quotation\n"
+        "devmesh.yaml:6:23: services.a.health.command: cannot split the command into words: "
+        "no closing quotation"
+    )

@@ -7,6 +7,7 @@ have the right shape and silently skips the rest (the schema has reported those)
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterator
 from typing import Any
 
@@ -65,6 +66,7 @@ def check(doc: Any, marks: marks_mod.Marks, file: str) -> list[report.Problem]:
     _check_dependencies(services, out)
     _check_versions(services, out)
     _check_ports(services, out)
+    _check_commands(services, out)
     _check_secret(doc, marks, out)
     return out.problems
 
@@ -137,6 +139,24 @@ def _check_ports(services: dict[str, dict[str, Any]], out: _Out) -> None:
             )
         else:
             owners[port] = name
+
+
+def _check_commands(services: dict[str, dict[str, Any]], out: _Out) -> None:
+    """A string command is split like a shell would; an unbalanced quote cannot be."""
+    for name, service in services.items():
+        health = service.get("health")
+        candidates: list[tuple[Key, Any]] = [
+            (("services", name, "command"), service.get("command"))
+        ]
+        if isinstance(health, dict):
+            candidates.append((("services", name, "health", "command"), health.get("command")))
+        for path, command in candidates:
+            if not isinstance(command, str):
+                continue
+            try:
+                shlex.split(command)
+            except ValueError as exc:
+                out.add(path, f"cannot split the command into words: {str(exc).lower()}")
 
 
 def _check_secret(doc: Any, marks: marks_mod.Marks, out: _Out) -> None:

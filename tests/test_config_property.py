@@ -1,0 +1,198 @@
+"""Property: any valid document -> model -> to_document validates again and round-trips.
+
+The strategy builds documents from the schema's shape (every key, both spellings of
+command and depends_on, every health kind), respecting the rules the schema cannot say
+(unique fixed ports, dependencies on known services without cycles, semver). It also
+round-trips through YAML text and the real loader, which exercises the marks builder.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from devmesh.config import checks, loader, marks, schema
+from devmesh.core import model
+
+NAMES = ["api", "web", "db", "auth-svc", "w2", "x"]
+VERSIONS = st.builds(
+    lambda a, b, c, pre: f"{a}.{b}.{c}{pre}",
+    st.integers(0, 20),
+    st.integers(0, 20),
+    st.integers(0, 20),
+    st.sampled_from(["", "-rc.1", "-beta"]),
+)
+RANGES = st.sampled_from(["^1.4", "~2.3.0", ">=2 <3", "1.x", "1.2 - 1.5", "*", "^0.2.1 || 3.x"])
+WORD = st.text(string.ascii_letters + string.digits + "-_./:", min_size=1, max_size=8)
+ENV_NAME = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,6}\Z")
+ENV_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), WORD, st.just("no"))
+SECONDS = st.sampled_from([0.05, 0.5, 1, 2.5, 10])
+
+
+def optional(
+    d: dict[str, Any], **values: st.SearchStrategy[Any]
+) -> st.SearchStrategy[dict[str, Any]]:
+    """d plus any subset of the given keys."""
+    return st.fixed_dictionaries(d, optional=values)
+
+
+def health() -> st.SearchStrategy[dict[str, Any]]:
+    timings = {
+        "interval_s": SECONDS,
+        "timeout_s": SECONDS,
+        "retries": st.integers(1, 5),
+        "start_period_s": st.sampled_from([0, 1.5, 30]),
+    }
+    return st.one_of(
+        optional({"http": st.sampled_from(["/", "/healthz", "/a/b?c=1"])}, **timings),
+        optional({"tcp": st.booleans()}, **timings),
+        optional(
+            {
+                "command": st.one_of(
+                    st.lists(WORD, min_size=1, max_size=3), st.just("check --fast 'a b'")
+                )
+            },
+            **timings,
+        ),
+    )
+
+
+@st.composite
+def depends_on(draw: st.DrawFn, earlier: list[str]) -> Any:
+    names = draw(st.lists(st.sampled_from(earlier), unique=True)) if earlier else []
+    if draw(st.booleans()):
+        return names
+    spec = st.one_of(
+        st.none(),
+        RANGES,
+        optional({}, version=RANGES, condition=st.sampled_from(["started", "healthy"])),
+    )
+    return {n: draw(spec) for n in names}
+
+
+@st.composite
+def service(draw: st.DrawFn, earlier: list[str], port: int | None) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    runs = draw(st.booleans())
+    if runs or draw(st.booleans()):
+        doc["version"] = draw(VERSIONS)
+    if runs:
+        doc["command"] = draw(
+            st.one_of(
+                st.lists(WORD, min_size=1, max_size=4), st.just("python -m http.server ${PORT}")
+            )
+        )
+        doc["port"] = port if port is not None else draw(st.sampled_from(["auto", None]))
+        if doc["port"] is None:
+            del doc["port"]
+    extra = draw(
+        optional(
+            {},
+            cwd=st.sampled_from(["sub", "./a/b", "../up"]),
+            scheme=st.sampled_from(["http", "https"]),
+            env=st.dictionaries(ENV_NAME, ENV_VALUE, max_size=3),
+            health=health(),
+            depends_on=depends_on(earlier),
+            restart=optional(
+                {},
+                policy=st.sampled_from(["no", "on-failure", "always"]),
+                max_retries=st.integers(0, 9),
+                backoff_s=SECONDS,
+            ),
+            stop=optional({}, signal=st.sampled_from(["SIGTERM", "SIGINT"]), grace_s=SECONDS),
+            share=st.booleans(),
+            branch=st.sampled_from(["auto", "main", "feature/x"]),
+            fallback=st.sampled_from(["https://staging.example.com", "http://127.0.0.1:9"]),
+            db=optional(
+                {"engine": st.sampled_from(["postgres", "sqlite"])},
+                version=st.sampled_from(["15", 16]),
+                provider=st.sampled_from(["auto", "native", "docker"]),
+                name=st.sampled_from(["app", "shop_db"]),
+            ),
+        )
+    )
+    doc.update(extra)
+    return doc
+
+
+@st.composite
+def documents(draw: st.DrawFn) -> dict[str, Any]:
+    names = draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=4))
+    ports = draw(
+        st.lists(
+            st.one_of(st.none(), st.integers(1024, 65535)),
+            min_size=len(names),
+            max_size=len(names),
+            unique_by=lambda p: p or object(),
+        )
+    )
+    services = {}
+    for i, name in enumerate(names):
+        services[name] = draw(service(names[:i], ports[i]))
+    doc = draw(
+        optional(
+            {"version": st.just(1)},
+            project=st.sampled_from(["shop", "a", "team-42"]),
+            proxy=optional({}, port=st.integers(1, 65535), https_port=st.integers(1, 65535)),
+            mesh=optional(
+                {},
+                name=st.just("team"),
+                secret=st.just("s3cret"),
+                port=st.integers(1, 65535),
+                discovery=optional(
+                    {},
+                    broadcast=st.booleans(),
+                    interfaces=st.sampled_from([["auto"], ["lo"]]),
+                    port=st.integers(1, 65535),
+                    interval_s=SECONDS,
+                    peers=st.sampled_from([[], ["127.0.0.1:7701", "[::1]:7701"]]),
+                ),
+                allow=st.sampled_from([["*"], ["alice", "10.0.0.0/8"]]),
+            ),
+            policy=optional(
+                {},
+                versions=st.sampled_from(["warn", "reject"]),
+                prefer=st.sampled_from(["local", "peer", "fallback"]),
+                balance=st.sampled_from(["round_robin", "random", "first"]),
+            ),
+        )
+    )
+    if services or draw(st.booleans()):
+        doc["services"] = services
+    return doc
+
+
+def assert_valid(doc: dict[str, Any]) -> None:
+    problems = schema.problems(doc, marks.Marks(), "doc") + checks.check(doc, marks.Marks(), "doc")
+    assert [p for p in problems if p.is_error] == []
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents())
+def test_document_model_document_round_trip(doc: dict[str, Any]):
+    assert_valid(doc)
+    first = model.from_document(doc, directory="/proj/here", default_name="here")
+    normal = model.to_document(first)
+    assert_valid(normal)
+    second = model.from_document(normal, directory="/proj/here", default_name="here")
+    assert second == first
+    assert model.to_document(second) == normal
+    for name, svc in first.services.items():
+        assert model.spec_hash(svc) == model.spec_hash(second.services[name])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents())
+def test_yaml_text_through_the_loader_gives_the_same_model(doc: dict[str, Any]):
+    text = yaml.safe_dump(doc, sort_keys=False)
+    path = Path("/nonexistent-devmesh-test/here/devmesh.yaml")
+    loaded = loader.load(path, environ={"PORT": "must-not-be-used"}, text=text)
+    expected = model.from_document(
+        doc, directory=str(path.parent), default_name="here", source=str(path)
+    )
+    assert loaded.project == expected
