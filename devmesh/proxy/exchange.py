@@ -205,7 +205,9 @@ async def forward(
             if has_body:
                 if client.conn.they_are_waiting_for_100_continue:
                     client.writer.write(
-                        client.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+                        client.conn.send(h11.InformationalResponse(
+                            status_code=100, headers=[], reason=b"Continue"
+                        ))
                     )
                 pump = asyncio.ensure_future(_pump_body(client, up, limit, result))
             try:

@@ -1,0 +1,258 @@
+"""Test and benchmark helpers: the proxy as a real child process, and a real upstream.
+
+Why in the package: the proxy's tests, its benchmark and the agent's integration tests all
+need "a proxy process fed this route table" and "an HTTP service that streams, stalls and
+counts its connections". Both use only the standard library and bind only 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class ProxyProcess:
+    """``python -m devmesh.proxy`` in a child process with a routes file it watches."""
+
+    def __init__(self, routes: dict[str, Any], *, https: bool = False, args: tuple[str, ...] = (),
+                 home: Path | None = None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="devmesh-proxy-"))
+        self.home = home or self.dir / "home"
+        self.routes_path = self.dir / "routes.json"
+        self.access_log = self.dir / "access.log"
+        self.routes_path.write_text(json.dumps(routes))
+        cmd = [sys.executable, "-m", "devmesh.proxy", "--routes", str(self.routes_path),
+               "--port", "0", "--home", str(self.home), "--access-log", str(self.access_log),
+               *args]
+        if https:
+            cmd += ["--https-port", "0"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+            self.proc.wait(5)
+            raise RuntimeError(f"proxy did not start: {err}")
+        info = json.loads(line)
+        self.pid: int = info["pid"]
+        self.port: int = info["http_port"]
+        self.https_port: int | None = info["https_port"]
+        self.edges: dict[tuple[str, str, str], int] = {
+            (p, c, t): port for p, c, t, port in info["edges"]
+        }
+
+    def update_routes(self, routes: dict[str, Any]) -> None:
+        """Replace the table; the proxy picks it up within a second (mtime is checked)."""
+        time.sleep(0.02)  # make sure the mtime moves even on coarse clocks
+        tmp = self.routes_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(routes))
+        tmp.replace(self.routes_path)
+        time.sleep(0.6)
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def log_lines(self) -> list[str]:
+        time.sleep(0.4)  # the proxy flushes its access log every 0.25 s
+        return self.access_log.read_text().splitlines() if self.access_log.exists() else []
+
+    def stop(self) -> str:
+        """Stop the proxy; its stderr (empty when nothing went wrong)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return err
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: UpstreamServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections += 1
+
+    def _send(self, status: int, body: bytes, ctype: str = "application/json",
+              extra: tuple[tuple[str, str], ...] = ()) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _read_body(self) -> tuple[int, str]:
+        """Consume the request body chunk by chunk: (length, sha256) without holding it."""
+        digest = hashlib.sha256()
+        total = 0
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                remaining = size
+                while remaining:
+                    chunk = self.rfile.read(min(remaining, 1 << 20))
+                    digest.update(chunk)
+                    remaining -= len(chunk)
+                    total += len(chunk)
+                self.rfile.readline()
+        else:
+            remaining = int(self.headers.get("Content-Length") or 0)
+            while remaining:
+                chunk = self.rfile.read(min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                remaining -= len(chunk)
+                total += len(chunk)
+        return total, digest.hexdigest()
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_POST(self) -> None:
+        self.do_GET()
+
+    def do_PUT(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        q = dict(urllib.parse.parse_qsl(url.query))
+        path = url.path
+        if path.startswith("/status/"):
+            self.send_response(int(path.rsplit("/", 1)[1]))
+            if int(path.rsplit("/", 1)[1]) == 304:
+                self.send_header("ETag", '"v1"')
+            self.end_headers()
+            return
+        if path == "/download":
+            n = int(q.get("n", "0"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            block = b"x" * (1 << 18)
+            while n > 0:
+                self.wfile.write(block[: min(n, len(block))])
+                n -= len(block)
+            return
+        if path == "/sse":
+            self._sse(int(q.get("n", "5")), float(q.get("interval", "0.05")))
+            return
+        if path == "/sleep":
+            time.sleep(float(q.get("s", "1")))
+            self._send(200, b"slept")
+            return
+        if path == "/truncated":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"y" * 10)
+            self.wfile.flush()
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        length, sha = self._read_body()
+        body = json.dumps({
+            "method": self.command, "path": self.path, "version": self.request_version,
+            "headers": [[k.lower(), v] for k, v in self.headers.items()],
+            "body_length": length, "body_sha256": sha,
+        }).encode()
+        self._send(200, body)
+
+    def _sse(self, n: int, interval: float) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            for i in range(n):
+                self.wfile.write(f"id: {i}\ndata: event {i}\n\n".encode())
+                self.wfile.flush()
+                time.sleep(interval)
+        except OSError:
+            with self.server.lock:
+                self.server.sse_disconnects += 1
+
+
+class UpstreamServer(http.server.ThreadingHTTPServer):
+    """A threaded HTTP/1.1 service on 127.0.0.1 that counts connections and disconnects."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.sse_disconnects = 0
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+
+@contextlib.contextmanager
+def upstream() -> Iterator[UpstreamServer]:
+    server = UpstreamServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for connection-refused cases)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env_without_proxy() -> dict[str, str]:
+    """The environment minus *_proxy variables, so clients talk to our proxy directly."""
+    return {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
