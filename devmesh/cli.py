@@ -56,7 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    rest = None
+    if "--" in words:  # `devmesh run NAME -- CMD ARGS`: the command is not ours to parse
+        cut = words.index("--")
+        words, rest = words[:cut], words[cut + 1 :]
+    args = parser.parse_args(words)
+    if rest is not None and getattr(args, "command", None) != "run":
+        parser.error("'--' is only used by `devmesh run NAME -- CMD`")
+    args.rest = rest
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)

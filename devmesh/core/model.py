@@ -300,7 +300,9 @@ def _service(name: str, doc: Mapping[str, Any], directory: str) -> Service:
         cwd=cwd,
         port=port_doc if isinstance(port_doc, int) else None,
         scheme=Scheme(_opt(doc, "scheme", "http")),
-        env={str(k): "" if v is None else _scalar_str(v) for k, v in (doc.get("env") or {}).items()},
+        env={
+            str(k): "" if v is None else _scalar_str(v) for k, v in (doc.get("env") or {}).items()
+        },
         env_file=tuple(env_file),
         health=_health(doc.get("health")),
         depends_on=tuple(_dependency(k, v) for k, v in deps_doc.items()),

@@ -1,0 +1,98 @@
+"""`devmesh agent`: one agent per DEVMESH_HOME, in the foreground, until SIGTERM or SIGINT.
+
+Why a lock file and not only a pid file: a pid file survives ``kill -9`` and then lies; an
+flock is released by the kernel when the process dies, so "is an agent running?" has an
+answer that cannot go stale. The pid file is kept for humans and error messages.
+
+On SIGTERM/SIGINT (or POST /v1/shutdown) the agent stops every service it runs, dependents
+first, and exits 0: nothing it started outlives it. After ``kill -9`` the services keep
+running and the next agent adopts them from the state file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+
+from devmesh.agent.api import build_router
+from devmesh.agent.engine import Engine
+from devmesh.agent.http_server import serve_unix
+from devmesh.agent.paths import Home
+
+log = logging.getLogger("devmesh.agent")
+
+
+class AgentAlreadyRunning(Exception):
+    def __init__(self, home: Path, pid: str) -> None:
+        self.home, self.pid = home, pid
+        super().__init__(f"another devmesh agent (pid {pid or '?'}) already runs for {home}")
+
+
+def _lock(home: Home) -> int:
+    fd = os.open(home.lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            pid = home.pid_file.read_text().strip()
+        except OSError:
+            pid = ""
+        raise AgentAlreadyRunning(home.root, pid) from None
+    return fd
+
+
+def run(home: Home) -> int:
+    """Run the agent in this process; returns the exit status."""
+    home.ensure()
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        lock_fd = _lock(home)
+    except AgentAlreadyRunning as exc:
+        print(f"devmesh agent: {exc}", file=sys.stderr)
+        return 1
+    try:
+        home.pid_file.write_text(f"{os.getpid()}\n")
+        anyio.run(_main, home)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            home.pid_file.unlink()
+        os.close(lock_fd)
+    return 0
+
+
+async def _main(home: Home) -> None:
+    engine = Engine(home)
+    warning = engine.load_state()
+    if warning:
+        log.warning("%s", warning)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        await tg.start(serve_unix, home.socket, build_router(engine, stop.set))
+        tg.start_soon(_signals, stop)
+        log.info("devmesh agent %d listening on %s", os.getpid(), home.socket)
+        await stop.wait()
+        log.info("shutting down: stopping all services")
+        await engine.shutdown()
+        tg.cancel_scope.cancel()
+    log.info("agent stopped")
+
+
+async def _signals(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for signum in sigs:
+            log.info("received %s", signal.Signals(signum).name)
+            stop.set()
+            return

@@ -1,0 +1,203 @@
+"""What several commands share: finding the agent (and starting it), loading the file, output.
+
+Stdlib only at top level; the config loader (yaml, jsonschema) is imported only by the
+commands that read devmesh.yaml, so `devmesh status` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from devmesh.agent.client import AgentUnreachable, ApiError, Client
+from devmesh.agent.paths import Home
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_AGENT = 3
+AGENT_START_TIMEOUT_S = 15.0
+
+__all__ = ["AgentUnreachable", "ApiError", "Client"]
+
+
+class CommandError(Exception):
+    """Ends the command with a message on stderr and an exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def home() -> Home:
+    return Home.from_env()
+
+
+def client(h: Home | None = None, *, timeout_s: float = 60) -> Client:
+    return Client((h or home()).socket, timeout_s=timeout_s)
+
+
+def agent_running(c: Client) -> bool:
+    try:
+        c.request("GET", "/v1/status")
+    except AgentUnreachable:
+        return False
+    return True
+
+
+def ensure_agent(h: Home, *, out: IO[str] = sys.stderr) -> Client:
+    """The agent's client, starting the agent in the background when none answers."""
+    c = client(h)
+    if agent_running(c):
+        return c
+    h.ensure()
+    log_file = open(h.agent_log, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devmesh", "agent"],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        log_file.close()
+    deadline = time.monotonic() + AGENT_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if agent_running(c):
+            print(f"Started the devmesh agent (pid {proc.pid}); its log: {h.agent_log}", file=out)
+            return c
+        code = proc.poll()
+        if code is not None:
+            if agent_running(c):  # another `up` started one at the same moment
+                return c
+            raise CommandError(
+                f"the devmesh agent exited with status {code} at start; last lines of "
+                f"{h.agent_log}:\n{_tail(h.agent_log, 15)}"
+            )
+        time.sleep(0.05)
+    raise CommandError(
+        f"the devmesh agent did not answer on {h.socket} within "
+        f"{AGENT_START_TIMEOUT_S:.0f} s; see {h.agent_log}"
+    )
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("  " + line for line in lines[-n:])
+
+
+def add_file_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-f",
+        "--file",
+        metavar="FILE",
+        help="devmesh.yaml to use ('-' reads stdin); default: found in this folder or a parent",
+    )
+
+
+def add_project_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-p",
+        "--project",
+        metavar="NAME",
+        help="act on this applied project by name, without reading a file",
+    )
+
+
+def load(args: argparse.Namespace) -> Any:
+    """Load and validate devmesh.yaml; CommandError with every problem when it is invalid."""
+    from devmesh.config import loader
+
+    try:
+        if args.file == "-":
+            loaded = loader.load("-")
+        else:
+            path = Path(args.file) if args.file else loader.find_config(Path.cwd())
+            loaded = loader.load(path)
+    except loader.ConfigNotFound as exc:
+        raise CommandError(str(exc)) from exc
+    except loader.ConfigError as exc:
+        raise CommandError(str(exc)) from exc
+    for w in loaded.warnings:
+        print(f"warning: {_problem_text(w)}", file=sys.stderr)
+    return loaded
+
+
+def _problem_text(p: Any) -> str:
+    return f"{p.file}:{p.line}:{p.column}: {p.path}: {p.message}" if p.path else str(p.message)
+
+
+def project_name(args: argparse.Namespace) -> str:
+    """The project a command acts on: -p NAME, else the one of the devmesh.yaml found."""
+    if getattr(args, "project", None):
+        return str(args.project)
+    return str(load(args).project.name)
+
+
+@contextlib.contextmanager
+def project_lock(h: Home, project: str, *, out: IO[str] = sys.stderr) -> Iterator[None]:
+    """Serialise `up`/`down` of one project: a second one waits, and says for whom."""
+    h.ensure()
+    path = h.project_lock(project)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            print(
+                f"another devmesh command (pid {holder}) is changing project {project}; "
+                "waiting for it to finish...",
+                file=out,
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------- colour
+
+_COLOURS = ("36", "33", "32", "35", "34", "91", "96", "93", "92", "95", "94")
+
+
+def use_colour(stream: IO[str]) -> bool:
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+def paint(text: str, code: str, enabled: bool) -> str:
+    return f"\x1b[{code}m{text}\x1b[0m" if enabled else text
+
+
+def colour_for(index: int) -> str:
+    return _COLOURS[index % len(_COLOURS)]
+
+
+def run_command(func: Any, args: argparse.Namespace) -> int:
+    """Call a handler, turning the expected failures into a message and an exit status."""
+    try:
+        return int(func(args) or 0)
+    except CommandError as exc:
+        print(f"devmesh {args.command}: {exc}", file=sys.stderr)
+        return exc.status
+    except AgentUnreachable as exc:
+        print(f"devmesh {args.command}: {exc}", file=sys.stderr)
+        return EXIT_AGENT
+    except ApiError as exc:
+        print(f"devmesh {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,93 @@
+"""`devmesh plan`: what `devmesh up` would do, and why, without doing it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from devmesh.commands import _common
+
+EXAMPLE = """example:
+  devmesh plan
+  devmesh plan --json web
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="show what `up` would start, restart or stop, and why",
+        description="A dry run of `devmesh up`: the reconciler's actions with the reason for each.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common.add_file_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("services", nargs="*", metavar="SERVICE")
+    p.set_defaults(func=lambda a: _common.run_command(run, a))
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = _common.load(args)
+    proj = loaded.project
+    from devmesh.core import model
+
+    client = _common.client()
+    if _common.agent_running(client):
+        result = client.request(
+            "POST",
+            "/v1/apply",
+            {
+                "document": model.to_document(proj),
+                "directory": proj.directory,
+                "source": proj.source,
+                "services": args.services or None,
+                "base_env": dict(os.environ),
+                "dry_run": True,
+            },
+        )
+    else:
+        result = offline_plan(proj, args.services or None)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return _common.EXIT_OK
+    note = "" if result.get("agent", True) else " (the agent is not running: nothing runs yet)"
+    print(f"Project {result['project']}{note}:")
+    if not result["actions"]:
+        print("  nothing to do: everything is up to date")
+    for a in result["actions"]:
+        print(f"  {a['service']}: {a['action']} - {a['reason']}")
+    for w in result.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    return _common.EXIT_OK
+
+
+def offline_plan(proj: Any, services: list[str] | None) -> dict[str, Any]:
+    """The plan against an empty machine, computed here: ports of `auto` services are unknown."""
+    import time
+
+    from devmesh.core import desired, plan
+
+    unknown = [s for s in services or () if s not in proj.services]
+    if unknown:
+        raise _common.CommandError(
+            f"no such service {', '.join(map(repr, unknown))} in project {proj.name} "
+            f"(services: {', '.join(proj.services)})"
+        )
+    enabled = desired.enabled_closure(proj, services)
+    ports = {n: s.port for n, s in proj.services.items() if s.port is not None}
+    urls = {n: desired.dependency_urls(proj, s, ports) for n, s in proj.services.items()}
+    wants = desired.wants_for(proj, enabled, ports, urls)
+    p = plan.plan(wants, {}, time.time())
+    return {
+        "project": proj.name,
+        "agent": False,
+        "services": sorted(enabled),
+        "actions": [
+            {"service": a.key[1], "action": a.verb.value, "reason": a.reason} for a in p.actions
+        ],
+        "warnings": [],
+    }

@@ -1,0 +1,111 @@
+"""`devmesh status` (alias `ps`): the services this agent runs, as a table or JSON.
+
+Kept lean on purpose: it imports the control client only, never the config loader, because
+people run it in loops and prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from devmesh.commands import _common
+
+EXAMPLE = """example:
+  devmesh status
+  devmesh ps --json | jq '.services[] | select(.state != "running")'
+"""
+COLUMNS = (
+    "PROJECT",
+    "NAME",
+    "VERSION",
+    "STATE",
+    "HEALTH",
+    "PID",
+    "PORT",
+    "URL",
+    "UPTIME",
+    "RESTARTS",
+)
+
+
+def register(sub: Any) -> None:
+    for name in ("status", "ps"):
+        p = sub.add_parser(
+            name,
+            help="show services, their state and where they answer"
+            + (" (alias of status)" if name == "ps" else ""),
+            description="Show every service the agent runs or waits for, across projects.",
+            epilog=EXAMPLE,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--json", action="store_true", help="print JSON (see docs/cli.md)")
+        _common.add_project_arg(p)
+        p.set_defaults(func=lambda a: _common.run_command(run, a))
+
+
+def run(args: argparse.Namespace) -> int:
+    h = _common.home()
+    query = {"project": args.project} if args.project else None
+    try:
+        data = _common.client(h, timeout_s=10).request("GET", "/v1/status", query=query)
+    except _common.AgentUnreachable:
+        if args.json:
+            print(json.dumps({"services": [], "peers": [], "routes": [], "agent": None}))
+        else:
+            print(f"The devmesh agent is not running (no answer on {h.socket}).")
+            print("`devmesh up` starts it.")
+        return _common.EXIT_OK
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return _common.EXIT_OK
+    render(data, sys.stdout)
+    return _common.EXIT_OK
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def render(data: dict[str, Any], out: Any) -> None:
+    services = data.get("services") or []
+    if not services:
+        print("No services. `devmesh up` in a folder with a devmesh.yaml starts some.", file=out)
+        return
+    table = [COLUMNS]
+    for r in services:
+        table.append(
+            (
+                r["project"],
+                r["name"],
+                r.get("version") or "-",
+                r["state"],
+                r.get("health") or "-",
+                str(r["pid"]) if r.get("pid") else "-",
+                str(r["port"]) if r.get("port") else "-",
+                r.get("url") or "-",
+                _uptime(r.get("uptime_s")),
+                str(r.get("restarts", 0)),
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    colour = _common.use_colour(out)
+    for i, row in enumerate(table):
+        line = "  ".join(cell.ljust(widths[j]) for j, cell in enumerate(row)).rstrip()
+        print(_common.paint(line, "1", colour) if i == 0 else line, file=out)
+    notes = [r for r in services if r.get("reason") and r["state"] not in ("running", "external")]
+    for r in notes:
+        print(f"\n{r['project']}/{r['name']}: {r['state']}: {r['reason']}", file=out)
+        if r.get("last_exit") and r["last_exit"] not in r["reason"]:
+            print(f"  last exit: {r['last_exit']}", file=out)
+        for line in r.get("last_log") or []:
+            print(f"  | {line}", file=out)

@@ -1,0 +1,213 @@
+"""`devmesh up`: apply devmesh.yaml to the agent and follow the services' logs.
+
+Attached (the default) the command opens the log feed *before* applying, so the first line
+a service prints is shown; Ctrl-C then stops the project gracefully. With ``-d`` it returns
+once every selected service reached its condition, or exits 1 naming the one that did not,
+with the reason and the last lines of its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from devmesh.commands import _common
+
+EXAMPLE = """example:
+  devmesh up             start every service of ./devmesh.yaml, show their logs; Ctrl-C stops
+  devmesh up -d          start in the background; return when all are ready
+  devmesh up -d web      start web and what it depends on
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "up",
+        help="start the project's services (attached; -d to detach)",
+        description="Apply devmesh.yaml: start what is missing, restart what changed, stop "
+        "what was removed. Starts the agent when none runs.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_up_args(p)
+    p.set_defaults(func=lambda a: _common.run_command(run, a))
+
+
+def add_up_args(p: argparse.ArgumentParser) -> None:
+    _common.add_file_arg(p)
+    p.add_argument("-d", "--detach", action="store_true", help="return once services are ready")
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="give up waiting for readiness after S seconds (default 300)",
+    )
+    p.add_argument(
+        "services", nargs="*", metavar="SERVICE", help="only these (and their dependencies)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = _common.load(args)
+    proj = loaded.project
+    from devmesh.core import model
+
+    document = model.to_document(proj)
+    return apply_and_follow(
+        args,
+        project=proj.name,
+        document=document,
+        directory=proj.directory,
+        source=proj.source,
+        services=args.services or None,
+    )
+
+
+def apply_and_follow(
+    args: argparse.Namespace,
+    *,
+    project: str,
+    document: dict[str, Any],
+    directory: str,
+    source: str,
+    services: list[str] | None,
+) -> int:
+    h = _common.home()
+    err = sys.stderr
+    with _common.project_lock(h, project, out=err):
+        client = _common.ensure_agent(h, out=err)
+        follower = None
+        if not args.detach:
+            follower = _LogFollower(h, project, services)
+            follower.start()
+        try:
+            result = client.request(
+                "POST",
+                "/v1/apply",
+                {
+                    "document": document,
+                    "directory": directory,
+                    "source": source,
+                    "services": services,
+                    "base_env": dict(os.environ),
+                },
+            )
+        except _common.ApiError as exc:
+            raise _common.CommandError(f"nothing was applied: {exc.message}") from exc
+        for w in result.get("warnings", []):
+            print(f"warning: {w}", file=err)
+        _print_actions(result, err)
+        ok = _wait(client, project, result["services"], args.wait_timeout, err)
+    if args.detach:
+        return _common.EXIT_OK if ok else _common.EXIT_FAILED
+    assert follower is not None
+    try:
+        while not follower.done.wait(0.25):
+            pass
+        print("devmesh: the agent closed the log stream", file=err)
+        return _common.EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"\nStopping project {project}...", file=err)
+        _common.client(h, timeout_s=600).request(
+            "POST", "/v1/down", {"project": project, "services": services}
+        )
+        print(f"Stopped project {project}.", file=err)
+        return 130
+
+
+def _print_actions(result: dict[str, Any], out: Any) -> None:
+    acts = [a for a in result.get("actions", []) if a["action"] != "wait"]
+    if not acts:
+        print(f"Project {result['project']}: everything is up to date.", file=out)
+    for a in acts:
+        print(f"  {a['service']}: {a['action']} ({a['reason']})", file=out)
+
+
+def _wait(client: Any, project: str, services: list[str], timeout_s: float, out: Any) -> bool:
+    """Show progress until each service is ready or failed; True when all are ready."""
+    started = time.monotonic()
+    colour = _common.use_colour(out)
+    deadline = started + timeout_s
+    query = {"project": project, "services": ",".join(services)}
+    for item in client.stream("GET", "/v1/wait", query=query):
+        elapsed = time.monotonic() - started
+        if item.get("done"):
+            failures = item.get("failures") or {}
+            for name, reason in failures.items():
+                print(_common.paint(f" x {name}: {reason}", "31", colour), file=out)
+                _print_last_log(client, project, name, out)
+            if not failures:
+                print(
+                    f"Project {project}: {len(services)} service(s) ready in {elapsed:.1f} s.",
+                    file=out,
+                )
+            return not failures
+        status = item.get("status")
+        name = item.get("service")
+        if status == "ready":
+            print(_common.paint(f" + {name}: ready ({elapsed:.1f} s)", "32", colour), file=out)
+        elif status == "pending" and item.get("reason"):
+            print(f" . {name}: {item['reason']}", file=out)
+        if time.monotonic() > deadline:
+            print(f"devmesh up: still not ready after {timeout_s:.0f} s", file=out)
+            return False
+    return False
+
+
+def _print_last_log(client: Any, project: str, name: str, out: Any) -> None:
+    try:
+        status = client.request("GET", "/v1/status", query={"project": project})
+    except _common.ApiError:
+        return
+    for row in status["services"]:
+        if row["name"] == name and row.get("last_log"):
+            print(f"   last lines of {row['log']}:", file=out)
+            for line in row["last_log"]:
+                print(f"   | {line}", file=out)
+
+
+class _LogFollower(threading.Thread):
+    """Prints `NAME | line` for each log line; ready once the agent has fixed its offsets."""
+
+    def __init__(self, h: Any, project: str, services: list[str] | None) -> None:
+        super().__init__(daemon=True)
+        self.client = _common.client(h, timeout_s=3600 * 24 * 365)
+        self.query = {"project": project, "follow": "1"}
+        if services:
+            self.query["services"] = ",".join(services)
+        self.ready = threading.Event()
+        self.done = threading.Event()
+        self.colour = _common.use_colour(sys.stdout)
+        self.width = 0
+        self.colours: dict[str, str] = {}
+        self.error: Exception | None = None
+
+    def start(self) -> None:
+        super().start()
+        self.ready.wait(10)
+
+    def run(self) -> None:
+        try:
+            for item in self.client.stream("GET", "/v1/logs", query=self.query):
+                if item.get("ready"):
+                    self.ready.set()
+                    continue
+                self._print(item["service"], item["line"])
+        except Exception as exc:  # the stream's end is reported by `done`
+            self.error = exc
+        finally:
+            self.ready.set()
+            self.done.set()
+
+    def _print(self, name: str, line: str) -> None:
+        if name not in self.colours:
+            self.colours[name] = _common.colour_for(len(self.colours))
+            self.width = max(self.width, len(name))
+        prefix = _common.paint(f"{name:<{self.width}} |", self.colours[name], self.colour)
+        sys.stdout.write(f"{prefix} {line}\n")
+        sys.stdout.flush()

@@ -1,0 +1,148 @@
+"""From an applied project to the planner's ``wants`` and each process's argv and environment.
+
+Why here and not in the agent: which services run, what each one's environment holds and
+what counts as "changed" are decisions, so they are pure functions the tests can call
+without processes. The agent supplies the facts it alone knows: the ports it picked for
+``port: auto`` services, the URL by which each dependency is reached, and the base
+environment of the CLI that applied the project.
+
+The base environment is deliberately left out of the fingerprint: running ``devmesh up``
+from another shell must not restart everything because ``$OLDPWD`` differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from devmesh.core import interpolate, model, plan
+
+RUNTIME_NAMES = frozenset({"PORT", "DEVMESH_SERVICE", "DEVMESH_PROJECT"})
+
+
+def url_var(dep: str) -> str:
+    """Environment name of a dependency's URL: ``payments-v2`` -> ``PAYMENTS_V2_URL``."""
+    return dep.upper().replace("-", "_") + "_URL"
+
+
+def enabled_closure(project: model.Project, roots: Iterable[str] | None) -> set[str]:
+    """Services to run for ``up [SERVICE...]``: the roots (all when None) and their deps."""
+    deps = {n: [d.name for d in s.depends_on] for n, s in project.services.items()}
+    names = list(project.services) if roots is None else list(roots)
+    return {n for n in plan.closure(deps, names) if project.services[n].runs_here}
+
+
+def dependency_urls(
+    project: model.Project, service: model.Service, ports: Mapping[str, int]
+) -> dict[str, str]:
+    """NAME -> URL for each dependency: its local port when it runs here, else its fallback.
+
+    A dependency that neither runs here nor has a fallback gets no URL; ``unreachable``
+    lists those so ``devmesh plan`` can say so.
+    """
+    urls: dict[str, str] = {}
+    for dep in service.depends_on:
+        target = project.services.get(dep.name)
+        if target is None:
+            continue
+        if target.runs_here and dep.name in ports:
+            scheme = target.scheme.value
+            urls[dep.name] = f"{scheme}://127.0.0.1:{ports[dep.name]}"
+        elif target.fallback:
+            urls[dep.name] = target.fallback.rstrip("/")
+    return urls
+
+
+def unreachable(service: model.Service, urls: Mapping[str, str]) -> list[str]:
+    return [d.name for d in service.depends_on if d.name not in urls]
+
+
+def instance_spec(
+    service: model.Service, *, port: int | None, urls: Mapping[str, str]
+) -> dict[str, Any]:
+    spec = model.service_document(service)
+    for k in ("share", "fallback", "branch"):
+        spec.pop(k, None)
+    spec["port"] = port
+    spec["dep_urls"] = dict(sorted(urls.items()))
+    return spec
+
+
+def fingerprint(spec: Mapping[str, Any]) -> str:
+    blob = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def wants_for(
+    project: model.Project,
+    enabled: Iterable[str],
+    ports: Mapping[str, int],
+    urls: Mapping[str, Mapping[str, str]],
+) -> dict[plan.Key, plan.Want]:
+    """One Want per enabled service that runs here; ``urls`` is per service, from the agent."""
+    out: dict[plan.Key, plan.Want] = {}
+    for name in enabled:
+        s = project.services.get(name)
+        if s is None or not s.runs_here:
+            continue
+        spec = instance_spec(s, port=ports.get(name), urls=urls.get(name, {}))
+        deps = tuple(
+            ((project.name, d.name), d.condition)
+            for d in s.depends_on
+            if d.name in project.services and project.services[d.name].runs_here
+        )
+        out[(project.name, name)] = plan.Want(
+            key=(project.name, name),
+            fingerprint=fingerprint(spec),
+            spec=spec,
+            deps=deps,
+            restart=s.restart.policy,
+            max_retries=s.restart.max_retries,
+        )
+    return out
+
+
+def runtime_vars(
+    project: model.Project, service: model.Service, *, port: int | None, urls: Mapping[str, str]
+) -> dict[str, str]:
+    """The variables devmesh itself provides to a process."""
+    out = {"DEVMESH_SERVICE": service.name, "DEVMESH_PROJECT": project.name}
+    if port is not None:
+        out["PORT"] = str(port)
+    for dep, url in urls.items():
+        out[url_var(dep)] = url
+    return out
+
+
+def launch_env(
+    base_env: Mapping[str, str],
+    project: model.Project,
+    service: model.Service,
+    *,
+    port: int | None,
+    urls: Mapping[str, str],
+) -> dict[str, str]:
+    """The complete environment of the process: base, then the service's env, then devmesh's.
+
+    Raises interpolate.InterpolationError for a ``${NAME}`` left in env that has no value.
+    """
+    runtime = runtime_vars(project, service, port=port, urls=urls)
+    env = dict(base_env)
+    for k, v in service.env.items():
+        env[k] = interpolate.expand(v, runtime.get)
+    env.update(runtime)
+    return env
+
+
+def launch_argv(
+    project: model.Project,
+    service: model.Service,
+    *,
+    port: int | None,
+    urls: Mapping[str, str],
+) -> tuple[str, ...]:
+    """The command with ``${PORT}``-style runtime names filled in."""
+    runtime = runtime_vars(project, service, port=port, urls=urls)
+    return tuple(interpolate.expand(a, runtime.get) for a in service.command or ())
