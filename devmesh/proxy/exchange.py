@@ -23,7 +23,6 @@ its body, the end of message) is collected and written to the client in one ``wr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import h11
 
@@ -238,8 +237,7 @@ async def forward(
     finally:
         if pump is not None and not pump.done():
             pump.cancel()
-            with contextlib.suppress(BaseException):
-                await pump
+            await asyncio.wait((pump,))  # it must stop reading the client before we do
 
 
 async def _respond(
@@ -323,8 +321,9 @@ async def _respond(
         writer.write(b"".join(out))
         await writer.drain()
     finally:
-        if watcher is not None:
+        if watcher is not None and not watcher.done():
             watcher.cancel()
+            await asyncio.wait((watcher,))  # it must stop reading the client before we do
     upstreams.release(up)
 
 

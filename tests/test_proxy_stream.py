@@ -1,0 +1,103 @@
+"""Streaming through the proxy: SSE event by event, disconnects, big bodies in flat memory."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+
+import httpx
+import pytest
+
+from devmesh.proxy import testing
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def upstream():
+    with testing.upstream() as server:
+        yield server
+
+
+@pytest.fixture
+def proxy(upstream):
+    p = testing.ProxyProcess({"backends": [{"project": "p", "service": "api",
+                                            "port": upstream.port}]})
+    yield p
+    assert p.stop() == ""
+
+
+def test_sse_events_arrive_one_by_one(proxy):
+    url = f"http://127.0.0.1:{proxy.port}/sse?n=5&interval=0.3"
+    arrivals = []
+    with httpx.stream("GET", url, headers={"host": "api.localhost"}, timeout=10) as r:
+        assert r.headers["content-type"] == "text/event-stream"
+        start = time.monotonic()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append((line, time.monotonic() - start))
+    assert [a for a, _ in arrivals] == [f"data: event {i}" for i in range(5)]
+    # Unbuffered: the first event is here long before the last one was even produced.
+    assert arrivals[0][1] < 0.25
+    assert arrivals[-1][1] > 1.0
+
+
+def test_client_leaving_an_sse_stream_closes_the_upstream_side(upstream, proxy):
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    s.sendall(b"GET /sse?n=100&interval=0.05 HTTP/1.1\r\nHost: api.localhost\r\n\r\n")
+    assert b"data: event 0" in s.recv(65536)
+    s.close()
+    deadline = time.monotonic() + 3
+    while upstream.sse_disconnects == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert upstream.sse_disconnects == 1
+
+
+def test_upstream_leaving_mid_stream_closes_the_client(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(b"GET /truncated HTTP/1.1\r\nHost: api.localhost\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 OK")
+    assert data.endswith(b"\r\n\r\nyyyyyyyyyy")  # then EOF: the client sees the truncation
+
+
+def test_large_upload_streams_in_flat_memory(proxy):
+    size = 384 * MIB
+    block = bytes(range(256)) * 4096  # 1 MiB
+    digest = hashlib.sha256()
+    rss_before = proxy.rss_kib()
+    peak = [rss_before]
+
+    def body():
+        for i in range(size // len(block)):
+            digest.update(block)
+            if i % 32 == 0:
+                peak[0] = max(peak[0], proxy.rss_kib())
+            yield block
+
+    r = httpx.post(f"http://127.0.0.1:{proxy.port}/echo", headers={"host": "api.localhost"},
+                   content=body(), timeout=60)
+    doc = r.json()
+    assert doc["body_length"] == size
+    assert doc["body_sha256"] == digest.hexdigest()
+    assert peak[0] - rss_before < 40 * 1024, (rss_before, peak[0])
+
+
+def test_large_download_streams_in_flat_memory(proxy):
+    size = 512 * MIB
+    rss_before = proxy.rss_kib()
+    peak = rss_before
+    got = 0
+    with httpx.stream("GET", f"http://127.0.0.1:{proxy.port}/download?n={size}",
+                      headers={"host": "api.localhost"}, timeout=60) as r:
+        assert int(r.headers["content-length"]) == size
+        for i, chunk in enumerate(r.iter_raw(1 << 20)):
+            got += len(chunk)
+            if i % 64 == 0:
+                peak = max(peak, proxy.rss_kib())
+                time.sleep(0.001)  # a slow reader: backpressure must hold the upstream back
+    assert got == size
+    assert peak - rss_before < 40 * 1024, (rss_before, peak)
