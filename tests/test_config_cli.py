@@ -148,3 +148,20 @@ def test_help_has_an_example(tmp_path: Path):
     result = run(["--help"], tmp_path)
     assert result.returncode == 0
     assert "devmesh validate -f services/devmesh.yaml" in result.stdout
+
+
+def test_several_files_as_pre_commit_passes_them(quickstart: Path):
+    result = run(
+        ["examples/quickstart/devmesh.yaml", str(FIXTURES / "invalid" / "cycle.yaml")], quickstart
+    )
+    assert result.returncode == 1
+    assert result.stdout == (
+        "examples/quickstart/devmesh.yaml: valid (project quickstart, 2 services: api, web)\n"
+    )
+    cycle = FIXTURES / "invalid" / "cycle.yaml"
+    assert result.stderr == (
+        f"{cycle}:7:7: services.a.depends_on.b: dependency cycle: a -> b -> a\n"
+        f"{cycle}: invalid (1 problem)\n"
+    )
+    result = run(["--json", "examples/quickstart/devmesh.yaml", str(cycle)], quickstart)
+    assert [r["valid"] for r in json.loads(result.stdout)] == [True, False]

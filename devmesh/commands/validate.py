@@ -17,6 +17,7 @@ examples:
   devmesh validate                      # the devmesh.yaml of this folder or a parent
   devmesh validate -f services/devmesh.yaml
   cat devmesh.yaml | devmesh validate -f - --json
+  devmesh validate a/devmesh.yaml b/devmesh.yml   # several files, as pre-commit passes them
 """
 
 
@@ -38,60 +39,75 @@ def register(subparsers: Any) -> None:
         help="the file to check; - reads stdin. Default: devmesh.yaml (or .yml) in this "
         "folder or the nearest parent",
     )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "files",
+        nargs="*",
+        metavar="FILE",
+        help="more files to check, each on its own (for pre-commit); exit 1 if any is invalid",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as JSON (a list of results when several files are given)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from devmesh.config import loader, report
 
-    try:
-        path: Path | str = args.file or loader.find_config(Path.cwd())
-    except loader.ConfigNotFound as exc:
-        if args.json:
-            print(
-                report.to_json(
-                    valid=False,
-                    file="",
-                    problems=[report.Problem("", 0, 0, "", str(exc))],
-                    project=None,
-                    services=[],
+    targets: list[Path | str] = [*([args.file] if args.file else []), *args.files]
+    if not targets:
+        try:
+            targets = [loader.find_config(Path.cwd())]
+        except loader.ConfigNotFound as exc:
+            if args.json:
+                problem = report.Problem("", 0, 0, "", str(exc))
+                print(
+                    report.to_json(
+                        valid=False, file="", problems=[problem], project=None, services=[]
+                    )
                 )
-            )
-        else:
-            print(f"devmesh validate: {exc}", file=sys.stderr)
-        return 1
-    try:
-        loaded = loader.load(path)
-    except loader.ConfigError as exc:
-        if args.json:
-            print(
-                report.to_json(
-                    valid=False,
-                    file=exc.file,
-                    problems=exc.problems,
-                    project=exc.project,
-                    services=list(exc.services),
+            else:
+                print(f"devmesh validate: {exc}", file=sys.stderr)
+            return 1
+    documents: list[str] = []
+    failed = False
+    for target in targets:
+        try:
+            loaded = loader.load(target)
+        except loader.ConfigError as exc:
+            failed = True
+            if args.json:
+                documents.append(
+                    report.to_json(
+                        valid=False,
+                        file=exc.file,
+                        problems=exc.problems,
+                        project=exc.project,
+                        services=list(exc.services),
+                    )
                 )
-            )
-        else:
+                continue
             errors = sum(1 for p in exc.problems if p.is_error)
             print(str(exc), file=sys.stderr)
             print(f"{exc.file}: invalid ({report.plural(errors, 'problem')})", file=sys.stderr)
-        return 1
-    services = list(loaded.project.services)
-    if args.json:
-        print(
-            report.to_json(
-                valid=True,
-                file=loaded.file,
-                problems=loaded.warnings,
-                project=loaded.project.name,
-                services=services,
+            continue
+        services = list(loaded.project.services)
+        if args.json:
+            documents.append(
+                report.to_json(
+                    valid=True,
+                    file=loaded.file,
+                    problems=loaded.warnings,
+                    project=loaded.project.name,
+                    services=services,
+                )
             )
-        )
-    else:
+            continue
         if loaded.warnings:
             print(report.render(loaded.warnings), file=sys.stderr)
         print(report.summary(loaded.file, loaded.project.name, services))
-    return 0
+    if args.json:
+        print(documents[0] if len(documents) == 1 else "[\n" + ",\n".join(documents) + "\n]")
+    return 1 if failed else 0

@@ -94,7 +94,8 @@ def found(value: Any) -> str:
     return repr(value)
 
 
-def _resolve(schema: dict[str, Any]) -> dict[str, Any]:
+def resolve(schema: dict[str, Any]) -> dict[str, Any]:
+    """The subschema with a local ``$ref`` (``#/$defs/...``) replaced by its target."""
     ref = schema.get("$ref")
     if isinstance(ref, str) and ref.startswith("#/"):
         target: Any = load_schema()
@@ -112,7 +113,7 @@ def _join(words: list[str], conjunction: str = "or") -> str:
 
 def describe(schema: dict[str, Any]) -> str:
     """What a (sub)schema accepts, in a few words: "a list of strings", "'auto'"."""
-    schema = _resolve(schema)
+    schema = resolve(schema)
     if "const" in schema:
         return found(schema["const"])
     if "enum" in schema:
@@ -133,7 +134,7 @@ def describe(schema: dict[str, Any]) -> str:
 
 def _fits(schema: dict[str, Any], value: Any) -> bool:
     """Whether value has the right type (or const/enum) for the alternative ``schema``."""
-    schema = _resolve(schema)
+    schema = resolve(schema)
     if "const" in schema:
         return bool(value == schema["const"] and type(value) is type(schema["const"]))
     if "enum" in schema:
@@ -192,7 +193,7 @@ def _message(error: jsonschema.ValidationError) -> str:
         dup = next((x for x in value if x in seen or seen.append(x)), None)
         return f"expected each item once, got {found(dup)} more than once"
     if v in ("oneOf", "anyOf"):
-        alternatives = [_resolve(a) for a in arg]
+        alternatives = [resolve(a) for a in arg]
         if all(set(a) == {"required"} for a in alternatives):
             keys = [k for a in alternatives for k in a["required"]]
             given = [k for k in keys if isinstance(value, dict) and k in value]
@@ -209,7 +210,7 @@ def _best_branch(error: jsonschema.ValidationError) -> list[jsonschema.Validatio
     """For a oneOf/anyOf error: the errors of the alternative that fits the value's type."""
     if error.validator not in ("oneOf", "anyOf") or not error.context:
         return None
-    alternatives = [_resolve(a) for a in error.validator_value]
+    alternatives = [resolve(a) for a in error.validator_value]
     if all(set(a) == {"required"} for a in alternatives):
         return None
     fitting = [i for i, alt in enumerate(alternatives) if _fits(alt, error.instance)]
@@ -275,7 +276,38 @@ def problems(
         else:
             at_key = error.validator in ("required", "dependentRequired") or (
                 error.validator == "oneOf"
-                and all(set(_resolve(a)) == {"required"} for a in error.validator_value)
+                and all(set(resolve(a)) == {"required"} for a in error.validator_value)
             )
             add(path, _message(error), at_key=at_key)
+    return out
+
+
+def key_paths(
+    node: dict[str, Any] | None = None, prefix: str = ""
+) -> list[tuple[str, dict[str, Any]]]:
+    """Every key the schema allows, as dotted paths with placeholders, in schema order.
+
+    Map keys chosen by the user read ``<name>`` (services, dependencies) or ``<VAR>``
+    (env). Alternatives (oneOf/anyOf) contribute the keys of each alternative, so both
+    spellings of depends_on are covered. Used by the docs generator and by the test
+    that every key appears in devmesh.yaml.example.
+    """
+    node = resolve(load_schema() if node is None else node)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for key, sub in node.get("properties", {}).items():
+        path = f"{prefix}.{key}" if prefix else key
+        out.append((path, sub))
+        out.extend(key_paths(sub, path))
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict):
+        placeholder = "<VAR>" if prefix.endswith(".env") else "<name>"
+        path = f"{prefix}.{placeholder}"
+        out.append((path, extra))
+        out.extend(key_paths(extra, path))
+    seen = {p for p, _ in out}
+    for alternative in node.get("oneOf", []) + node.get("anyOf", []):
+        for path, sub in key_paths(alternative, prefix):
+            if path not in seen:
+                seen.add(path)
+                out.append((path, sub))
     return out
