@@ -1,0 +1,117 @@
+"""Installing the CA certificate into the trust stores a developer's tools read.
+
+Why a separate module: ``devmesh ca install`` touches the machine (system store, browsers' NSS
+databases), so every location and program is a parameter; the tests point them at temporary
+directories and never modify the real stores. When a store cannot be written (no root, no
+``certutil``), the step is not fatal: it prints the exact command that would do it.
+
+Stores handled:
+
+- System: Debian/Ubuntu (``/usr/local/share/ca-certificates`` + ``update-ca-certificates``),
+  Fedora/RHEL (``/etc/pki/ca-trust/source/anchors`` + ``update-ca-trust``).
+- NSS (Chromium, Firefox): ``~/.pki/nssdb`` and every Firefox profile holding ``cert9.db``,
+  including the snap location, through ``certutil`` from libnss3-tools.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+NICKNAME = "devmesh local CA"
+CERT_FILE_NAME = "devmesh-local-ca.crt"
+SYSTEM_STORES: tuple[tuple[str, str], ...] = (
+    ("/usr/local/share/ca-certificates", "update-ca-certificates"),
+    ("/etc/pki/ca-trust/source/anchors", "update-ca-trust"),
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    store: str
+    """Human name of the store and its location."""
+    done: bool
+    detail: str
+    """What was done, or the precise command that would do it."""
+
+
+def default_system_store() -> tuple[Path, str] | None:
+    for directory, command in SYSTEM_STORES:
+        if Path(directory).is_dir():
+            return Path(directory), command
+    return None
+
+
+def nss_databases(home: Path) -> list[Path]:
+    """NSS databases under home: the shared one and Firefox profiles (sql format only)."""
+    found: list[Path] = []
+    shared = home / ".pki" / "nssdb"
+    if (shared / "cert9.db").exists():
+        found.append(shared)
+    for base in (home / ".mozilla" / "firefox", home / "snap/firefox/common/.mozilla/firefox"):
+        if base.is_dir():
+            found.extend(sorted(p.parent for p in base.glob("*/cert9.db")))
+    return found
+
+
+def install_system(cert: Path, directory: Path, update_command: str | None) -> Step:
+    target = directory / CERT_FILE_NAME
+    name = f"system store {directory}"
+    manual = f"sudo cp {cert} {target}" + (f" && sudo {update_command}" if update_command else "")
+    try:
+        shutil.copyfile(cert, target)
+    except OSError as exc:
+        return Step(store=name, done=False, detail=f"{exc.strerror}; run: {manual}")
+    if update_command:
+        try:
+            proc = subprocess.run(
+                [update_command], capture_output=True, text=True, timeout=120, check=False
+            )
+        except OSError as exc:
+            return Step(store=name, done=False,
+                        detail=f"copied, but {update_command}: {exc.strerror}; run: {manual}")
+        if proc.returncode != 0:
+            return Step(store=name, done=False,
+                        detail=f"copied, but {update_command} failed: {proc.stderr.strip()}")
+    return Step(store=name, done=True, detail=f"installed as {target}")
+
+
+def install_nss(cert: Path, database: Path, certutil: str | None) -> Step:
+    args = ["-A", "-d", f"sql:{database}", "-t", "C,,", "-n", NICKNAME, "-i", str(cert)]
+    name = f"NSS store {database}"
+    if certutil is None:
+        return Step(store=name, done=False, detail="certutil not found (Debian package "
+                    f"libnss3-tools); run: certutil {' '.join(args)}")
+    proc = subprocess.run([certutil, *args], capture_output=True, text=True, timeout=60,
+                          check=False)
+    if proc.returncode != 0:
+        return Step(store=name, done=False,
+                    detail=f"certutil failed: {proc.stderr.strip()}; run: certutil "
+                           + " ".join(args))
+    return Step(store=name, done=True, detail=f"added as {NICKNAME!r}")
+
+
+def install(
+    cert: Path,
+    *,
+    system: tuple[Path, str | None] | None,
+    home: Path,
+    certutil: str | None,
+) -> list[Step]:
+    """Install cert in the system store (when given) and every NSS database under home."""
+    steps = []
+    if system is not None:
+        steps.append(install_system(cert, system[0], system[1]))
+    else:
+        steps.append(Step(store="system store", done=False,
+                          detail="no known system store on this machine; import "
+                                 f"{cert} into your OS's trust settings by hand"))
+    steps.extend(install_nss(cert, db, certutil) for db in nss_databases(home))
+    return steps
+
+
+def home_dir() -> Path:
+    return Path(os.environ.get("HOME") or Path.home())
