@@ -34,7 +34,9 @@ def _wait_for_file(path: Path, timeout_s: float = 10) -> str:
         if path.exists() and path.read_text().endswith("\n"):
             return path.read_text()
         time.sleep(0.01)
-    raise AssertionError(f"{path} was not written within {timeout_s} s")
+    log = path.parent / "logs" / "svc.log"
+    output = log.read_text() if log.exists() else "(no log)"
+    raise AssertionError(f"{path} was not written within {timeout_s} s; log: {output}")
 
 
 def _session_entries(sid: int) -> list[int]:
@@ -367,3 +369,14 @@ def test_stop_an_adopted_process(orphan):
 
 def test_adopt_a_pid_that_does_not_exist():
     assert process.adopt(2**22 + 1, 1) is None
+
+
+def test_adopting_our_own_child_still_reaps_it_with_its_status(tmp_path, procs):
+    proc = process.spawn(_launch(tmp_path, "import sys; sys.stdin.read(); sys.exit(5)"))
+    procs.append(proc)
+    adopted = process.adopt(proc.pid, proc.start_ticks)
+    assert adopted is not None
+    assert (adopted.pid, adopted.sid, adopted.start_ticks) == (proc.pid, proc.sid, proc.start_ticks)
+    assert abs(adopted.started_at - proc.started_at) < 2  # from boot time + clock ticks
+    assert anyio.run(process.wait, adopted) == process.Exit(5, None)
+    assert process.adopt(proc.pid, proc.start_ticks) is None

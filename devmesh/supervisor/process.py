@@ -49,7 +49,7 @@ from pathlib import Path
 
 import anyio
 
-from devmesh.supervisor import SupervisorError
+from devmesh.supervisor import SupervisorError, procfs
 
 _PR_SET_CHILD_SUBREAPER = 36
 _POLL_S = 0.02
@@ -129,38 +129,9 @@ _children: dict[tuple[int, int], _Child] = {}
 # /proc
 
 
-@dataclass(frozen=True, slots=True)
-class _Stat:
-    state: str
-    ppid: int
-    pgrp: int
-    session: int
-    start_ticks: int
-
-
-def _stat(pid: int) -> _Stat | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode("utf-8", "replace")
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # comm may hold spaces and parentheses: fields resume after the last ')'.
-    rest = raw[raw.rfind(")") + 2 :].split()
-    return _Stat(
-        state=rest[0],
-        ppid=int(rest[1]),
-        pgrp=int(rest[2]),
-        session=int(rest[3]),
-        start_ticks=int(rest[19]),
-    )
-
-
-def _boot_time() -> float:
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("btime "):
-                return float(line.split()[1])
-    return 0.0
+def session_pids(sid: int) -> list[int]:
+    """Every live (non-zombie) process whose session id is ``sid``, sorted."""
+    return procfs.session_pids(sid)
 
 
 def set_child_subreaper(enabled: bool = True) -> None:
@@ -174,22 +145,6 @@ def set_child_subreaper(enabled: bool = True) -> None:
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(enabled), 0, 0, 0) != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(code)}")
-
-
-def _members(sid: int) -> dict[int, _Stat]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        st = _stat(int(entry.name))
-        if st is not None and st.session == sid:
-            found[int(entry.name)] = st
-    return found
-
-
-def session_pids(sid: int) -> list[int]:
-    """Every live (non-zombie) process whose session id is ``sid``, sorted."""
-    return sorted(pid for pid, st in _members(sid).items() if st.state != "Z")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +215,7 @@ def spawn(launch: Launch) -> Proc:
         raise SpawnError(kind, argv0, path, launch.cwd, f"exec failed: {exc.strerror}") from exc
     finally:
         os.close(log_fd)
-    st = _stat(popen.pid)
+    st = procfs.stat(popen.pid)
     assert st is not None, "an unreaped child always has /proc/PID/stat"
     proc = Proc(pid=popen.pid, sid=popen.pid, start_ticks=st.start_ticks, started_at=time.time())
     _children[(proc.pid, proc.start_ticks)] = _Child(popen)
@@ -269,19 +224,19 @@ def spawn(launch: Launch) -> Proc:
 
 def adopt(pid: int, start_ticks: int) -> Proc | None:
     """Re-attach to a process recorded earlier; None when it is gone, a zombie or another one."""
-    st = _stat(pid)
+    st = procfs.stat(pid)
     if st is None or st.start_ticks != start_ticks or st.state == "Z":
         return None
     child = _children.get((pid, start_ticks))
     if child is not None and child.exit is not None:
         return None
-    started_at = _boot_time() + start_ticks / os.sysconf("SC_CLK_TCK")
+    started_at = procfs.boot_time() + start_ticks / os.sysconf("SC_CLK_TCK")
     return Proc(pid=pid, sid=st.session, start_ticks=start_ticks, started_at=started_at)
 
 
 def alive(proc: Proc) -> bool:
     """True while the process runs (a zombie or a recycled pid is not alive)."""
-    st = _stat(proc.pid)
+    st = procfs.stat(proc.pid)
     return st is not None and st.start_ticks == proc.start_ticks and st.state != "Z"
 
 
@@ -329,7 +284,7 @@ async def wait(proc: Proc) -> Exit:
         return UNKNOWN
     try:
         if child is None:
-            st = _stat(proc.pid)
+            st = procfs.stat(proc.pid)
             if st is None or st.start_ticks != proc.start_ticks:
                 return UNKNOWN
         await anyio.wait_readable(fd)
@@ -365,7 +320,7 @@ def _signal_session(proc: Proc, sig: int) -> None:
         os.killpg(proc.sid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-    for pid, st in _members(proc.sid).items():
+    for pid, st in procfs.members(proc.sid).items():
         if st.state != "Z" and st.pgrp != proc.sid:
             _kill(pid, sig)
 
@@ -374,7 +329,7 @@ def _reap_orphans(sid: int) -> None:
     """Reap dead session members that were re-parented to us (when we are a subreaper)."""
     me = os.getpid()
     registered = {pid for (pid, _), child in _children.items() if child.exit is None}
-    for pid, st in _members(sid).items():
+    for pid, st in procfs.members(sid).items():
         if st.state == "Z" and st.ppid == me and pid not in registered:
             try:
                 os.waitpid(pid, os.WNOHANG)
