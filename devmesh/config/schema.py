@@ -157,7 +157,10 @@ def _message(error: jsonschema.ValidationError) -> str:
     arg = error.validator_value
     schema = error.schema if isinstance(error.schema, dict) else {}
     if v == "type":
-        return f"expected {describe({'type': arg})}, got {found(value)}"
+        text = f"expected {describe({'type': arg})}, got {found(value)}"
+        if arg == "string" and isinstance(value, int | float) and not isinstance(value, bool):
+            text += " (put it in quotes)"
+        return text
     if v == "const":
         return f"expected {found(arg)}, got {found(value)}"
     if v == "enum":
