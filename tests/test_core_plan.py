@@ -153,10 +153,10 @@ def test_waiting_names_every_unmet_dependency() -> None:
 
 def test_dependency_exited_makes_dependent_wait_for_it_to_run_again() -> None:
     wants = wmap(want("db", restart=RestartPolicy.NO), want("api", deps=(("db", STARTED),)))
-    world = smap(seen("db", plan.Phase.EXITED, exit_text="exited with status 1", exit_failed=True))
+    world = smap(seen("db", plan.Phase.EXITED, exit_text="exited with code 1", exit_failed=True))
     assert table(plan.plan(wants, world, NOW)) == [
-        ("db", "hold", "exited with status 1; restart policy is no"),
-        ("api", "wait", "waiting for db to run again (exited with status 1)"),
+        ("db", "hold", "exited with code 1; restart policy is no"),
+        ("api", "wait", "waiting for db to run again (exited with code 1)"),
     ]
 
 
@@ -244,7 +244,7 @@ def test_changed_configuration_starts_even_during_backoff() -> None:
             plan.Phase.EXITED,
             fingerprint="old",
             exit_failed=True,
-            exit_text="exited with status 1",
+            exit_text="exited with code 1",
             failures=3,
             retry_at=NOW + 30,
         )
@@ -310,7 +310,7 @@ def test_removing_one_project_leaves_the_other_alone() -> None:
 
 @pytest.mark.parametrize("phase", [plan.Phase.EXITED, plan.Phase.FAILED])
 def test_unwanted_finished_instances_are_forgotten(phase) -> None:
-    world = smap(seen("old", phase, reason="x", exit_text="exited with status 0"))
+    world = smap(seen("old", phase, reason="x", exit_text="exited with code 0"))
     assert table(plan.plan({}, world, NOW)) == [("old", "forget", "no longer in the project")]
 
 
@@ -319,7 +319,7 @@ def test_unwanted_finished_instances_are_forgotten(phase) -> None:
 
 def crashed(name: str = "api", *, failures: int = 1, retry_at: float | None = None, **kw):
     kw.setdefault("exit_failed", True)
-    kw.setdefault("exit_text", "exited with status 1")
+    kw.setdefault("exit_text", "exited with code 1")
     return seen(name, plan.Phase.EXITED, failures=failures, retry_at=retry_at, **kw)
 
 
@@ -328,12 +328,12 @@ def test_crash_waits_until_retry_at_then_starts() -> None:
     world = smap(crashed(failures=2, retry_at=NOW + 2.5))
     p = plan.plan(wants, world, NOW)
     assert table(p) == [
-        ("api", "wait", "restart in 2.5 s after it exited with status 1 (crash 2 in a row)")
+        ("api", "wait", "restart in 2.5 s after it exited with code 1 (crash 2 in a row)")
     ]
     assert p.actions[0].until == NOW + 2.5
     assert p.wake_at == NOW + 2.5
     p = plan.plan(wants, world, NOW + 2.5)
-    assert table(p) == [("api", "start", "restart after it exited with status 1 (attempt 2)")]
+    assert table(p) == [("api", "start", "restart after it exited with code 1 (attempt 2)")]
     assert p.wake_at is None
 
 
@@ -361,41 +361,41 @@ def test_restart_after_backoff_still_waits_for_dependencies() -> None:
         (
             RestartPolicy.NO,
             True,
-            "exited with status 1",
-            ("hold", "exited with status 1; restart policy is no"),
+            "exited with code 1",
+            ("hold", "exited with code 1; restart policy is no"),
         ),
         (
             RestartPolicy.NO,
             False,
-            "exited with status 0",
-            ("hold", "exited with status 0; restart policy is no"),
+            "exited with code 0",
+            ("hold", "exited with code 0; restart policy is no"),
         ),
         (
             RestartPolicy.ON_FAILURE,
             False,
-            "exited with status 0",
+            "exited with code 0",
             (
                 "hold",
-                "exited with status 0; restart policy on-failure does not restart a clean exit",
+                "exited with code 0; restart policy on-failure does not restart a clean exit",
             ),
         ),
         (
             RestartPolicy.ON_FAILURE,
             True,
-            "was killed by SIGKILL",
-            ("start", "restart after it was killed by SIGKILL (attempt 1)"),
+            "killed by SIGKILL",
+            ("start", "restart after it killed by SIGKILL (attempt 1)"),
         ),
         (
             RestartPolicy.ALWAYS,
             False,
-            "exited with status 0",
-            ("start", "restart after it exited with status 0 (attempt 1)"),
+            "exited with code 0",
+            ("start", "restart after it exited with code 0 (attempt 1)"),
         ),
         (
             RestartPolicy.ALWAYS,
             True,
-            "exited with status 1",
-            ("start", "restart after it exited with status 1 (attempt 1)"),
+            "exited with code 1",
+            ("start", "restart after it exited with code 1 (attempt 1)"),
         ),
     ],
 )
@@ -418,7 +418,7 @@ def test_max_retries_then_crash_looping(max_retries, failures, verb) -> None:
         # The "crash-looping: " prefix is being dropped (status shows that state in its own
         # column); accept the reason with or without it.
         assert action.reason.removeprefix("crash-looping: ") == (
-            f"exited with status 1; gave up after {max_retries} restarts"
+            f"exited with code 1; gave up after {max_retries} restarts"
         )
 
 
