@@ -1,0 +1,275 @@
+"""Benchmark the devmesh proxy against direct, nginx and Caddy, all on 127.0.0.1.
+
+Run: python bench/proxy.py [--duration 5]
+Needs the Debian packages nginx-light (or nginx), caddy and wrk. Every server gets a temporary
+config bound to 127.0.0.1 only; every load run is bounded by --duration seconds.
+
+Prints requests/s and latency for wrk -t1 -c32 and -c1, the ratios against nginx and Caddy,
+1 GiB streamed (direct vs devmesh, with the proxy's peak RSS), and WebSocket echo
+messages/s (direct vs devmesh). Not a test: nothing asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 1 << 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def start_nginx(tmp: Path, name: str, body: str) -> subprocess.Popen:
+    d = tmp / name
+    d.mkdir()
+    conf = d / "nginx.conf"
+    conf.write_text(textwrap.dedent(f"""
+        worker_processes 1;
+        daemon off;
+        pid {d}/nginx.pid;
+        error_log {d}/error.log warn;
+        events {{ worker_connections 4096; }}
+        http {{
+            access_log off;
+            client_body_temp_path {d}/body;
+            proxy_temp_path {d}/proxy;
+            fastcgi_temp_path {d}/fastcgi;
+            uwsgi_temp_path {d}/uwsgi;
+            scgi_temp_path {d}/scgi;
+            keepalive_requests 1000000;
+            {body}
+        }}
+    """))
+    return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(d)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_caddy(tmp: Path, port: int, upstream: int) -> subprocess.Popen:
+    d = tmp / "caddy"
+    d.mkdir()
+    (d / "Caddyfile").write_text(textwrap.dedent(f"""
+        {{
+            admin off
+            auto_https off
+        }}
+        http://127.0.0.1:{port} {{
+            reverse_proxy 127.0.0.1:{upstream}
+        }}
+    """))
+    env = {**os.environ, "HOME": str(d), "XDG_DATA_HOME": str(d), "XDG_CONFIG_HOME": str(d)}
+    return subprocess.Popen(["caddy", "run", "--config", str(d / "Caddyfile"),
+                             "--adapter", "caddyfile"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_devmesh(tmp: Path, upstream: int, ws_upstream: int) -> tuple[subprocess.Popen, int]:
+    routes = tmp / "routes.json"
+    routes.write_text(json.dumps({"backends": [
+        {"project": "bench", "service": "api", "port": upstream},
+        {"project": "bench", "service": "ws", "port": ws_upstream},
+    ]}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "devmesh.proxy", "--routes", str(routes), "--port", "0",
+         "--no-ipv6"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    info = json.loads(proc.stdout.readline())
+    return proc, info["http_port"]
+
+
+def wrk(port: int, conns: int, duration: float, host: str | None = None) -> dict[str, float]:
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{duration:g}s", "--latency"]
+    if host:
+        cmd += ["-H", f"Host: {host}"]
+    out = subprocess.run([*cmd, f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
+                         timeout=duration + 30, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def pct(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out)
+        if m is None:
+            return float("nan")
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+        return float(m.group(1)) * scale
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50": pct("50"), "p99": pct("99"),
+            "non2xx": float(errors.group(1)) if errors else 0.0}
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def stream_gib(port: int, host: str | None, pid: int | None) -> tuple[float, int]:
+    """Seconds to download 1 GiB with curl, and the peak RSS (KiB) of pid meanwhile."""
+    peak = [rss_kib(pid) if pid else 0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            if pid:
+                peak[0] = max(peak[0], rss_kib(pid))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    cmd = ["curl", "-sSf", "-o", "/dev/null", "--noproxy", "*", "-w", "%{size_download}"]
+    if host:
+        cmd += ["-H", f"Host: {host}"]
+    start = time.perf_counter()
+    out = subprocess.run([*cmd, f"http://127.0.0.1:{port}/big"], check=True, timeout=120,
+                         capture_output=True, text=True).stdout
+    elapsed = time.perf_counter() - start
+    if int(out) != GIB:
+        raise RuntimeError(f"downloaded {out} bytes, expected {GIB}")
+    done.set()
+    t.join()
+    return elapsed, peak[0]
+
+
+WS_SERVER = """
+import asyncio, sys
+from websockets.asyncio.server import serve
+async def echo(ws):
+    async for m in ws:
+        await ws.send(m)
+async def main():
+    async with serve(echo, "127.0.0.1", int(sys.argv[1]), compression=None):
+        print("ready", flush=True)
+        await asyncio.Future()
+asyncio.run(main())
+"""
+
+
+def ws_rate(port: int, host: str, duration: float) -> float:
+    from websockets.sync.client import connect
+
+    sock = socket.create_connection(("127.0.0.1", port))
+    count = 0
+    with connect(f"ws://{host}:{port}/", sock=sock, proxy=None, compression=None) as ws:
+        deadline = time.perf_counter() + duration
+        start = time.perf_counter()
+        while time.perf_counter() < deadline:
+            ws.send(b"x" * 64)
+            ws.recv()
+            count += 1
+        return count / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx", "caddy", "curl"):
+        if shutil.which(tool) is None:
+            print(f"missing {tool}: apt-get install -y wrk nginx-light caddy curl")
+            return 2
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="devmesh-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        tmp.chmod(0o755)  # nginx workers run as an unprivileged user and must read /big
+        with open(tmp / "big", "wb") as f:
+            f.truncate(GIB)  # sparse: nginx sends it with sendfile, no disk I/O
+        up, np_, cp, wsp = free_port(), free_port(), free_port(), free_port()
+        try:
+            procs.append(start_nginx(tmp, "upstream", f"""
+                server {{
+                    listen 127.0.0.1:{up};
+                    location = / {{ return 200 "hello from nginx\\n"; }}
+                    location = /big {{ alias {tmp}/big; }}
+                }}"""))
+            procs.append(start_nginx(tmp, "proxy", f"""
+                upstream app {{ server 127.0.0.1:{up}; keepalive 64; }}
+                server {{
+                    listen 127.0.0.1:{np_};
+                    location / {{
+                        proxy_pass http://app;
+                        proxy_http_version 1.1;
+                        proxy_set_header Connection "";
+                    }}
+                }}"""))
+            procs.append(start_caddy(tmp, cp, up))
+            ws = subprocess.Popen([sys.executable, "-c", WS_SERVER, str(wsp)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            procs.append(ws)
+            assert ws.stdout is not None
+            ws.stdout.readline()
+            dm, dp = start_devmesh(tmp, up, wsp)
+            procs.append(dm)
+            for port in (up, np_, cp, dp):
+                wait_port(port)
+
+            targets = [("direct", up, None), ("nginx", np_, None), ("caddy", cp, None),
+                       ("devmesh", dp, "api.localhost")]
+            results: dict[str, dict[int, dict[str, float]]] = {}
+            for name, port, host in targets:
+                wrk(port, 32, 1, host)  # warm up
+                results[name] = {c: wrk(port, c, args.duration, host) for c in (32, 1)}
+            print(f"{'target':10} {'c32 req/s':>10} {'p50 ms':>8} {'p99 ms':>8}"
+                  f" {'c1 req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+            for name, r in results.items():
+                print(f"{name:10} {r[32]['rps']:10.0f} {r[32]['p50']:8.3f} {r[32]['p99']:8.3f}"
+                      f" {r[1]['rps']:9.0f} {r[1]['p50']:8.3f} {r[1]['p99']:8.3f}"
+                      + (f"  non-2xx={r[32]['non2xx']:.0f}" if r[32]["non2xx"] else ""))
+            dmr, ngr, car, dir_ = (results[k] for k in ("devmesh", "nginx", "caddy", "direct"))
+            print(f"\ndevmesh/nginx throughput (c32): {dmr[32]['rps'] / ngr[32]['rps']:.2f}x"
+                  f"   devmesh/caddy: {dmr[32]['rps'] / car[32]['rps']:.2f}x")
+            for name in ("nginx", "caddy", "devmesh"):
+                r = results[name][1]
+                print(f"added latency at c1, {name:8}: p50 {r['p50'] - dir_[1]['p50']:+.3f} ms"
+                      f"  p99 {r['p99'] - dir_[1]['p99']:+.3f} ms")
+
+            direct_s, _ = stream_gib(up, None, None)
+            dm_s, peak = stream_gib(dp, "api.localhost", dm.pid)
+            print(f"\n1 GiB download: direct {GIB / direct_s / 1e6:.0f} MB/s, devmesh"
+                  f" {GIB / dm_s / 1e6:.0f} MB/s ({direct_s / dm_s:.2f}x direct),"
+                  f" devmesh peak RSS {peak / 1024:.1f} MiB")
+
+            wd = ws_rate(wsp, "127.0.0.1", min(args.duration, 3))
+            wp = ws_rate(dp, "ws.localhost", min(args.duration, 3))
+            print(f"WebSocket echo (64 B, one connection): direct {wd:.0f} msg/s, devmesh"
+                  f" {wp:.0f} msg/s ({wp / wd:.2f}x direct)")
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
