@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-body", type=int, default=None, help="request body limit, bytes")
     p.add_argument("--max-header", type=int, default=64 * 1024, help="request head limit, bytes")
     p.add_argument("--upstream-ca", default=None, help="verify https services against this CA")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the ports through SO_REUSEPORT (edges: first only)")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-edges", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -67,6 +72,7 @@ async def run(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body,
         max_header_bytes=args.max_header,
         upstream_verify_tls=args.upstream_ca is not None,
+        reuse_port=args.reuse_port or args.workers > 1,
         upstream_ca_file=args.upstream_ca,
     )
     home = args.home or Path(os.environ.get("DEVMESH_HOME", Path.home() / ".devmesh"))
@@ -83,7 +89,8 @@ async def run(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await proxy.start()
-    ports = await proxy.set_edges(edges)
+    ports = await proxy.set_edges({} if args.no_edges else edges)
+    workers = [spawn_worker(args, proxy) for _ in range(args.workers - 1)]
     report = {
         "http_port": proxy.http_port,
         "https_port": proxy.https_port,
@@ -104,10 +111,27 @@ async def run(args: argparse.Namespace) -> None:
                 mtime = now
                 routes, edges = load_routes(args.routes)
                 current[0] = routes
-                await proxy.set_edges(edges)
+                await proxy.set_edges({} if args.no_edges else edges)
     finally:
         proxy.close()
         proxy.access_log.close()
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait()
+
+
+def spawn_worker(args: argparse.Namespace, proxy: server_mod.ProxyServer) -> subprocess.Popen:
+    """Another process on the same ports; it reads the same routes file by itself."""
+    argv = [sys.executable, "-m", "devmesh.proxy", *sys.argv[1:], "--reuse-port", "--no-edges",
+            "--workers", "1", "--port", str(proxy.http_port)]
+    if proxy.https_port is not None:
+        argv += ["--https-port", str(proxy.https_port)]
+    worker = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    assert worker.stdout is not None
+    worker.stdout.readline()  # listening
+    worker.stdout.close()
+    return worker
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,16 +74,18 @@ class ProxyServer:
             await self._connection(reader, writer, proto=proto, edge=edge)
 
         limit = self.settings.read_size
+        reuse_port = self.settings.reuse_port and edge is None
         first = await asyncio.start_server(
             handler, self.settings.host, port, limit=limit, ssl=tls, reuse_address=True,
-            backlog=1024,
+            reuse_port=reuse_port, backlog=1024,
         )
         bound = first.sockets[0].getsockname()[1]
         servers = [first]
         if self.settings.ipv6:
             try:
                 servers.append(await asyncio.start_server(
-                    handler, "::1", bound, limit=limit, ssl=tls, reuse_address=True, backlog=1024
+                    handler, "::1", bound, limit=limit, ssl=tls, reuse_address=True,
+                    reuse_port=reuse_port, backlog=1024,
                 ))
             except OSError as exc:  # no IPv6 loopback here, or the port is taken on ::1
                 log.debug("not listening on [::1]:%s: %s", bound, exc)

@@ -34,6 +34,8 @@ class Settings:
     """Idle keep-alive connections kept per service address."""
     read_size: int = 256 * 1024
     """Bytes asked of the socket per read; bigger means fewer wake-ups on bulk transfers."""
+    reuse_port: bool = False
+    """Bind the main listeners with SO_REUSEPORT so worker processes can share the ports."""
     upstream_verify_tls: bool = False
     """Verify certificates of services with scheme https. Off: they are loopback processes
     whose self-signed certificates no trust store knows."""
