@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import threading
+import time
 import urllib.request
 
 import httpx
@@ -328,3 +330,65 @@ def test_access_log_json_lines(upstream):
         "method": "POST", "host": "api.localhost", "path": "/echo?q=1", "status": 200,
         "bytes_in": 5, "upstream": f"127.0.0.1:{upstream.port}"}
     assert entry["bytes_out"] > 0 and entry["duration_ms"] > 0 and entry["caller"] is None
+
+
+def test_ipv6_loopback_listener(proxy):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.connect(("::1", proxy.port))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    r = curl("-g", "-H", "Host: api.localhost", f"http://[::1]:{proxy.port}/echo")
+    doc = json.loads(r.stdout)
+    assert hdr(doc, "x-forwarded-for") == ["::1"]
+    assert hdr(doc, "forwarded") == ['for="[::1]";host=api.localhost;proto=http']
+
+
+def test_idle_pooled_connection_closed_by_service_is_retried():
+    """A service that closes kept-alive connections behind the proxy's back (as an idle
+    timeout does) must not turn the next request into an error."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.05)
+    accepted = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            accepted.append(conn)
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                time.sleep(0.05)  # then close, without having said Connection: close
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    p = testing.ProxyProcess({"backends": [{"project": "p", "service": "api",
+                                            "port": listener.getsockname()[1]}]})
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{p.port}",
+                          headers={"host": "api.localhost"}) as client:
+            for _ in range(3):
+                r = client.get("/")
+                assert (r.status_code, r.text) == (200, "ok")
+                time.sleep(0.2)
+        assert len(accepted) == 3
+    finally:
+        assert p.stop() == ""
+        stop.set()
+        thread.join(5)
+        listener.close()
