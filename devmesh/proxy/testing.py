@@ -93,6 +93,7 @@ class ProxyProcess:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes
     server: UpstreamServer
 
     def log_message(self, format: str, *args: Any) -> None:
