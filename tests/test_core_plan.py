@@ -151,13 +151,32 @@ def test_waiting_names_every_unmet_dependency() -> None:
     ]
 
 
-def test_dependency_exited_makes_dependent_wait_for_it_to_run_again() -> None:
+def test_dependency_that_will_not_restart_blocks_its_dependent() -> None:
     wants = wmap(want("db", restart=RestartPolicy.NO), want("api", deps=(("db", STARTED),)))
     world = smap(seen("db", plan.Phase.EXITED, exit_text="exited with code 1", exit_failed=True))
     assert table(plan.plan(wants, world, NOW)) == [
         ("db", "hold", "exited with code 1; restart policy is no"),
-        ("api", "wait", "waiting for db to run again (exited with code 1)"),
+        ("api", "hold", "blocked: dependency db exited with code 1 and will not be restarted"),
     ]
+
+
+def test_dependency_restarting_makes_dependent_wait_for_it_to_run_again() -> None:
+    wants = wmap(want("db"), want("api", deps=(("db", STARTED),)))
+    world = smap(
+        seen(
+            "db",
+            plan.Phase.EXITED,
+            exit_text="exited with code 1",
+            exit_failed=True,
+            failures=1,
+            retry_at=NOW + 1,
+        )
+    )
+    assert table(plan.plan(wants, world, NOW))[1] == (
+        "api",
+        "wait",
+        "waiting for db to run again (exited with code 1)",
+    )
 
 
 def test_dependency_failed_to_start_blocks_dependent_with_hold() -> None:

@@ -272,8 +272,10 @@ async def _wait_stream(
             failures = {n: st[1] for n, st in now.items() if st[0] == "failed"}
             yield {"done": True, "ok": not failures, "failures": failures}
             return
-        with anyio.move_on_after(1.0):
+        with anyio.move_on_after(1.0) as timer:
             await engine.changed()
+        if timer.cancelled_caught:
+            yield {"heartbeat": True}  # lets the CLI enforce --wait-timeout
 
 
 def _log_paths(
@@ -282,20 +284,23 @@ def _log_paths(
     if proxy:
         return {"proxy": engine.home.proxy_log}
     wanted = [s for s in (services or "").split(",") if s]
+    proj = engine.models.get(project) if project else None
+    if project and wanted and proj is None:
+        # Attached `up` opens its feed before the first apply: name the files up front.
+        return {s: engine.home.service_log(project, s) for s in wanted}
     out = {}
     for name, rec in engine.state.projects.items():
         if project is not None and name != project:
             continue
-        for s in engine.models[name].services:
-            if not engine.models[name].services[s].runs_here:
+        for s, svc in engine.models[name].services.items():
+            if not svc.runs_here or (wanted and s not in wanted):
                 continue
-            if wanted and s not in wanted:
+            if not wanted and s not in rec.enabled and (name, s) not in engine.instances:
                 continue
-            if s in rec.enabled or (name, s) in engine.instances:
-                label = s if project is not None else f"{name}/{s}"
-                out[label] = engine.home.service_log(name, s)
+            out[s if project is not None else f"{name}/{s}"] = engine.home.service_log(name, s)
     if wanted:
-        missing = [s for s in wanted if not any(k == s or k.endswith("/" + s) for k in out)]
+        missing = [s for s in wanted if s not in out and not any(k.endswith("/" + s) for k in out)]
         if missing:
-            raise ApiError(404, f"no such service {', '.join(missing)} in project {project}")
+            where = f"project {project}" if project else "any applied project"
+            raise ApiError(404, f"no such service {', '.join(missing)} in {where}")
     return out

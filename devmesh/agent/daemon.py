@@ -25,6 +25,7 @@ from devmesh.agent.api import build_router
 from devmesh.agent.engine import Engine
 from devmesh.agent.http_server import serve_unix
 from devmesh.agent.paths import Home
+from devmesh.supervisor import process
 
 log = logging.getLogger("devmesh.agent")
 
@@ -64,6 +65,8 @@ def run(home: Home) -> int:
         return 1
     try:
         home.pid_file.write_text(f"{os.getpid()}\n")
+        # Orphaned grandchildren of services come to us, not to a pid 1 that may not reap.
+        process.set_child_subreaper(True)
         anyio.run(_main, home)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -327,7 +327,7 @@ class Engine:
     async def _probe_loop(
         self, inst: Instance, svc: model.Service, launch: process.Launch, scope: anyio.CancelScope
     ) -> None:
-        check = svc.effective_health
+        check = desired.probe_health(svc.effective_health, launch.env)
         delay = 0.05
         with scope:
             while inst.phase is plan.Phase.RUNNING and inst.tracker is not None:

@@ -88,7 +88,7 @@ def rows(engine: Engine, project: str | None = None) -> list[dict[str, Any]]:
             "name": key[1],
             "version": svc.version if svc else None,
             "state": state,
-            "health": (inst.health().value if inst else "none"),
+            "health": inst.health().value if inst and inst.phase is plan.Phase.RUNNING else "none",
             "pid": inst.proc.pid
             if inst and inst.proc and inst.phase is plan.Phase.RUNNING
             else None,

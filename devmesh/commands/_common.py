@@ -199,5 +199,5 @@ def run_command(func: Any, args: argparse.Namespace) -> int:
         print(f"devmesh {args.command}: {exc}", file=sys.stderr)
         return EXIT_AGENT
     except ApiError as exc:
-        print(f"devmesh {args.command}: {exc}", file=sys.stderr)
+        print(f"devmesh {args.command}: {exc.message}", file=sys.stderr)
         return EXIT_FAILED

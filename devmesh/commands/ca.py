@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "ca",
         help="the local CA behind https://NAME.localhost",
         description=__doc__,
-        epilog="Example: curl --cacert \"$(devmesh ca path)\" https://api.localhost:7743/",
+        epilog='Example: curl --cacert "$(devmesh ca path)" https://api.localhost:7743/',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
@@ -34,15 +34,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--out", type=Path, help="file to write instead of standard output")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("install", help="trust the CA in the system store and NSS databases")
-    p.add_argument("--system-dir", type=Path, default=None,
-                   help="system anchor directory (default: detected, e.g. "
-                        "/usr/local/share/ca-certificates)")
-    p.add_argument("--update-command", default=None,
-                   help="command refreshing the system store (default: the one matching the "
-                        "directory, e.g. update-ca-certificates; '' for none)")
+    p.add_argument(
+        "--system-dir",
+        type=Path,
+        default=None,
+        help="system anchor directory (default: detected, e.g. /usr/local/share/ca-certificates)",
+    )
+    p.add_argument(
+        "--update-command",
+        default=None,
+        help="command refreshing the system store (default: the one matching the "
+        "directory, e.g. update-ca-certificates; '' for none)",
+    )
     p.add_argument("--no-system", action="store_true", help="leave the system store alone")
-    p.add_argument("--nss-home", type=Path, default=None,
-                   help="home directory searched for NSS databases (default: $HOME)")
+    p.add_argument(
+        "--nss-home",
+        type=Path,
+        default=None,
+        help="home directory searched for NSS databases (default: $HOME)",
+    )
     p.add_argument("--certutil", default=None, help="certutil program (default: from PATH)")
     p.set_defaults(func=cmd_install)
 
@@ -82,8 +92,12 @@ def cmd_install(args: argparse.Namespace) -> int:
                 command = found[1] if args.update_command is None else args.update_command
                 system = (found[0], command or None)
     certutil = args.certutil or shutil.which("certutil")
-    steps = trust.install(cert, system=None if args.no_system else system,
-                          home=args.nss_home or trust.home_dir(), certutil=certutil)
+    steps = trust.install(
+        cert,
+        system=None if args.no_system else system,
+        home=args.nss_home or trust.home_dir(),
+        certutil=certutil,
+    )
     if args.no_system:
         steps = [s for s in steps if s.store != "system store"]
     for step in steps:

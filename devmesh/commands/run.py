@@ -93,4 +93,5 @@ def _adhoc(args: argparse.Namespace, name: str, command: list[str]) -> int:
         directory=proj.directory,
         source="<command line>",
         services=None,
+        log_services=[proj.name],
     )

@@ -55,8 +55,14 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     loaded = _common.load(args)
     proj = loaded.project
-    from devmesh.core import model
+    from devmesh.core import desired, model
 
+    unknown = [s for s in args.services if s not in proj.services]
+    if unknown:
+        raise _common.CommandError(
+            f"no such service {', '.join(map(repr, unknown))} in project {proj.name} "
+            f"(services: {', '.join(proj.services)}); nothing was applied"
+        )
     document = model.to_document(proj)
     return apply_and_follow(
         args,
@@ -65,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         directory=proj.directory,
         source=proj.source,
         services=args.services or None,
+        log_services=sorted(desired.enabled_closure(proj, args.services or None)),
     )
 
 
@@ -76,6 +83,7 @@ def apply_and_follow(
     directory: str,
     source: str,
     services: list[str] | None,
+    log_services: list[str],
 ) -> int:
     h = _common.home()
     err = sys.stderr
@@ -83,7 +91,7 @@ def apply_and_follow(
         client = _common.ensure_agent(h, out=err)
         follower = None
         if not args.detach:
-            follower = _LogFollower(h, project, services)
+            follower = _LogFollower(h, project, log_services)
             follower.start()
         try:
             result = client.request(
@@ -149,7 +157,9 @@ def _wait(client: Any, project: str, services: list[str], timeout_s: float, out:
             return not failures
         status = item.get("status")
         name = item.get("service")
-        if status == "ready":
+        if item.get("heartbeat"):
+            pass
+        elif status == "ready":
             print(_common.paint(f" + {name}: ready ({elapsed:.1f} s)", "32", colour), file=out)
         elif status == "pending" and item.get("reason"):
             print(f" . {name}: {item['reason']}", file=out)

@@ -15,16 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from devmesh.core import interpolate, model, plan
 
-RUNTIME_NAMES = frozenset({"PORT", "DEVMESH_SERVICE", "DEVMESH_PROJECT"})
-
 
 def url_var(dep: str) -> str:
     """Environment name of a dependency's URL: ``payments-v2`` -> ``PAYMENTS_V2_URL``."""
-    return dep.upper().replace("-", "_") + "_URL"
+    return interpolate.url_variable(dep)
 
 
 def enabled_closure(project: model.Project, roots: Iterable[str] | None) -> set[str]:
@@ -134,6 +133,13 @@ def launch_env(
         env[k] = interpolate.expand(v, runtime.get)
     env.update(runtime)
     return env
+
+
+def probe_health(health: model.Health, env: Mapping[str, str]) -> model.Health:
+    """The health check with ``${PORT}``-style names of its command filled in from ``env``."""
+    if health.command is None:
+        return health
+    return replace(health, command=tuple(interpolate.expand(a, env.get) for a in health.command))
 
 
 def launch_argv(

@@ -145,7 +145,7 @@ def _restart_wanted(want: Want, s: Seen) -> bool:
     return want.max_retries is None or s.failures <= want.max_retries
 
 
-def _dep_block(want: Want, seen: Mapping[Key, Seen]) -> str | None:
+def _dep_block(want: Want, wants: Mapping[Key, Want], seen: Mapping[Key, Seen]) -> str | None:
     """Why ``want`` cannot start yet, or None when every dependency meets its condition."""
     waiting: list[str] = []
     for dep, cond in want.deps:
@@ -155,6 +155,8 @@ def _dep_block(want: Want, seen: Mapping[Key, Seen]) -> str | None:
             waiting.append(f"{name} to start")
         elif s.phase is Phase.FAILED:
             return f"blocked: dependency {name} failed to start ({s.reason})"
+        elif s.phase is Phase.EXITED and dep in wants and not _restart_wanted(wants[dep], s):
+            return f"blocked: dependency {name} {s.exit_text} and will not be restarted"
         elif s.phase is not Phase.RUNNING:
             waiting.append(f"{name} to run again ({s.exit_text or s.phase.value})")
         elif cond is Condition.HEALTHY and not s.ready:
@@ -213,7 +215,7 @@ def plan(wants: Mapping[Key, Want], seen: Mapping[Key, Seen], now: float) -> Pla
                 actions.append(Action(verb=Verb.WAIT, key=k, reason=reason, until=s.retry_at))
                 wake.append(s.retry_at)
                 continue
-        block = _dep_block(want, seen)
+        block = _dep_block(want, wants, seen)
         if block is not None:
             verb = Verb.HOLD if block.startswith("blocked") else Verb.WAIT
             actions.append(Action(verb=verb, key=k, reason=block))
@@ -234,7 +236,7 @@ def _gave_up(want: Want, s: Seen) -> str:
         return f"{s.exit_text}; restart policy is no"
     if want.restart is RestartPolicy.ON_FAILURE and not s.exit_failed:
         return f"{s.exit_text}; restart policy on-failure does not restart a clean exit"
-    return f"crash-looping: {s.exit_text}; gave up after {want.max_retries} restarts"
+    return f"{s.exit_text}; gave up after {want.max_retries} restarts"
 
 
 def retry_deadline(*, exited_at: float, failures: int, backoff_s: float, jitter: float) -> float:

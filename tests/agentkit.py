@@ -1,0 +1,168 @@
+"""A real agent in a private DEVMESH_HOME, driven through the real CLI, for the agent tests.
+
+Every process a test starts carries DEVMESH_HOME=<its home> in its environment (services
+inherit the CLI's environment), so `leftovers()` finds orphans by that mark and `close()`
+kills them: no test can leak a process into the next, and tests can assert there are none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+PY = sys.executable
+
+
+class Mesh:
+    def __init__(self) -> None:
+        # Short path: a Unix socket path must fit in ~100 bytes.
+        self.root = Path(tempfile.mkdtemp(prefix="dmt-", dir="/tmp"))
+        self.home = self.root / "home"
+        self.env = {**os.environ, "DEVMESH_HOME": str(self.home), "NO_COLOR": "1"}
+        self.env.pop("DEVMESH_SECRET", None)
+        self.agent: subprocess.Popen[bytes] | None = None
+
+    # ---------------------------------------------------------------- files
+
+    def project(self, name: str, yaml_text: str, files: dict[str, str] | None = None) -> Path:
+        d = self.root / name
+        d.mkdir(exist_ok=True)
+        (d / "devmesh.yaml").write_text(textwrap.dedent(yaml_text))
+        for rel, content in (files or {}).items():
+            p = d / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(textwrap.dedent(content))
+        return d
+
+    # ---------------------------------------------------------------- CLI
+
+    def cli(
+        self, *args: str, cwd: Path | None = None, timeout: float = 60, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [PY, "-m", "devmesh", *args],
+            cwd=cwd or self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"devmesh {' '.join(args)} exited {proc.returncode}\n"
+                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            )
+        return proc
+
+    def status(self, project: str | None = None) -> dict[str, Any]:
+        args = ["status", "--json"] + (["-p", project] if project else [])
+        return json.loads(self.cli(*args, check=True).stdout)
+
+    def services(self, project: str | None = None) -> dict[str, dict[str, Any]]:
+        return {s["name"]: s for s in self.status(project)["services"]}
+
+    def wait_for(self, predicate: Any, timeout: float = 20, what: str = "condition") -> Any:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+    # ---------------------------------------------------------------- agent
+
+    def start_agent(self) -> subprocess.Popen[bytes]:
+        self.home.mkdir(exist_ok=True, mode=0o700)
+        log = open(self.root / "agent-fg.log", "ab")  # noqa: SIM115
+        self.agent = subprocess.Popen(
+            [PY, "-m", "devmesh", "agent"],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        log.close()
+        self.wait_for((self.home / "agent.sock").exists, what="agent socket")
+        return self.agent
+
+    def agent_pid(self) -> int | None:
+        try:
+            return int((self.home / "agent.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    # ---------------------------------------------------------------- processes
+
+    def leftovers(self) -> list[int]:
+        """Live processes (not zombies) that carry this home in their environment."""
+        mark = f"DEVMESH_HOME={self.home}".encode()
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes()
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if mark in environ.split(b"\0") and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                out.append(int(entry))
+        return out
+
+    def close(self) -> None:
+        pid = self.agent_pid()
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(AssertionError):
+                self.wait_for(lambda: not _alive(pid), timeout=15, what="agent exit")
+        for p in self.leftovers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        if self.agent is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.agent.wait(5)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def alive(pid: int) -> bool:
+    return _alive(pid)
+
+
+# A tiny HTTP service: listens on $PORT after $DELAY seconds, /healthz answers 200,
+# / answers with its env; writes "<name> listening <time>" to $MARK when given.
+SERVER = """
+import http.server, json, os, sys, time
+time.sleep(float(os.environ.get("DELAY", "0")))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({k: v for k, v in os.environ.items() if k.endswith("_URL") or k in ("PORT", "LOG_LEVEL", "DEVMESH_SERVICE", "DEVMESH_PROJECT")}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H)
+if os.environ.get("MARK"):
+    with open(os.environ["MARK"], "a") as f: f.write(f"{os.environ['DEVMESH_SERVICE']} listening {time.time()}\\n")
+print(os.environ["DEVMESH_SERVICE"], "ready on", os.environ["PORT"], flush=True)
+srv.serve_forever()
+"""
