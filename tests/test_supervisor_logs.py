@@ -81,7 +81,10 @@ def test_rotate_under_a_live_o_append_writer(tmp_path):
             assert "\0" not in text
             seen += text.splitlines()
     seen += log.read_text().splitlines()
-    numbers = [int(line.split()[1]) for line in seen]
+    # Copy-and-truncate may cut a line written during the copy (documented race): keep whole ones.
+    whole = [p for p in (line.split() for line in seen) if len(p) == 2 and len(p[1]) == 4]
+    numbers = [int(p[1]) for p in whole]
+    assert len(numbers) >= 300
     assert numbers == sorted(numbers)
     assert numbers[-1] == 399
     assert len(numbers) > 300  # the copytruncate race may lose a few, never many
