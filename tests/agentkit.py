@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,14 @@ class Mesh:
         # Short path: a Unix socket path must fit in ~100 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="dmt-", dir="/tmp"))
         self.home = self.root / "home"
-        self.env = {**os.environ, "DEVMESH_HOME": str(self.home), "NO_COLOR": "1"}
+        self.proxy_port, self.https_port = free_port(), free_port()
+        self.env = {
+            **os.environ,
+            "DEVMESH_HOME": str(self.home),
+            "NO_COLOR": "1",
+            "DEVMESH_PROXY_PORT": str(self.proxy_port),
+            "DEVMESH_HTTPS_PORT": str(self.https_port),
+        }
         self.env.pop("DEVMESH_SECRET", None)
         self.agent: subprocess.Popen[bytes] | None = None
 
@@ -136,6 +144,12 @@ class Mesh:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.agent.wait(5)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _alive(pid: int) -> bool:

@@ -77,8 +77,11 @@ def test_up_detached_starts_services_and_injects_urls(mesh: Mesh) -> None:
         assert row["project"] == "shop"
         assert row["state"] == "running" and row["health"] == "healthy"
         assert alive(row["pid"])
-    web_env = get_json(svc["web"]["url"])
-    assert web_env["API_URL"] == f"http://127.0.0.1:{svc['api']['port']}"
+    assert svc["web"]["url"] == f"http://web.localhost:{mesh.proxy_port}"
+    web_env = get_json(f"http://{svc['web']['address']}")
+    # API_URL is the proxy's listener for the web->api edge, not api's own port.
+    assert web_env["API_URL"].startswith("http://127.0.0.1:")
+    assert web_env["API_URL"] != f"http://127.0.0.1:{svc['api']['port']}"
     assert web_env["PORT"] == str(svc["web"]["port"])
     assert web_env["DEVMESH_PROJECT"] == "shop"
     assert get_json(web_env["API_URL"])["LOG_LEVEL"] == "debug"
@@ -107,7 +110,7 @@ def test_up_is_idempotent_and_restarts_only_what_changed(mesh: Mesh) -> None:
     assert after["web"] == before["web"]
     assert after["api"] != before["api"]
     assert not alive(before["api"])
-    assert get_json(mesh.services()["api"]["url"])["LOG_LEVEL"] == "info"
+    assert get_json(f"http://{mesh.services()['api']['address']}")["LOG_LEVEL"] == "info"
 
     # Removing a service from the file stops it.
     text = (d / "devmesh.yaml").read_text()
@@ -357,7 +360,7 @@ def test_adhoc_run_registers_a_service_without_a_file(mesh: Mesh) -> None:
     assert "1 service(s) ready" in r.stderr
     row = mesh.services("echo")["echo"]
     assert row["version"] == "0.2.0" and row["state"] == "running"
-    assert get_json(row["url"])["DEVMESH_SERVICE"] == "echo"
+    assert get_json(f"http://{row['address']}")["DEVMESH_SERVICE"] == "echo"
     mesh.cli("down", "-p", "echo", check=True)
     assert mesh.services() == {}
 

@@ -51,6 +51,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
                     "started_at": engine.started_at,
                     "projects": sorted(engine.state.projects),
                 },
+                "proxy": _proxy_info(engine),
             },
         )
 
@@ -67,7 +68,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
             "services": sorted(rec.enabled),
             "actions": [_action(a) for a in preview.actions if a.key[0] == rec.name],
             "problems": problems,
-            "warnings": _warnings(proj, rec),
+            "warnings": _warnings(engine, proj, rec),
         }
         if problems:
             raise ApiError(422, "; ".join(problems))
@@ -118,6 +119,13 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
         return Response(200, {"stopping": True})
 
     return router
+
+
+def _proxy_info(engine: Engine) -> dict[str, Any] | None:
+    p = engine.proxy
+    if p is None:
+        return None
+    return {"http_port": p.http_port, "https_port": p.https_port, "log": str(engine.home.proxy_log)}
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -173,6 +181,7 @@ def _record(engine: Engine, body: dict[str, Any]) -> tuple[state_mod.ProjectReco
         enabled=sorted(enabled),
         base_env={str(k): str(v) for k, v in (base_env or dict(os.environ)).items()},
         ports={k: v for k, v in port_map.items() if k in proj.services},
+        edges=dict(old.edges) if old else {},
         applied_at=engine.clock(),
     )
     return rec, proj
@@ -236,11 +245,18 @@ def _resolvable(argv0: str, cwd: str, path: str) -> bool:
     return shutil.which(argv0, path=path) is not None
 
 
-def _warnings(proj: model.Project, rec: state_mod.ProjectRecord) -> list[str]:
+def _warnings(engine: Engine, proj: model.Project, rec: state_mod.ProjectRecord) -> list[str]:
     out = []
+    p = engine.proxy
+    if p is not None and (proj.proxy.port, proj.proxy.https_port) != (p.http_port, p.https_port):
+        out.append(
+            f"project {proj.name} asks for proxy ports {proj.proxy.port}/{proj.proxy.https_port} "
+            f"but this agent's proxy listens on {p.http_port}/{p.https_port} (one proxy per "
+            "agent, set when it started); URLs use the agent's ports"
+        )
     for n in rec.enabled:
         svc = proj.services[n]
-        urls = desired.dependency_urls(proj, svc, rec.ports)
+        urls = engine.urls(proj, rec, svc)
         for dep in desired.unreachable(svc, urls):
             out.append(
                 f"service {n}: dependency {dep} does not run here and has no fallback; "

@@ -20,12 +20,15 @@ import sys
 from pathlib import Path
 
 import anyio
+import anyio.abc
 
 from devmesh.agent.api import build_router
 from devmesh.agent.engine import Engine
 from devmesh.agent.http_server import serve_unix
 from devmesh.agent.paths import Home
-from devmesh.supervisor import process
+from devmesh.core import model
+from devmesh.proxy import accesslog, ca, server, settings
+from devmesh.supervisor import ports, process
 
 log = logging.getLogger("devmesh.agent")
 
@@ -67,12 +70,63 @@ def run(home: Home) -> int:
         home.pid_file.write_text(f"{os.getpid()}\n")
         # Orphaned grandchildren of services come to us, not to a pid 1 that may not reap.
         process.set_child_subreaper(True)
-        anyio.run(_main, home)
+        failures: list[BaseException] = []
+        try:
+            anyio.run(_main, home)
+        except* ProxyPortBusy as group:
+            failures.extend(group.exceptions)
+        for exc in failures:
+            print(f"devmesh agent: {exc}", file=sys.stderr)
+        if failures:
+            return 1
     finally:
         with contextlib.suppress(FileNotFoundError):
             home.pid_file.unlink()
         os.close(lock_fd)
     return 0
+
+
+class ProxyPortBusy(Exception):
+    def __init__(self, port: int, owner: ports.PortOwner | None) -> None:
+        who = f" by pid {owner.pid} ({owner.name})" if owner and owner.pid else ""
+        super().__init__(
+            f"cannot start the proxy: port {port} on 127.0.0.1 is already in use{who}; "
+            "set proxy.port / proxy.https_port in devmesh.yaml or DEVMESH_PROXY_PORT / "
+            "DEVMESH_HTTPS_PORT"
+        )
+
+
+def proxy_settings(environ: dict[str, str] | None = None) -> settings.Settings:
+    """The proxy's ports: DEVMESH_PROXY_PORT / DEVMESH_HTTPS_PORT ("off" disables HTTPS).
+
+    `devmesh up` sets them from the project's `proxy:` when it starts the agent.
+    """
+    env = os.environ if environ is None else environ
+    port = int(env.get("DEVMESH_PROXY_PORT") or model.DEFAULT_PROXY_PORT)
+    raw = env.get("DEVMESH_HTTPS_PORT") or str(model.DEFAULT_HTTPS_PORT)
+    https = None if raw == "off" else int(raw)
+    return settings.Settings(port=port, https_port=https)
+
+
+async def _start_proxy(tg: anyio.abc.TaskGroup, home: Home, engine: Engine) -> server.ProxyServer:
+    config = proxy_settings()
+    for port in (config.port, config.https_port):
+        if port:
+            owner = ports.check_free(port)
+            if owner is not None:
+                raise ProxyPortBusy(port, owner)
+    proxy = server.ProxyServer(
+        config,
+        lambda: engine.routes,
+        ca.LocalCA(home.root),
+        accesslog.AccessLog(home.proxy_log, json_lines=True),
+    )
+    try:
+        await tg.start(proxy.serve)
+    except OSError as exc:
+        raise ProxyPortBusy(config.port, None) from exc
+    log.info("proxy on http://127.0.0.1:%s https://127.0.0.1:%s", proxy.http_port, proxy.https_port)
+    return proxy
 
 
 async def _main(home: Home) -> None:
@@ -82,6 +136,7 @@ async def _main(home: Home) -> None:
         log.warning("%s", warning)
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
+        engine.proxy = await _start_proxy(tg, home, engine)
         await tg.start(engine.run)
         await tg.start(serve_unix, home.socket, build_router(engine, stop.set))
         tg.start_soon(_signals, stop)

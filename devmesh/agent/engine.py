@@ -31,6 +31,7 @@ from devmesh.agent import state as state_mod
 from devmesh.agent.paths import Home
 from devmesh.core import desired, model, plan
 from devmesh.core import health as health_core
+from devmesh.proxy import server, table
 from devmesh.supervisor import logs, ports, probes, process
 
 log = logging.getLogger("devmesh.agent")
@@ -102,8 +103,12 @@ class Engine:
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        proxy: server.ProxyServer | None = None,
     ) -> None:
         self.home = home
+        self.proxy = proxy
+        self.routes = table.RouteTable()
+        """What the proxy routes by; replaced (never mutated) after each round."""
         self.clock = clock
         self.rand = rand
         self.state = state_mod.State()
@@ -142,7 +147,9 @@ class Engine:
             tg.start_soon(self._rotate_logs)
             task_status.started()
             while True:
+                await self._sync_edges()
                 self._reconcile()
+                self._publish_routes()
                 self._save()
                 self._changed.set()
                 self._changed = anyio.Event()
@@ -177,11 +184,18 @@ class Engine:
             rec.document, directory=rec.directory, default_name=rec.name, source=rec.source
         )
 
-    def urls_for(self, project: model.Project, ports_: dict[str, int]) -> dict[str, dict[str, str]]:
-        return {
-            name: desired.dependency_urls(project, s, ports_)
-            for name, s in project.services.items()
-        }
+    def urls(
+        self, project: model.Project, rec: state_mod.ProjectRecord, svc: model.Service
+    ) -> dict[str, str]:
+        """The service's NAME_URLs: its proxy edge listeners, else direct ports or fallbacks."""
+        prefix = f"{svc.name}->"
+        edges = {k[len(prefix) :]: v for k, v in rec.edges.items() if k.startswith(prefix)}
+        return desired.dependency_urls(project, svc, rec.ports, edges)
+
+    def urls_for(
+        self, project: model.Project, rec: state_mod.ProjectRecord
+    ) -> dict[str, dict[str, str]]:
+        return {name: self.urls(project, rec, s) for name, s in project.services.items()}
 
     def wants(
         self, overrides: dict[str, state_mod.ProjectRecord | None] | None = None
@@ -196,9 +210,7 @@ class Engine:
         out: dict[plan.Key, plan.Want] = {}
         for name, rec in records.items():
             proj = self.models[name] if rec is self.state.projects.get(name) else self._model(rec)
-            out.update(
-                desired.wants_for(proj, rec.enabled, rec.ports, self.urls_for(proj, rec.ports))
-            )
+            out.update(desired.wants_for(proj, rec.enabled, rec.ports, self.urls_for(proj, rec)))
         return out
 
     def seen(self) -> dict[plan.Key, plan.Seen]:
@@ -221,6 +233,45 @@ class Engine:
             rec.enabled = [s for s in rec.enabled if s not in services]
         self.wake()
 
+    # ---------------------------------------------------------------- proxy
+
+    async def _sync_edges(self) -> None:
+        """One proxy listener per local dependency edge, on the port it had before if free."""
+        if self.proxy is None:
+            return
+        wanted: dict[table.Edge, int | None] = {}
+        for name, rec in self.state.projects.items():
+            for caller, target in desired.local_edges(self.models[name], rec.enabled):
+                edge = table.Edge(caller_project=name, caller_service=caller, target_service=target)
+                wanted[edge] = rec.edges.get(f"{caller}->{target}")
+        bound = await self.proxy.set_edges(wanted)
+        for name, rec in self.state.projects.items():
+            rec.edges = {
+                f"{e.caller_service}->{e.target_service}": port
+                for e, port in bound.items()
+                if e.caller_project == name
+            }
+
+    def _publish_routes(self) -> None:
+        backends: list[table.Backend] = []
+        for key, want in self.wants().items():
+            inst = self.instances.get(key)
+            port = inst.port if inst else want.spec.get("port")
+            if not isinstance(port, int):
+                continue
+            scheme = str(want.spec.get("scheme", "http"))
+            backends.append(
+                table.Backend(
+                    project=key[0],
+                    service=key[1],
+                    port=port,
+                    scheme=scheme,
+                    state=_route_state(inst),
+                    reason=_route_reason(inst, self.actions_for(key)),
+                )
+            )
+        self.routes = table.RouteTable(tuple(backends))
+
     # ---------------------------------------------------------------- reconcile
 
     def _reconcile(self) -> None:
@@ -242,7 +293,7 @@ class Engine:
         proj = self.models[project_name]
         svc = proj.services[name]
         port = svc.port if svc.port is not None else rec.ports.get(name)
-        urls = desired.dependency_urls(proj, svc, rec.ports)
+        urls = self.urls(proj, rec, svc)
         spec = desired.instance_spec(svc, port=port, urls=urls)
         old = self.instances.get(key)
         inst = Instance(
@@ -433,7 +484,7 @@ class Engine:
             if svc is not None:
                 rec_p = self.state.projects[key[0]]
                 proj = self.models[key[0]]
-                urls = desired.dependency_urls(proj, svc, rec_p.ports)
+                urls = self.urls(proj, rec_p, svc)
                 launch = process.Launch(
                     argv=tuple(svc.command or ()),
                     cwd=svc.cwd or proj.directory,
@@ -457,6 +508,29 @@ class Engine:
 
 class _StartError(Exception):
     pass
+
+
+def _route_state(inst: Instance | None) -> str:
+    if inst is None or inst.phase in (plan.Phase.FAILED, plan.Phase.STOPPING):
+        return table.State.STOPPED.value
+    if inst.phase is plan.Phase.EXITED:
+        crash = inst.failures > 1
+        return (table.State.CRASH_LOOPING if crash else table.State.STOPPED).value
+    if inst.health() is plan.Health.STARTING:
+        return table.State.STARTING.value
+    return table.State.RUNNING.value
+
+
+def _route_reason(inst: Instance | None, actions: Iterator[plan.Action]) -> str | None:
+    if inst is None:
+        return next((a.reason for a in actions), "not started")
+    if inst.phase is plan.Phase.FAILED:
+        return inst.reason
+    if inst.phase is plan.Phase.STOPPING:
+        return "stopping"
+    if inst.phase is plan.Phase.EXITED and inst.exit is not None:
+        return inst.exit.describe()
+    return None
 
 
 def _kill_session_leftovers(sid: int) -> None:

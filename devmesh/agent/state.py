@@ -44,6 +44,8 @@ class ProjectRecord:
     base_env: dict[str, str]
     ports: dict[str, int] = field(default_factory=dict)
     """Ports the agent picked for ``port: auto``; kept so URLs stay stable across restarts."""
+    edges: dict[str, int] = field(default_factory=dict)
+    """Proxy listener port per dependency edge ("caller->target"), kept for stable NAME_URLs."""
     applied_at: float = 0.0
 
 

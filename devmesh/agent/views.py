@@ -93,7 +93,8 @@ def rows(engine: Engine, project: str | None = None) -> list[dict[str, Any]]:
             if inst and inst.proc and inst.phase is plan.Phase.RUNNING
             else None,
             "port": port,
-            "url": f"http://127.0.0.1:{port}" if port else None,
+            "url": _url(engine, key),
+            "address": f"127.0.0.1:{port}" if port else None,
             "node": node,
             "restarts": inst.restarts if inst else 0,
             "reason": reason,
@@ -108,6 +109,13 @@ def rows(engine: Engine, project: str | None = None) -> list[dict[str, Any]]:
         out.append(row)
     out.sort(key=lambda r: (r["project"], r["name"]))
     return out
+
+
+def _url(engine: Engine, key: plan.Key) -> str | None:
+    """The stable address through the proxy: NAME.localhost resolves to loopback by itself."""
+    if engine.proxy is None or engine.proxy.http_port is None:
+        return None
+    return f"http://{key[1]}.localhost:{engine.proxy.http_port}"
 
 
 def _planned_port(engine: Engine, key: plan.Key) -> int | None:

@@ -53,16 +53,27 @@ def agent_running(c: Client) -> bool:
     return True
 
 
-def ensure_agent(h: Home, *, out: IO[str] = sys.stderr) -> Client:
-    """The agent's client, starting the agent in the background when none answers."""
+def ensure_agent(
+    h: Home, *, out: IO[str] = sys.stderr, proxy_ports: tuple[int, int] | None = None
+) -> Client:
+    """The agent's client, starting the agent in the background when none answers.
+
+    A new agent's proxy listens on ``proxy_ports`` (the project's ``proxy:``) unless
+    DEVMESH_PROXY_PORT / DEVMESH_HTTPS_PORT say otherwise.
+    """
     c = client(h)
     if agent_running(c):
         return c
     h.ensure()
+    env = dict(os.environ)
+    if proxy_ports is not None:
+        env.setdefault("DEVMESH_PROXY_PORT", str(proxy_ports[0]))
+        env.setdefault("DEVMESH_HTTPS_PORT", str(proxy_ports[1]))
     log_file = open(h.agent_log, "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "devmesh", "agent"],
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,

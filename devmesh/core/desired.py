@@ -34,24 +34,49 @@ def enabled_closure(project: model.Project, roots: Iterable[str] | None) -> set[
 
 
 def dependency_urls(
-    project: model.Project, service: model.Service, ports: Mapping[str, int]
+    project: model.Project,
+    service: model.Service,
+    ports: Mapping[str, int],
+    edges: Mapping[str, int] | None = None,
 ) -> dict[str, str]:
-    """NAME -> URL for each dependency: its local port when it runs here, else its fallback.
+    """NAME -> URL for each dependency of ``service``.
 
-    A dependency that neither runs here nor has a fallback gets no URL; ``unreachable``
-    lists those so ``devmesh plan`` can say so.
+    In order of preference: the proxy's listener for this edge (``edges``: dependency ->
+    port on 127.0.0.1), the dependency's own local port when it runs here, its fallback.
+    A dependency that has none of these gets no URL; ``unreachable`` lists those so
+    ``devmesh plan`` can say so.
     """
     urls: dict[str, str] = {}
     for dep in service.depends_on:
         target = project.services.get(dep.name)
         if target is None:
             continue
-        if target.runs_here and dep.name in ports:
+        if edges and dep.name in edges:
+            urls[dep.name] = f"http://127.0.0.1:{edges[dep.name]}"
+        elif target.runs_here and dep.name in ports:
             scheme = target.scheme.value
             urls[dep.name] = f"{scheme}://127.0.0.1:{ports[dep.name]}"
         elif target.fallback:
             urls[dep.name] = target.fallback.rstrip("/")
     return urls
+
+
+def local_edges(project: model.Project, enabled: Iterable[str]) -> list[tuple[str, str]]:
+    """(caller, target) for each dependency edge between services that run here.
+
+    Each gets a proxy listener, so the caller's URL never changes when the target restarts
+    on another port, and the proxy knows who is calling.
+    """
+    out = []
+    for name in enabled:
+        svc = project.services.get(name)
+        if svc is None or not svc.runs_here:
+            continue
+        for dep in svc.depends_on:
+            target = project.services.get(dep.name)
+            if target is not None and target.runs_here:
+                out.append((name, dep.name))
+    return out
 
 
 def unreachable(service: model.Service, urls: Mapping[str, str]) -> list[str]:
