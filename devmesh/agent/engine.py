@@ -270,6 +270,20 @@ class Engine:
                     reason=_route_reason(inst, self.actions_for(key)),
                 )
             )
+        listed = {(b.project, b.service) for b in backends}
+        for name, rec in self.state.projects.items():
+            for svc_name, svc in self.models[name].services.items():
+                if not svc.runs_here or (name, svc_name) in listed:
+                    continue
+                backends.append(
+                    table.Backend(
+                        project=name,
+                        service=svc_name,
+                        port=svc.port or rec.ports.get(svc_name) or 0,
+                        state=table.State.STOPPED.value,
+                        reason=f"not started (`devmesh up {svc_name}` starts it)",
+                    )
+                )
         self.routes = table.RouteTable(tuple(backends))
 
     # ---------------------------------------------------------------- reconcile

@@ -31,6 +31,7 @@ def register(sub: Any) -> None:
         "--tail", type=int, default=None, metavar="N", help="last N lines (default: all)"
     )
     p.add_argument("--proxy", action="store_true", help="the proxy's access log instead")
+    p.add_argument("--json", action="store_true", help="with --proxy: JSON lines, one per request")
     p.add_argument("services", nargs="*", metavar="SERVICE")
     p.set_defaults(func=lambda a: _common.run_command(run, a))
 
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         if item.get("ready"):
             continue
         line = item["line"]
+        if args.proxy and not args.json:
+            line = _access_text(line)
         if multi:
             name = item["service"]
             code = colours.setdefault(name, _common.colour_for(len(colours)))
@@ -75,3 +78,15 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
     return _common.EXIT_OK
+
+
+def _access_text(line: str) -> str:
+    """The agent keeps the access log as JSON lines; people read them as text."""
+    import json
+
+    from devmesh.proxy import accesslog
+
+    try:
+        return accesslog.format_text(accesslog.Entry(**json.loads(line)))
+    except (ValueError, TypeError):
+        return line
