@@ -27,9 +27,7 @@ COMMANDS: tuple[str, ...] = (
 )
 
 EXIT_OK = 0
-EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_AGENT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -44,13 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"devmesh {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"devmesh.commands.{name}")
-        except ModuleNotFoundError as exc:  # a command not built yet in this checkout
-            if exc.name == f"devmesh.commands.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"devmesh.commands.{name}").register(sub)
     return parser
 
 

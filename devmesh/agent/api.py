@@ -43,7 +43,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
             {
                 "services": views.rows(engine, project),
                 "peers": [],
-                "routes": [],
+                "routes": views.routes(engine, project),
                 "agent": {
                     "pid": os.getpid(),
                     "version": __version__,

@@ -115,7 +115,9 @@ def _url(engine: Engine, key: plan.Key) -> str | None:
     """The stable address through the proxy: NAME.localhost resolves to loopback by itself."""
     if engine.proxy is None or engine.proxy.http_port is None:
         return None
-    return f"http://{key[1]}.localhost:{engine.proxy.http_port}"
+    clash = any(key[1] in p.services for n, p in engine.models.items() if n != key[0])
+    host = f"{key[1]}.{key[0]}" if clash else key[1]
+    return f"http://{host}.localhost:{engine.proxy.http_port}"
 
 
 def _planned_port(engine: Engine, key: plan.Key) -> int | None:
@@ -181,4 +183,47 @@ def readiness(engine: Engine, project: str, names: list[str]) -> dict[str, tuple
             if bad:
                 out[n] = ("failed", f"not started: dependency {', '.join(bad)} failed")
                 changed = True
+    return out
+
+
+def routes(engine: Engine, project: str | None = None) -> list[dict[str, Any]]:
+    """Where each dependency call goes, and why: one entry per caller -> dependency edge."""
+    out: list[dict[str, Any]] = []
+    for name, rec in engine.state.projects.items():
+        if project is not None and name != project:
+            continue
+        proj = engine.models[name]
+        for caller in sorted(rec.enabled):
+            svc = proj.services.get(caller)
+            if svc is None:
+                continue
+            urls = engine.urls(proj, rec, svc)
+            for dep in svc.depends_on:
+                target = proj.services.get(dep.name)
+                if target is None:
+                    continue
+                edge_port = rec.edges.get(f"{caller}->{dep.name}")
+                if target.runs_here:
+                    inst = engine.instances.get((name, dep.name))
+                    port = inst.port if inst else _planned_port(engine, (name, dep.name))
+                    via, to = "local", f"127.0.0.1:{port}" if port else None
+                    why = "runs on this machine"
+                elif target.fallback:
+                    via, to, why = "fallback", target.fallback, "nobody runs it here; fallback URL"
+                else:
+                    via, to, why = "none", None, "does not run here and has no fallback"
+                out.append(
+                    {
+                        "project": name,
+                        "caller": caller,
+                        "service": dep.name,
+                        "range": dep.version_range,
+                        "url": urls.get(dep.name),
+                        "listener": f"127.0.0.1:{edge_port}" if edge_port else None,
+                        "via": via,
+                        "target": to,
+                        "version": target.version,
+                        "why": why,
+                    }
+                )
     return out

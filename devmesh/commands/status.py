@@ -102,6 +102,16 @@ def render(data: dict[str, Any], out: Any) -> None:
     for i, row in enumerate(table):
         line = "  ".join(cell.ljust(widths[j]) for j, cell in enumerate(row)).rstrip()
         print(_common.paint(line, "1", colour) if i == 0 else line, file=out)
+    links = data.get("routes") or []
+    if links:
+        print("\nROUTES", file=out)
+    for link in links:
+        target = link.get("target") or "-"
+        print(
+            f"  {link['project']}: {link['caller']} -> {link['service']} via {link['via']} "
+            f"({target}; {link['why']})",
+            file=out,
+        )
     notes = [r for r in services if r.get("reason") and r["state"] not in ("running", "external")]
     for r in notes:
         print(f"\n{r['project']}/{r['name']}: {r['state']}: {r['reason']}", file=out)
