@@ -5,19 +5,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 
-import pytest
 from agentkit import PY, SERVER, Mesh, alive
-
-
-@pytest.fixture
-def mesh() -> Iterator[Mesh]:
-    m = Mesh()
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def test_port_in_use_names_the_port_and_process_and_applies_nothing(mesh: Mesh) -> None:

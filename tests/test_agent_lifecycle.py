@@ -10,9 +10,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 
-import pytest
 from agentkit import PY, SERVER, Mesh, alive
 
 TWO = """
@@ -31,15 +29,6 @@ services:
     depends_on:
       api: {{version: "^1.2", condition: healthy}}
 """
-
-
-@pytest.fixture
-def mesh() -> Iterator[Mesh]:
-    m = Mesh()
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def two(mesh: Mesh, name: str = "shop", **fmt: str) -> os.PathLike[str]:

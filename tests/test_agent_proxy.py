@@ -7,9 +7,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
 
-import pytest
 from agentkit import PY, SERVER, Mesh, alive
 
 SHOP = f"""
@@ -39,15 +37,6 @@ class H(http.server.BaseHTTPRequestHandler):
 print("web up", flush=True)
 http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 """
-
-
-@pytest.fixture
-def mesh() -> Iterator[Mesh]:
-    m = Mesh()
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
