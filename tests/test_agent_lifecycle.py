@@ -47,7 +47,14 @@ def test_up_detached_starts_services_and_injects_urls(mesh: Mesh) -> None:
     assert "Started the devmesh agent" in r.stderr
     assert "2 service(s) ready" in r.stderr
     data = mesh.status()
-    assert data["peers"] == [] and data["routes"] == []
+    assert data["peers"] == []
+    [route] = data["routes"]
+    assert (route["caller"], route["service"], route["via"], route["range"]) == (
+        "web",
+        "api",
+        "local",
+        "^1.2",
+    )
     svc = {s["name"]: s for s in data["services"]}
     for name in ("api", "web"):
         row = svc[name]
@@ -71,6 +78,8 @@ def test_up_detached_starts_services_and_injects_urls(mesh: Mesh) -> None:
     # API_URL is the proxy's listener for the web->api edge, not api's own port.
     assert web_env["API_URL"].startswith("http://127.0.0.1:")
     assert web_env["API_URL"] != f"http://127.0.0.1:{svc['api']['port']}"
+    assert web_env["API_URL"] == route["url"]
+    assert route["target"] == f"127.0.0.1:{svc['api']['port']}"
     assert web_env["PORT"] == str(svc["web"]["port"])
     assert web_env["DEVMESH_PROJECT"] == "shop"
     assert get_json(web_env["API_URL"])["LOG_LEVEL"] == "debug"
