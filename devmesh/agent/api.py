@@ -99,8 +99,11 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
             if k[0] == project and (services is None or k[1] in services)
         ]
         engine.remove(project, services)
-        while any(k in engine.instances for k in targets):
-            await engine.changed()
+        while True:
+            generation = engine.generation
+            if not any(k in engine.instances for k in targets):
+                break
+            await engine.changed(generation)
         return Response(
             200, {"project": project, "stopped": [k[1] for k in targets], "known": True}
         )
@@ -279,6 +282,7 @@ async def _wait_stream(
         names = list(engine.state.projects[project].enabled)
     last: dict[str, tuple[str, str | None]] = {}
     while True:
+        seen_generation = engine.generation
         now = views.readiness(engine, project, names)
         for n, st in now.items():
             if last.get(n) != st:
@@ -289,7 +293,7 @@ async def _wait_stream(
             yield {"done": True, "ok": not failures, "failures": failures}
             return
         with anyio.move_on_after(1.0) as timer:
-            await engine.changed()
+            await engine.changed(seen_generation)
         if timer.cancelled_caught:
             yield {"heartbeat": True}  # lets the CLI enforce --wait-timeout
 
