@@ -124,6 +124,7 @@ class Engine:
         self.generation = 0
         """Count of finished reconcile rounds; lets a waiter notice a round it did not await."""
         self._tg: anyio.abc.TaskGroup | None = None
+        self._saved: bytes | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -475,8 +476,12 @@ class Engine:
                 restarts=inst.restarts,
             )
         self.state.processes = procs
+        data = state_mod.encode(self.state)
+        if data == self._saved:
+            return  # most rounds change only health: no need to fsync the registry again
         self.home.ensure()
-        state_mod.save(self.home.state, self.state)
+        state_mod.save(self.home.state, data)
+        self._saved = data
 
     def _adopt(self) -> None:
         for rec in list(self.state.processes.values()):

@@ -73,7 +73,6 @@ class State:
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA_VERSION,
-            "written_at": time.time(),
             "projects": {k: asdict(v) for k, v in sorted(self.projects.items())},
             "processes": {k: asdict(v) for k, v in sorted(self.processes.items())},
         }
@@ -109,9 +108,13 @@ def load(path: Path) -> State:
         raise StateError(path, f"unreadable state ({exc})", kept) from exc
 
 
-def save(path: Path, state: State) -> None:
+def encode(state: State) -> bytes:
+    return json.dumps(state.to_json(), indent=1).encode()
+
+
+def save(path: Path, state: State | bytes) -> None:
     """Write atomically: readers see the old file or the new one, never a mix."""
-    data = json.dumps(state.to_json(), indent=1, sort_keys=False).encode()
+    data = state if isinstance(state, bytes) else encode(state)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
