@@ -192,7 +192,7 @@ def test_restart_always_restarts_clean_exit_with_growing_delay(mesh: Mesh) -> No
             version: 1.0.0
             command: [{PY}, -c, "import time; print(time.time(), flush=True)"]
             health: {{tcp: false}}
-            restart: {{policy: always, backoff_s: 0.1}}
+            restart: {{policy: always, backoff_s: 0.3}}
         """,
     )
     mesh.cli("up", "-d", cwd=d)
@@ -201,7 +201,7 @@ def test_restart_always_restarts_clean_exit_with_growing_delay(mesh: Mesh) -> No
     mesh.cli("down", cwd=d, check=True)
     times = [float(t) for t in log.read_text().split()[:4]]
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert gaps[2] > gaps[0] * 1.5, gaps  # exponential backoff: 0.1, 0.2, 0.4 s (+ jitter)
+    assert gaps[2] > gaps[0] * 1.5, gaps  # exponential backoff: 0.3, 0.6, 1.2 s (+ jitter)
 
 
 def test_down_kills_grandchildren_even_outside_the_process_group(mesh: Mesh) -> None:
