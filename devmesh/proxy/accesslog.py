@@ -78,6 +78,11 @@ class AccessLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
+    @property
+    def enabled(self) -> bool:
+        """False when entries go nowhere: the proxy then skips building them."""
+        return self._fd is not None
+
     def record(self, entry: Entry) -> None:
         if self._fd is not None:
             line = self._format(entry)

@@ -157,11 +157,10 @@ async def _watch_client(client: Client, up: pool.Upstream) -> None:
 
 
 def upstream_request(
-    client: Client, request: h11.Request, ws_key: bytes | None
+    client: Client, request: h11.Request, hdrs: headers.Headers, host: bytes,
+    ws_key: bytes | None,
 ) -> h11.Request:
-    host = headers.get(request.headers, b"host") or b""
-    out = headers.request_headers(request.headers, client_ip=client.ip, proto=client.proto,
-                                  host=host)
+    out = headers.request_headers(hdrs, client_ip=client.ip, proto=client.proto, host=host)
     if client.conn.they_are_waiting_for_100_continue:
         out = [(n, v) for n, v in out if n != b"expect"]
     if ws_key is not None:
@@ -176,6 +175,8 @@ async def forward(
     client: Client,
     request: h11.Request,
     *,
+    hdrs: headers.Headers,
+    host: bytes,
     backend: table.Backend,
     upstreams: pool.Pool,
     config: settings.Settings,
@@ -183,16 +184,19 @@ async def forward(
 ) -> None:
     """Run one exchange. Raises ProxyError before the response head reached the client;
     afterwards failures abort the client connection and are recorded in ``result.error``.
+
+    ``hdrs`` is ``request.headers`` as a plain list and ``host`` its Host value: the caller
+    made them once, because h11's header sequence is slow to iterate again and again.
     """
     ws_key = None
-    if headers.wants_upgrade(request.headers) == b"websocket":
+    if headers.wants_upgrade(hdrs) == b"websocket":
         ws_key = tunnel.check_request(request)
     limit = config.max_body_bytes
-    length = headers.get(request.headers, b"content-length")
+    length = headers.get(hdrs, b"content-length")
     if limit is not None and length is not None and int(length) > limit:
         raise errors.BodyTooLargeError(limit)
-    has_body = headers.is_chunked(request.headers) or (length is not None and int(length) > 0)
-    up_request = upstream_request(client, request, ws_key)
+    has_body = headers.is_chunked(hdrs) or (length is not None and int(length) > 0)
+    up_request = upstream_request(client, request, hdrs, host, ws_key)
 
     pump: asyncio.Task[None] | None = None
     up = await upstreams.acquire(backend)
@@ -272,14 +276,15 @@ async def _respond(
             backend.service, backend.host, backend.port, f"unexpected {type(event).__name__}"
         )
     result.status = event.status_code
+    up_hdrs = list(event.headers)  # once: h11's header sequence is slow to iterate
     out = [client.conn.send(h11.Response(
         status_code=event.status_code,
-        headers=headers.response_headers(event.headers),
+        headers=headers.response_headers(up_hdrs),
         reason=event.reason,
         _parsed=True,  # parsed by h11 from the service's bytes; see upstream_request()
     ))]
     watcher = None
-    if headers.get(event.headers, b"content-length") is None and (pump is None or pump.done()):
+    if headers.get(up_hdrs, b"content-length") is None and (pump is None or pump.done()):
         watcher = asyncio.ensure_future(_watch_client(client, up))
     writer = client.writer
     try:

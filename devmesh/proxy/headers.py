@@ -10,6 +10,7 @@ h11 gives header names lower-cased as bytes; these functions keep that form.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 Headers = list[tuple[bytes, bytes]]
@@ -41,7 +42,7 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
 
 def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     """Drop RFC 9110 hop-by-hop fields and any field named in ``Connection``."""
-    headers = list(headers)
+    headers = headers if type(headers) is list else list(headers)
     drop = HOP_BY_HOP
     if any(name == b"connection" for name, _ in headers):
         drop = HOP_BY_HOP | _connection_tokens(headers)
@@ -61,7 +62,7 @@ def get(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
 
 def wants_upgrade(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     """The protocol asked for in ``Upgrade`` when ``Connection`` lists upgrade, else None."""
-    headers = list(headers)
+    headers = headers if type(headers) is list else list(headers)
     if b"upgrade" not in _connection_tokens(headers):
         return None
     value = get(headers, b"upgrade")
@@ -77,6 +78,18 @@ def _quote(value: str) -> str:
     return value if safe and value else '"' + value.replace('"', r"\"") + '"'
 
 
+@functools.lru_cache(maxsize=1024)
+def _forwarded_pair(client_ip: str, host: bytes, proto: str) -> tuple[bytes, bytes]:
+    """(client ip, Forwarded node) for one client and host: the same few pairs recur on every
+    request of a keep-alive connection, and quoting them is a per-character loop."""
+    node = f"for={_forwarded_node(client_ip)};host={_quote(host.decode('latin-1'))};proto={proto}"
+    return client_ip.encode(), node.encode()
+
+
+_REPLACED = frozenset({b"x-forwarded-for", b"forwarded", b"via", b"x-forwarded-proto",
+                       b"x-forwarded-host"})
+
+
 def request_headers(
     headers: Iterable[tuple[bytes, bytes]], *, client_ip: str, proto: str, host: bytes
 ) -> Headers:
@@ -85,27 +98,32 @@ def request_headers(
     ``Transfer-Encoding: chunked`` is put back when the client used it, because h11 frames a
     request body only from what the headers say. ``X-Forwarded-For``, ``Forwarded`` and ``Via``
     are appended to (a chain of proxies keeps its history); ``-Proto`` and ``-Host`` are set.
+    One pass over the headers to find what to drop, one to copy: this runs on every request.
     """
-    headers = list(headers)
-    chunked = is_chunked(headers)
-    out = strip_hop_by_hop(headers)
-    xff = b""
-    fwd = b""
-    via = b""
+    headers = headers if type(headers) is list else list(headers)
+    drop = HOP_BY_HOP
+    chunked = False
+    for name, value in headers:
+        if name == b"connection":
+            drop = drop | _connection_tokens(((name, value),))
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    xff = fwd = via = b""
     kept: Headers = []
-    for name, value in out:
-        if name == b"x-forwarded-for":
-            xff = value
-        elif name == b"forwarded":
-            fwd = value
-        elif name == b"via":
-            via = value
-        elif name not in (b"x-forwarded-proto", b"x-forwarded-host"):
-            kept.append((name, value))
-    ip = client_ip.encode()
-    node = (
-        f"for={_forwarded_node(client_ip)};host={_quote(host.decode('latin-1'))};proto={proto}"
-    ).encode()
+    for item in headers:
+        name = item[0]
+        if name in drop:
+            continue
+        if name in _REPLACED:
+            if name == b"x-forwarded-for":
+                xff = item[1]
+            elif name == b"forwarded":
+                fwd = item[1]
+            elif name == b"via":
+                via = item[1]
+            continue
+        kept.append(item)
+    ip, node = _forwarded_pair(client_ip, host, proto)
     kept.append((b"x-forwarded-for", xff + b", " + ip if xff else ip))
     kept.append((b"x-forwarded-proto", proto.encode()))
     kept.append((b"x-forwarded-host", host))

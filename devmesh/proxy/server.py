@@ -219,8 +219,7 @@ class ProxyServer:
                 if ctx.backend is None:
                     raise NoRouteError(client.edge)
             else:
-                host = (headers.get(request.headers, b"host") or b"").decode("latin-1")
-                target = routes.resolve_host(host)
+                target = routes.resolve_host(ctx.host.decode("latin-1"))
                 if type(target) is table.Unknown:
                     self._index(ctx, routes, 404, f"no service is named by host {target.host!r}")
                     return self._done(ctx)
@@ -237,8 +236,8 @@ class ProxyServer:
                     backend.service, backend.project, backend.state, backend.reason
                 )
             await exchange.forward(
-                client, request, backend=backend, upstreams=self.pool, config=self.settings,
-                result=ctx.result,
+                client, request, hdrs=ctx.hdrs, host=ctx.host, backend=backend,
+                upstreams=self.pool, config=self.settings, result=ctx.result,
             )
         except errors.ProxyError as exc:
             self._answer(ctx, exc.status, exc.message)
@@ -278,7 +277,7 @@ class ProxyServer:
             while conn.their_state is h11.SEND_BODY and conn.next_event() is not h11.NEED_DATA:
                 pass
         assert ctx.request is not None
-        accept = headers.get(ctx.request.headers, b"accept")
+        accept = headers.get(ctx.hdrs, b"accept")
         ctype, body = pages.render(status, message, accept=accept, services=services)
         hdrs = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
                 (b"via", headers.VIA)]
@@ -293,13 +292,14 @@ class ProxyServer:
         result.bytes_out += len(body) if ctx.request.method != b"HEAD" else 0
 
     def _log(self, ctx: _Ctx) -> None:
+        if not self.access_log.enabled:
+            return  # building the entry costs as much as routing the request
         edge, request, backend, result = ctx.client.edge, ctx.request, ctx.backend, ctx.result
         self.access_log.record(accesslog.Entry(
             time=ctx.started,
             client=ctx.client.peer,
             method=request.method.decode("latin-1") if request else "-",
-            host=(headers.get(request.headers, b"host") or b"").decode("latin-1")
-            if request else "-",
+            host=ctx.host.decode("latin-1") if request else "-",
             path=request.target.decode("latin-1") if request else "-",
             status=result.status,
             bytes_in=result.bytes_in,
@@ -314,11 +314,15 @@ class ProxyServer:
 class _Ctx:
     """One request's bookkeeping, from its head to its access log line."""
 
-    __slots__ = ("backend", "client", "clock", "request", "result", "started")
+    __slots__ = ("backend", "client", "clock", "hdrs", "host", "request", "result", "started")
 
     def __init__(self, client: exchange.Client, request: h11.Request | None) -> None:
         self.client = client
         self.request = request
+        # h11's header sequence iterates through __getitem__, one Python call per header:
+        # copy it once into a list that routing, forwarding, pages and the log all share.
+        self.hdrs: headers.Headers = list(request.headers) if request is not None else []
+        self.host: bytes = headers.get(self.hdrs, b"host") or b""
         self.started = time.time()
         self.clock = time.perf_counter()
         self.result = exchange.Result()

@@ -26,6 +26,8 @@ class State(enum.Enum):
 
 
 ROUTABLE_STATES = frozenset({State.RUNNING.value, State.STARTING.value})
+RESOLVED_MEMO_SIZE = 1024
+"""Host headers whose routing each RouteTable remembers."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +85,9 @@ class RouteTable:
     """Where devmesh.localhost goes (the agent's dashboard); None serves the index page."""
     _by_name: dict[str, Backend] = field(init=False, repr=False, compare=False)
     _by_pair: dict[tuple[str, str], Backend] = field(init=False, repr=False, compare=False)
+    _resolved: dict[str, Backend | Reserved | Unknown] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         by_name: dict[str, Backend] = {}
@@ -92,9 +97,23 @@ class RouteTable:
             by_pair[(backend.service.lower(), backend.project.lower())] = backend
         object.__setattr__(self, "_by_name", by_name)
         object.__setattr__(self, "_by_pair", by_pair)
+        object.__setattr__(self, "_resolved", {})
 
     def resolve_host(self, host_header: str) -> Backend | Reserved | Unknown:
-        """Map a Host header to a backend; never raises."""
+        """Map a Host header to a backend; never raises.
+
+        Answers are remembered per table (a client sends the same Host on every request, and
+        parsing it costs more than the lookup); the memo is bounded, so hosts a client makes
+        up cannot grow it without limit, and a new table starts with an empty one.
+        """
+        resolved = self._resolved.get(host_header)
+        if resolved is None:
+            if len(self._resolved) >= RESOLVED_MEMO_SIZE:
+                self._resolved.clear()
+            resolved = self._resolved[host_header] = self._resolve(host_header)
+        return resolved
+
+    def _resolve(self, host_header: str) -> Backend | Reserved | Unknown:
         found = hostroute.match(host_header)
         if found.kind is hostroute.HostKind.RESERVED:
             return Reserved()
