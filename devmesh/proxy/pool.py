@@ -108,6 +108,7 @@ class Pool:
             raise errors.UpstreamConnectError(
                 backend.service, backend.host, backend.port, reason.lower(), backend.state
             ) from None
+        writer.transport.set_write_buffer_limits(high=self.settings.read_size)
         self.opened += 1
         return Upstream(key, reader, writer)
 

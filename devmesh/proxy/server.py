@@ -71,6 +71,7 @@ class ProxyServer:
         proto = "https" if tls is not None else "http"
 
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.transport.set_write_buffer_limits(high=self.settings.read_size)
             await self._connection(reader, writer, proto=proto, edge=edge)
 
         limit = self.settings.read_size
