@@ -129,3 +129,51 @@ def test_proxy_port_in_use_is_named_when_the_agent_starts(mesh: Mesh) -> None:
         f"cannot start the proxy: port {mesh.proxy_port} on 127.0.0.1 is already in use by pid "
         f"{os.getpid()}" in r.stderr
     )
+
+
+SLOW = """
+import http.server, os, time
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/slow":
+            time.sleep(5)
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"ok")
+    def do_POST(self):
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+def test_project_proxy_timeouts_and_body_limit_reach_the_agent_it_starts(mesh: Mesh) -> None:
+    for key in ("DEVMESH_PROXY_PORT", "DEVMESH_HTTPS_PORT"):
+        del mesh.env[key]  # let the file decide, as a user's first `up` does
+    d = mesh.project(
+        "limits",
+        f"""
+        version: 1
+        proxy: {{port: {mesh.proxy_port}, https_port: {mesh.https_port}, idle_timeout_s: 0.5, max_body_mb: 1}}
+        services:
+          slow: {{version: 1.0.0, command: {PY} slow.py}}
+        """,
+        {"slow.py": SLOW},
+    )
+    mesh.cli("up", "-d", cwd=d, check=True)
+    url = f"http://slow.localhost:{mesh.proxy_port}"
+    assert curl(f"{url}/").stdout.endswith("ok\n200")
+    r = curl(f"{url}/slow")
+    assert r.stdout.endswith("\n504"), r.stdout
+    assert "slow" in r.stdout
+    big = mesh.root / "big.bin"
+    big.write_bytes(b"x" * (2 * 2**20))
+    r = curl("--data-binary", f"@{big}", f"{url}/upload")
+    assert r.stdout.endswith("\n413"), r.stdout
+    assert "1048576 bytes" in r.stdout
+
+
+def test_bad_proxy_setting_in_the_environment_is_named(mesh: Mesh) -> None:
+    mesh.env["DEVMESH_PROXY_IDLE_TIMEOUT_S"] = "soon"
+    d = mesh.project("bad", SHOP, {"server.py": SERVER, "web.py": WEB})
+    r = mesh.cli("up", "-d", cwd=d)
+    assert r.returncode == 1
+    assert "cannot start the proxy: DEVMESH_PROXY_IDLE_TIMEOUT_S='soon' is not a number" in r.stderr

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
@@ -73,7 +74,7 @@ def run(home: Home) -> int:
         failures: list[BaseException] = []
         try:
             anyio.run(_main, home)
-        except* ProxyPortBusy as group:
+        except* ProxyStartError as group:
             failures.extend(group.exceptions)
         for exc in failures:
             print(f"devmesh agent: {exc}", file=sys.stderr)
@@ -86,35 +87,63 @@ def run(home: Home) -> int:
     return 0
 
 
-class ProxyPortBusy(Exception):
-    def __init__(self, port: int, owner: ports.PortOwner | None) -> None:
-        who = f" by pid {owner.pid} ({owner.name})" if owner and owner.pid else ""
-        super().__init__(
-            f"cannot start the proxy: port {port} on 127.0.0.1 is already in use{who}; "
-            "set proxy.port / proxy.https_port in devmesh.yaml or DEVMESH_PROXY_PORT / "
-            "DEVMESH_HTTPS_PORT"
-        )
+class ProxyStartError(Exception):
+    """The agent cannot run its proxy; it exits 1 with this message, naming the cause."""
 
 
-def proxy_settings(environ: dict[str, str] | None = None) -> settings.Settings:
-    """The proxy's ports: DEVMESH_PROXY_PORT / DEVMESH_HTTPS_PORT ("off" disables HTTPS).
+def _port_busy(port: int, owner: ports.PortOwner | None) -> ProxyStartError:
+    who = f" by pid {owner.pid} ({owner.name})" if owner and owner.pid else ""
+    return ProxyStartError(
+        f"cannot start the proxy: port {port} on 127.0.0.1 is already in use{who}; "
+        "set proxy.port / proxy.https_port in devmesh.yaml or DEVMESH_PROXY_PORT / "
+        "DEVMESH_HTTPS_PORT"
+    )
 
+
+def proxy_settings(environ: Mapping[str, str] | None = None) -> settings.Settings:
+    """The proxy's settings from the environment the agent was started with.
+
+    DEVMESH_PROXY_PORT, DEVMESH_HTTPS_PORT ("off" disables HTTPS),
+    DEVMESH_PROXY_CONNECT_TIMEOUT_S, DEVMESH_PROXY_IDLE_TIMEOUT_S, DEVMESH_PROXY_MAX_BODY_MB.
     `devmesh up` sets them from the project's `proxy:` when it starts the agent.
+    Raises ValueError naming the variable when one is not a number.
     """
     env = os.environ if environ is None else environ
-    port = int(env.get("DEVMESH_PROXY_PORT") or model.DEFAULT_PROXY_PORT)
-    raw = env.get("DEVMESH_HTTPS_PORT") or str(model.DEFAULT_HTTPS_PORT)
-    https = None if raw == "off" else int(raw)
-    return settings.Settings(port=port, https_port=https)
+    defaults = model.ProxySettings()
+
+    def number(name: str, default: float | None) -> float | None:
+        raw = env.get(name)
+        if not raw:
+            return default
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a number") from None
+
+    https_raw = env.get("DEVMESH_HTTPS_PORT")
+    max_mb = number("DEVMESH_PROXY_MAX_BODY_MB", defaults.max_body_mb)
+    return settings.Settings(
+        port=int(number("DEVMESH_PROXY_PORT", defaults.port) or 0),
+        https_port=None
+        if https_raw == "off"
+        else int(number("DEVMESH_HTTPS_PORT", defaults.https_port) or 0),
+        connect_timeout_s=number("DEVMESH_PROXY_CONNECT_TIMEOUT_S", defaults.connect_timeout_s)
+        or 5.0,
+        idle_timeout_s=number("DEVMESH_PROXY_IDLE_TIMEOUT_S", defaults.idle_timeout_s) or 60.0,
+        max_body_bytes=None if max_mb is None else int(max_mb * 2**20),
+    )
 
 
 async def _start_proxy(tg: anyio.abc.TaskGroup, home: Home, engine: Engine) -> server.ProxyServer:
-    config = proxy_settings()
+    try:
+        config = proxy_settings()
+    except ValueError as exc:
+        raise ProxyStartError(f"cannot start the proxy: {exc}") from exc
     for port in (config.port, config.https_port):
         if port:
             owner = ports.check_free(port)
             if owner is not None:
-                raise ProxyPortBusy(port, owner)
+                raise _port_busy(port, owner)
     proxy = server.ProxyServer(
         config,
         lambda: engine.routes,
@@ -124,7 +153,7 @@ async def _start_proxy(tg: anyio.abc.TaskGroup, home: Home, engine: Engine) -> s
     try:
         await tg.start(proxy.serve)
     except OSError as exc:
-        raise ProxyPortBusy(config.port, None) from exc
+        raise _port_busy(config.port, None) from exc
     log.info("proxy on http://127.0.0.1:%s https://127.0.0.1:%s", proxy.http_port, proxy.https_port)
     return proxy
 

@@ -54,21 +54,20 @@ def agent_running(c: Client) -> bool:
 
 
 def ensure_agent(
-    h: Home, *, out: IO[str] = sys.stderr, proxy_ports: tuple[int, int] | None = None
+    h: Home, *, out: IO[str] = sys.stderr, agent_env: dict[str, str] | None = None
 ) -> Client:
     """The agent's client, starting the agent in the background when none answers.
 
-    A new agent's proxy listens on ``proxy_ports`` (the project's ``proxy:``) unless
-    DEVMESH_PROXY_PORT / DEVMESH_HTTPS_PORT say otherwise.
+    A new agent gets ``agent_env`` (the project's ``proxy:`` settings, see proxy_env) for
+    each variable the environment does not already set.
     """
     c = client(h)
     if agent_running(c):
         return c
     h.ensure()
     env = dict(os.environ)
-    if proxy_ports is not None:
-        env.setdefault("DEVMESH_PROXY_PORT", str(proxy_ports[0]))
-        env.setdefault("DEVMESH_HTTPS_PORT", str(proxy_ports[1]))
+    for key, value in (agent_env or {}).items():
+        env.setdefault(key, value)
     log_file = open(h.agent_log, "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(
@@ -100,6 +99,19 @@ def ensure_agent(
         f"the devmesh agent did not answer on {h.socket} within "
         f"{AGENT_START_TIMEOUT_S:.0f} s; see {h.agent_log}"
     )
+
+
+def proxy_env(proxy: Any) -> dict[str, str]:
+    """A project's ``proxy:`` as the variables the agent reads at start (see agent.daemon)."""
+    env = {
+        "DEVMESH_PROXY_PORT": str(proxy.port),
+        "DEVMESH_HTTPS_PORT": str(proxy.https_port),
+        "DEVMESH_PROXY_CONNECT_TIMEOUT_S": str(proxy.connect_timeout_s),
+        "DEVMESH_PROXY_IDLE_TIMEOUT_S": str(proxy.idle_timeout_s),
+    }
+    if proxy.max_body_mb is not None:
+        env["DEVMESH_PROXY_MAX_BODY_MB"] = str(proxy.max_body_mb)
+    return env
 
 
 def _tail(path: Path, n: int) -> str:

@@ -94,4 +94,5 @@ def _adhoc(args: argparse.Namespace, name: str, command: list[str]) -> int:
         source="<command line>",
         services=None,
         log_services=[proj.name],
+        agent_env=_common.proxy_env(proj.proxy),
     )

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         source=proj.source,
         services=args.services or None,
         log_services=sorted(desired.enabled_closure(proj, args.services or None)),
-        proxy_ports=(proj.proxy.port, proj.proxy.https_port),
+        agent_env=_common.proxy_env(proj.proxy),
     )
 
 
@@ -85,12 +85,12 @@ def apply_and_follow(
     source: str,
     services: list[str] | None,
     log_services: list[str],
-    proxy_ports: tuple[int, int] | None = None,
+    agent_env: dict[str, str] | None = None,
 ) -> int:
     h = _common.home()
     err = sys.stderr
     with _common.project_lock(h, project, out=err):
-        client = _common.ensure_agent(h, out=err, proxy_ports=proxy_ports)
+        client = _common.ensure_agent(h, out=err, agent_env=agent_env)
         follower = None
         if not args.detach:
             follower = _LogFollower(h, project, log_services)

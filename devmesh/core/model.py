@@ -182,6 +182,12 @@ class Service:
 class ProxySettings:
     port: int = DEFAULT_PROXY_PORT
     https_port: int = DEFAULT_HTTPS_PORT
+    connect_timeout_s: float = 5.0
+    """Seconds to connect to a service before the proxy answers 504."""
+    idle_timeout_s: float = 60.0
+    """Seconds a service may stay silent before the proxy answers 504 or cuts the stream."""
+    max_body_mb: float | None = None
+    """Largest request body forwarded, in MiB; None is no limit."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -372,6 +378,11 @@ def from_document(
         proxy=ProxySettings(
             port=int(_opt(proxy_doc, "port", DEFAULT_PROXY_PORT)),
             https_port=int(_opt(proxy_doc, "https_port", DEFAULT_HTTPS_PORT)),
+            connect_timeout_s=float(_opt(proxy_doc, "connect_timeout_s", 5.0)),
+            idle_timeout_s=float(_opt(proxy_doc, "idle_timeout_s", 60.0)),
+            max_body_mb=None
+            if proxy_doc.get("max_body_mb") is None
+            else float(proxy_doc["max_body_mb"]),
         ),
         mesh=mesh,
         policy=Policy(
@@ -457,8 +468,15 @@ def to_document(p: Project) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "version": 1,
         "project": p.name,
-        "proxy": {"port": p.proxy.port, "https_port": p.proxy.https_port},
+        "proxy": {
+            "port": p.proxy.port,
+            "https_port": p.proxy.https_port,
+            "connect_timeout_s": p.proxy.connect_timeout_s,
+            "idle_timeout_s": p.proxy.idle_timeout_s,
+        },
     }
+    if p.proxy.max_body_mb is not None:
+        doc["proxy"]["max_body_mb"] = p.proxy.max_body_mb
     if p.mesh is not None:
         m = p.mesh
         mesh: dict[str, Any] = {}
