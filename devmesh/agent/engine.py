@@ -433,19 +433,17 @@ class Engine:
     async def _stop(self, inst: Instance) -> None:
         inst.cancel_tasks()
         if inst.proc is not None:
-            svc = self._service_of(inst.key)
-            sig = svc.stop.signal if svc else "SIGTERM"
-            grace = svc.stop.grace_s if svc else 10.0
+            # Stop it the way it was started: the spec it runs with, not a newer one.
             spec_stop = inst.spec.get("stop") or {}
-            sig = spec_stop.get("signal", sig)
-            grace = float(spec_stop.get("grace_s", grace))
+            sig = str(spec_stop.get("signal", "SIGTERM"))
+            grace = float(spec_stop.get("grace_s", 10.0))
             with anyio.CancelScope(shield=True):
                 await process.stop(inst.proc, signal=sig, grace_s=grace)
         if self.instances.get(inst.key) is inst:
             del self.instances[inst.key]
         self.wake()
 
-    def _service_of(self, key: plan.Key) -> model.Service | None:
+    def service_of(self, key: plan.Key) -> model.Service | None:
         proj = self.models.get(key[0])
         return proj.services.get(key[1]) if proj else None
 
@@ -491,7 +489,7 @@ class Engine:
                 log.info("%s: pid %d is gone; cleaning up", plan.key_text(key), rec.pid)
                 _kill_session_leftovers(rec.sid)
                 continue
-            svc = self._service_of(key)
+            svc = self.service_of(key)
             inst = Instance(
                 key=key,
                 phase=plan.Phase.RUNNING,

@@ -79,7 +79,7 @@ def rows(engine: Engine, project: str | None = None) -> list[dict[str, Any]]:
         inst = engine.instances.get(key)
         if inst is None and key not in wants:
             continue
-        svc = engine._service_of(key)
+        svc = engine.service_of(key)
         actions = list(engine.actions_for(key))
         state, reason = service_state(inst, actions)
         port = inst.port if inst else _planned_port(engine, key)
@@ -121,7 +121,7 @@ def _url(engine: Engine, key: plan.Key) -> str | None:
 
 
 def _planned_port(engine: Engine, key: plan.Key) -> int | None:
-    svc = engine._service_of(key)
+    svc = engine.service_of(key)
     if svc is None:
         return None
     if svc.port is not None:

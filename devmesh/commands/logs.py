@@ -41,10 +41,12 @@ def _project(args: argparse.Namespace) -> str | None:
         return str(args.project)
     if args.file:
         return _common.project_name(args)
+    from pathlib import Path
+
     from devmesh.config import loader
 
     try:
-        loader.find_config(__import__("pathlib").Path.cwd())
+        loader.find_config(Path.cwd())
     except loader.ConfigNotFound:
         return None
     return _common.project_name(args)

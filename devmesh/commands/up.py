@@ -195,8 +195,8 @@ class _LogFollower(threading.Thread):
         self.ready = threading.Event()
         self.done = threading.Event()
         self.colour = _common.use_colour(sys.stdout)
-        self.width = 0
-        self.colours: dict[str, str] = {}
+        self.width = max((len(s) for s in services or ()), default=0)
+        self.colours = {s: _common.colour_for(i) for i, s in enumerate(services or ())}
         self.error: Exception | None = None
 
     def start(self) -> None:
