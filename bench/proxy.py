@@ -7,6 +7,10 @@ config bound to 127.0.0.1 only; every load run is bounded by --duration seconds.
 Prints requests/s and latency for wrk -t1 -c32 and -c1, the ratios against nginx and Caddy,
 1 GiB streamed (direct vs devmesh, with the proxy's peak RSS), and WebSocket echo
 messages/s (direct vs devmesh). Not a test: nothing asserts.
+
+``--compare DIR`` also runs the proxy from another source tree (for a before/after table in
+one run, on one machine state), e.g. ``git archive OLD devmesh | tar -x -C /tmp/old``;
+``--no-uvloop`` passes the same flag to every devmesh process.
 """
 
 from __future__ import annotations
@@ -88,16 +92,16 @@ def start_caddy(tmp: Path, port: int, upstream: int) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_devmesh(tmp: Path, upstream: int, ws_upstream: int, workers: int = 1
-                  ) -> tuple[subprocess.Popen, int]:
-    routes = tmp / f"routes-{workers}.json"
+def start_devmesh(tmp: Path, upstream: int, ws_upstream: int, workers: int = 1,
+                  src: Path = ROOT, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    routes = tmp / f"routes-{workers}-{abs(hash(str(src)))}.json"
     routes.write_text(json.dumps({"backends": [
         {"project": "bench", "service": "api", "port": upstream},
         {"project": "bench", "service": "ws", "port": ws_upstream},
     ]}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "devmesh.proxy", "--routes", str(routes), "--port", "0",
-         "--no-ipv6", "--workers", str(workers)], cwd=ROOT, stdout=subprocess.PIPE,
+         "--no-ipv6", "--workers", str(workers), *extra], cwd=src, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     info = json.loads(proc.stdout.readline())
@@ -191,6 +195,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--compare", type=Path, default=None, metavar="DIR",
+                        help="also measure the proxy of this source tree, as 'base'")
+    parser.add_argument("--no-uvloop", action="store_true", help="devmesh without uvloop")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "caddy", "curl"):
         if shutil.which(tool) is None:
@@ -226,15 +233,22 @@ def main() -> int:
             procs.append(ws)
             assert ws.stdout is not None
             ws.stdout.readline()
-            dm, dp = start_devmesh(tmp, up, wsp)
+            extra = ("--no-uvloop",) if args.no_uvloop else ()
+            dm, dp = start_devmesh(tmp, up, wsp, extra=extra)
             procs.append(dm)
-            dm2, dp2 = start_devmesh(tmp, up, wsp, workers=2)
+            dm2, dp2 = start_devmesh(tmp, up, wsp, workers=2, extra=extra)
             procs.append(dm2)
             for port in (up, np_, cp, dp, dp2):
                 wait_port(port)
 
             targets = [("direct", up, None), ("nginx", np_, None), ("caddy", cp, None),
                        ("devmesh", dp, "api.localhost"), ("devmesh-2w", dp2, "api.localhost")]
+            base = None
+            if args.compare is not None:
+                base, bp = start_devmesh(tmp, up, wsp, src=args.compare.resolve())
+                procs.append(base)
+                wait_port(bp)
+                targets.append(("base", bp, "api.localhost"))
             results: dict[str, dict[int, dict[str, float]]] = {}
             for name, port, host in targets:
                 wrk(port, 32, 1, host)  # warm up
@@ -247,27 +261,31 @@ def main() -> int:
                       + (f"  non-2xx={r[32]['non2xx']:.0f}" if r[32]["non2xx"] else ""))
             ngr, car, dir_ = (results[k] for k in ("nginx", "caddy", "direct"))
             print()
-            for name in ("devmesh", "devmesh-2w"):
+            names = [n for n, _, _ in targets[3:]]
+            for name in names:
                 r = results[name]
                 print(f"{name}/nginx throughput (c32): {r[32]['rps'] / ngr[32]['rps']:.2f}x"
                       f"   {name}/caddy: {r[32]['rps'] / car[32]['rps']:.2f}x")
-            for name in ("nginx", "caddy", "devmesh", "devmesh-2w"):
+            for name in ("nginx", "caddy", *names):
                 r = results[name][1]
                 print(f"added latency at c1, {name:10}: p50 {r['p50'] - dir_[1]['p50']:+.3f} ms"
                       f"  p99 {r['p99'] - dir_[1]['p99']:+.3f} ms")
 
             # Best of two runs each: the first one also warms page cache and socket buffers.
             direct_s = min(stream_gib(up, None, None)[0] for _ in range(2))
-            runs = [stream_gib(dp, "api.localhost", dm.pid) for _ in range(2)]
-            dm_s, peak = min(r[0] for r in runs), max(r[1] for r in runs)
-            print(f"\n1 GiB download: direct {GIB / direct_s / 1e6:.0f} MB/s, devmesh"
-                  f" {GIB / dm_s / 1e6:.0f} MB/s ({direct_s / dm_s:.2f}x direct),"
-                  f" devmesh peak RSS {peak / 1024:.1f} MiB")
+            print(f"\n1 GiB download: direct {GIB / direct_s / 1e6:.0f} MB/s")
+            streamed = [("devmesh", dp, dm)] + ([("base", bp, base)] if base else [])
+            for name, port, proc in streamed:
+                runs = [stream_gib(port, "api.localhost", proc.pid) for _ in range(2)]
+                dm_s, peak = min(r[0] for r in runs), max(r[1] for r in runs)
+                print(f"  {name:8} {GIB / dm_s / 1e6:.0f} MB/s ({direct_s / dm_s:.2f}x direct),"
+                      f" peak RSS {peak / 1024:.1f} MiB")
 
             wd = ws_rate(wsp, "127.0.0.1", min(args.duration, 3))
-            wp = ws_rate(dp, "ws.localhost", min(args.duration, 3))
-            print(f"WebSocket echo (64 B, one connection): direct {wd:.0f} msg/s, devmesh"
-                  f" {wp:.0f} msg/s ({wp / wd:.2f}x direct)")
+            print(f"WebSocket echo (64 B, one connection): direct {wd:.0f} msg/s")
+            for name, port, _ in streamed:
+                wp = ws_rate(port, "ws.localhost", min(args.duration, 3))
+                print(f"  {name:8} {wp:.0f} msg/s ({wp / wd:.2f}x direct)")
         finally:
             for p in procs:
                 p.terminate()
