@@ -28,7 +28,7 @@ from devmesh.agent.engine import Engine
 from devmesh.agent.http_server import serve_unix
 from devmesh.agent.paths import Home
 from devmesh.core import model
-from devmesh.proxy import accesslog, ca, server, settings
+from devmesh.proxy import accesslog, ca, runtime, server, settings
 from devmesh.supervisor import ports, process
 
 log = logging.getLogger("devmesh.agent")
@@ -72,8 +72,9 @@ def run(home: Home) -> int:
         # Orphaned grandchildren of services come to us, not to a pid 1 that may not reap.
         process.set_child_subreaper(True)
         failures: list[BaseException] = []
+        runtime.keep_freed_heap()  # else bulk transfers through the proxy thrash malloc
         try:
-            anyio.run(_main, home)
+            anyio.run(_main, home, backend_options={"use_uvloop": runtime.uvloop_available()})
         except* ProxyStartError as group:
             failures.extend(group.exceptions)
         for exc in failures:
