@@ -12,8 +12,6 @@ from another shell must not restart everything because ``$OLDPWD`` differs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -86,17 +84,15 @@ def unreachable(service: model.Service, urls: Mapping[str, str]) -> list[str]:
 def instance_spec(
     service: model.Service, *, port: int | None, urls: Mapping[str, str]
 ) -> dict[str, Any]:
-    spec = model.service_document(service)
-    for k in ("share", "fallback", "branch"):
-        spec.pop(k, None)
+    spec = model.restart_spec(service)
     spec["port"] = port
     spec["dep_urls"] = dict(sorted(urls.items()))
     return spec
 
 
 def fingerprint(spec: Mapping[str, Any]) -> str:
-    blob = json.dumps(spec, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """The instance's restart digest: its service's spec plus port and dependency URLs."""
+    return model.digest(spec)
 
 
 def wants_for(

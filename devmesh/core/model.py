@@ -503,16 +503,29 @@ def to_document(p: Project) -> dict[str, Any]:
     return doc
 
 
-def spec_hash(s: Service) -> str:
-    """A stable digest of everything that requires a restart when it changes.
+ROUTING_ONLY_KEYS = ("share", "fallback", "branch")
+"""Service keys that change where calls go, never how the process runs."""
 
-    Derived from the normalised document, so two files that differ only in spelling
-    (string vs list command, short vs long depends_on, key order) hash the same.
-    Fields that only change routing (share, fallback, branch) are left out: changing them
-    must not restart a running process.
+
+def restart_spec(s: Service) -> dict[str, Any]:
+    """The normalised document of everything that requires a restart when it changes.
+
+    Two files that differ only in spelling (string vs list command, short vs long
+    depends_on, key order) give the same spec. Routing-only keys are left out: changing
+    them must not restart a running process.
     """
     doc = service_document(s)
-    for key in ("share", "fallback", "branch"):
+    for key in ROUTING_ONLY_KEYS:
         doc.pop(key, None)
+    return doc
+
+
+def digest(doc: Mapping[str, Any]) -> str:
+    """A short stable digest of a JSON-able document (key order does not matter)."""
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def spec_hash(s: Service) -> str:
+    """Digest of ``restart_spec``: equal hashes mean no restart is needed."""
+    return digest(restart_spec(s))
