@@ -46,7 +46,7 @@ def test_command_not_found_applies_nothing(mesh: Mesh) -> None:
     )
     r = mesh.cli("up", "-d", cwd=d)
     assert r.returncode == 1
-    assert "service api: command not found: 'no-such-binary-xyz' (PATH=" in r.stderr
+    assert "service api: cannot start 'no-such-binary-xyz': not found on PATH (PATH=" in r.stderr
     assert mesh.status()["services"] == []
 
 

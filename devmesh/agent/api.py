@@ -17,7 +17,6 @@ Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,7 +28,7 @@ from devmesh.agent import state as state_mod
 from devmesh.agent.engine import Engine
 from devmesh.agent.http_server import ApiError, Request, Response, Router, StreamResponse
 from devmesh.core import desired, model, plan
-from devmesh.supervisor import ports
+from devmesh.supervisor import ports, process
 
 
 def build_router(engine: Engine, on_shutdown: Any) -> Router:
@@ -224,8 +223,11 @@ def preflight(engine: Engine, rec: state_mod.ProjectRecord, proj: model.Project)
             problems.append(f"service {n}: working folder {cwd} does not exist")
             continue
         argv0 = (svc.command or ("",))[0]
-        if "${" not in argv0 and not _resolvable(argv0, cwd, path):
-            problems.append(f"service {n}: command not found: {argv0!r} (PATH={path})")
+        if "${" not in argv0:
+            try:
+                process.resolve(argv0, cwd, path)
+            except process.SpawnError as exc:
+                problems.append(f"service {n}: {exc}")
         if svc.port is not None:
             owner_key = ours.get(svc.port)
             if owner_key is not None and owner_key != (proj.name, n):
@@ -239,13 +241,6 @@ def preflight(engine: Engine, rec: state_mod.ProjectRecord, proj: model.Project)
                     who = f" by pid {owner.pid} ({owner.name})" if owner.pid else ""
                     problems.append(f"service {n}: port {svc.port} is already in use{who}")
     return problems
-
-
-def _resolvable(argv0: str, cwd: str, path: str) -> bool:
-    if "/" in argv0:
-        full = argv0 if os.path.isabs(argv0) else os.path.join(cwd, argv0)
-        return os.path.isfile(full) and os.access(full, os.X_OK)
-    return shutil.which(argv0, path=path) is not None
 
 
 def _warnings(engine: Engine, proj: model.Project, rec: state_mod.ProjectRecord) -> list[str]:

@@ -151,8 +151,11 @@ def set_child_subreaper(enabled: bool = True) -> None:
 # spawn / adopt
 
 
-def _resolve(argv0: str, cwd: str, path: str) -> str:
-    """Find the executable as execvp would in the child, so failures are clear before forking."""
+def resolve(argv0: str, cwd: str, path: str) -> str:
+    """Find the executable as execvp would in the child, so failures are clear before forking.
+
+    Raises SpawnError (kind not_found or not_executable) naming argv0, PATH and cwd.
+    """
     base = Path(cwd).absolute()
     if "/" in argv0:
         candidates = [base / argv0]
@@ -184,7 +187,7 @@ def spawn(launch: Launch) -> Proc:
         raise SpawnError("other", argv0, path, launch.cwd, "empty command")
     if not Path(launch.cwd).is_dir():
         raise SpawnError("cwd_missing", argv0, path, launch.cwd, "working directory is missing")
-    executable = _resolve(argv0, launch.cwd, path)
+    executable = resolve(argv0, launch.cwd, path)
     try:
         launch.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_fd = os.open(
