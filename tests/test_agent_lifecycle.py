@@ -182,6 +182,26 @@ def test_crash_loop_backoff_and_give_up(mesh: Mesh) -> None:
     assert "crash/bad: crash-looping: exited with code 3; gave up after 2 restarts" in text
 
 
+def test_up_again_gives_a_service_that_gave_up_a_fresh_start(mesh: Mesh) -> None:
+    d = mesh.project(
+        "again",
+        f"""
+        version: 1
+        services:
+          once:
+            version: 1.0.0
+            command: [{PY}, -c, "print('run', flush=True); raise SystemExit(2)"]
+            restart: {{policy: "no"}}
+        """,
+    )
+    assert mesh.cli("up", "-d", cwd=d).returncode == 1
+    row = mesh.wait_for(lambda: (s := mesh.services()["once"])["state"] == "exited" and s)
+    assert row["reason"] == "exited with code 2; restart policy is no"
+    assert mesh.cli("up", "-d", cwd=d).returncode == 1
+    log = mesh.home / "logs" / "again" / "once.log"
+    mesh.wait_for(lambda: log.read_text().count("run") == 2, what="a second run")
+
+
 def test_restart_always_restarts_clean_exit_with_growing_delay(mesh: Mesh) -> None:
     d = mesh.project(
         "always",

@@ -228,7 +228,11 @@ class Engine:
     def apply(self, rec: state_mod.ProjectRecord, proj: model.Project) -> None:
         self.state.projects[rec.name] = rec
         self.models[rec.name] = proj
-        # A new configuration deserves a fresh start: clear held failures of changed services.
+        # `up` is the user asking again: services that failed to start or gave up after
+        # crashing get a fresh start (and crash count), as `docker compose up` would do.
+        for key, inst in list(self.instances.items()):
+            if key[0] == rec.name and inst.phase in (plan.Phase.FAILED, plan.Phase.EXITED):
+                del self.instances[key]
         self.wake()
 
     def remove(self, project: str, services: list[str] | None) -> None:

@@ -17,7 +17,7 @@ Ordering rules live here too:
   their own fingerprint changes (the agent folds dependency URLs into it).
 
 What it does not guarantee: that an action succeeds. A failed start comes back as
-``Phase.FAILED`` in the next ``seen`` and is then held until the configuration changes.
+``Phase.FAILED`` in the next ``seen`` and is then held until the configuration changes or the agent forgets it (the next `up`).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Verb(enum.Enum):
     STOP = "stop"
     WAIT = "wait"
     HOLD = "hold"
-    """Not started and not retried until the configuration changes."""
+    """Not started and not retried until the configuration changes or the next `up`."""
     FORGET = "forget"
     """Drop the record of an exited instance that nobody wants any more."""
 
