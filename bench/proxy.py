@@ -53,7 +53,8 @@ def start_nginx(tmp: Path, name: str, body: str) -> subprocess.Popen:
     d = tmp / name
     d.mkdir()
     conf = d / "nginx.conf"
-    conf.write_text(textwrap.dedent(f"""
+    conf.write_text(
+        textwrap.dedent(f"""
         worker_processes 1;
         daemon off;
         pid {d}/nginx.pid;
@@ -69,15 +70,20 @@ def start_nginx(tmp: Path, name: str, body: str) -> subprocess.Popen:
             keepalive_requests 1000000;
             {body}
         }}
-    """))
-    return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(d)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """)
+    )
+    return subprocess.Popen(
+        ["nginx", "-c", str(conf), "-p", str(d)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def start_caddy(tmp: Path, port: int, upstream: int) -> subprocess.Popen:
     d = tmp / "caddy"
     d.mkdir()
-    (d / "Caddyfile").write_text(textwrap.dedent(f"""
+    (d / "Caddyfile").write_text(
+        textwrap.dedent(f"""
         {{
             admin off
             auto_https off
@@ -85,24 +91,54 @@ def start_caddy(tmp: Path, port: int, upstream: int) -> subprocess.Popen:
         http://127.0.0.1:{port} {{
             reverse_proxy 127.0.0.1:{upstream}
         }}
-    """))
+    """)
+    )
     env = {**os.environ, "HOME": str(d), "XDG_DATA_HOME": str(d), "XDG_CONFIG_HOME": str(d)}
-    return subprocess.Popen(["caddy", "run", "--config", str(d / "Caddyfile"),
-                             "--adapter", "caddyfile"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        ["caddy", "run", "--config", str(d / "Caddyfile"), "--adapter", "caddyfile"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
-def start_devmesh(tmp: Path, upstream: int, ws_upstream: int, workers: int = 1,
-                  src: Path = ROOT, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+def start_devmesh(
+    tmp: Path,
+    upstream: int,
+    ws_upstream: int,
+    workers: int = 1,
+    src: Path = ROOT,
+    extra: tuple[str, ...] = (),
+) -> tuple[subprocess.Popen, int]:
     routes = tmp / f"routes-{workers}-{abs(hash(str(src)))}.json"
-    routes.write_text(json.dumps({"backends": [
-        {"project": "bench", "service": "api", "port": upstream},
-        {"project": "bench", "service": "ws", "port": ws_upstream},
-    ]}))
+    routes.write_text(
+        json.dumps(
+            {
+                "backends": [
+                    {"project": "bench", "service": "api", "port": upstream},
+                    {"project": "bench", "service": "ws", "port": ws_upstream},
+                ]
+            }
+        )
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "devmesh.proxy", "--routes", str(routes), "--port", "0",
-         "--no-ipv6", "--workers", str(workers), *extra], cwd=src, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "devmesh.proxy",
+            "--routes",
+            str(routes),
+            "--port",
+            "0",
+            "--no-ipv6",
+            "--workers",
+            str(workers),
+            *extra,
+        ],
+        cwd=src,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     assert proc.stdout is not None
     info = json.loads(proc.stdout.readline())
     return proc, info["http_port"]
@@ -112,8 +148,13 @@ def wrk(port: int, conns: int, duration: float, host: str | None = None) -> dict
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{duration:g}s", "--latency"]
     if host:
         cmd += ["-H", f"Host: {host}"]
-    out = subprocess.run([*cmd, f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
-                         timeout=duration + 30, check=True).stdout
+    out = subprocess.run(
+        [*cmd, f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=duration + 30,
+        check=True,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
     def pct(p: str) -> float:
@@ -124,8 +165,12 @@ def wrk(port: int, conns: int, duration: float, host: str | None = None) -> dict
         return float(m.group(1)) * scale
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50": pct("50"), "p99": pct("99"),
-            "non2xx": float(errors.group(1)) if errors else 0.0}
+    return {
+        "rps": rps,
+        "p50": pct("50"),
+        "p99": pct("99"),
+        "non2xx": float(errors.group(1)) if errors else 0.0,
+    }
 
 
 def rss_kib(pid: int) -> int:
@@ -152,8 +197,13 @@ def stream_gib(port: int, host: str | None, pid: int | None) -> tuple[float, int
     if host:
         cmd += ["-H", f"Host: {host}"]
     start = time.perf_counter()
-    out = subprocess.run([*cmd, f"http://127.0.0.1:{port}/big"], check=True, timeout=120,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [*cmd, f"http://127.0.0.1:{port}/big"],
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    ).stdout
     elapsed = time.perf_counter() - start
     if int(out) != GIB:
         raise RuntimeError(f"downloaded {out} bytes, expected {GIB}")
@@ -192,11 +242,17 @@ def ws_rate(port: int, host: str, duration: float) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    parser.add_argument("--compare", type=Path, default=None, metavar="DIR",
-                        help="also measure the proxy of this source tree, as 'base'")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also measure the proxy of this source tree, as 'base'",
+    )
     parser.add_argument("--no-uvloop", action="store_true", help="devmesh without uvloop")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "caddy", "curl"):
@@ -211,13 +267,23 @@ def main() -> int:
             f.truncate(GIB)  # sparse: nginx sends it with sendfile, no disk I/O
         up, np_, cp, wsp = free_port(), free_port(), free_port(), free_port()
         try:
-            procs.append(start_nginx(tmp, "upstream", f"""
+            procs.append(
+                start_nginx(
+                    tmp,
+                    "upstream",
+                    f"""
                 server {{
                     listen 127.0.0.1:{up};
                     location = / {{ return 200 "hello from nginx\\n"; }}
                     location = /big {{ alias {tmp}/big; }}
-                }}"""))
-            procs.append(start_nginx(tmp, "proxy", f"""
+                }}""",
+                )
+            )
+            procs.append(
+                start_nginx(
+                    tmp,
+                    "proxy",
+                    f"""
                 upstream app {{ server 127.0.0.1:{up}; keepalive 64; }}
                 server {{
                     listen 127.0.0.1:{np_};
@@ -226,10 +292,15 @@ def main() -> int:
                         proxy_http_version 1.1;
                         proxy_set_header Connection "";
                     }}
-                }}"""))
+                }}""",
+                )
+            )
             procs.append(start_caddy(tmp, cp, up))
-            ws = subprocess.Popen([sys.executable, "-c", WS_SERVER, str(wsp)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            ws = subprocess.Popen(
+                [sys.executable, "-c", WS_SERVER, str(wsp)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
             procs.append(ws)
             assert ws.stdout is not None
             ws.stdout.readline()
@@ -241,8 +312,13 @@ def main() -> int:
             for port in (up, np_, cp, dp, dp2):
                 wait_port(port)
 
-            targets = [("direct", up, None), ("nginx", np_, None), ("caddy", cp, None),
-                       ("devmesh", dp, "api.localhost"), ("devmesh-2w", dp2, "api.localhost")]
+            targets = [
+                ("direct", up, None),
+                ("nginx", np_, None),
+                ("caddy", cp, None),
+                ("devmesh", dp, "api.localhost"),
+                ("devmesh-2w", dp2, "api.localhost"),
+            ]
             base = None
             if args.compare is not None:
                 base, bp = start_devmesh(tmp, up, wsp, src=args.compare.resolve())
@@ -253,23 +329,31 @@ def main() -> int:
             for name, port, host in targets:
                 wrk(port, 32, 1, host)  # warm up
                 results[name] = {c: wrk(port, c, args.duration, host) for c in (32, 1)}
-            print(f"{'target':10} {'c32 req/s':>10} {'p50 ms':>8} {'p99 ms':>8}"
-                  f" {'c1 req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+            print(
+                f"{'target':10} {'c32 req/s':>10} {'p50 ms':>8} {'p99 ms':>8}"
+                f" {'c1 req/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
+            )
             for name, r in results.items():
-                print(f"{name:10} {r[32]['rps']:10.0f} {r[32]['p50']:8.3f} {r[32]['p99']:8.3f}"
-                      f" {r[1]['rps']:9.0f} {r[1]['p50']:8.3f} {r[1]['p99']:8.3f}"
-                      + (f"  non-2xx={r[32]['non2xx']:.0f}" if r[32]["non2xx"] else ""))
+                print(
+                    f"{name:10} {r[32]['rps']:10.0f} {r[32]['p50']:8.3f} {r[32]['p99']:8.3f}"
+                    f" {r[1]['rps']:9.0f} {r[1]['p50']:8.3f} {r[1]['p99']:8.3f}"
+                    + (f"  non-2xx={r[32]['non2xx']:.0f}" if r[32]["non2xx"] else "")
+                )
             ngr, car, dir_ = (results[k] for k in ("nginx", "caddy", "direct"))
             print()
             names = [n for n, _, _ in targets[3:]]
             for name in names:
                 r = results[name]
-                print(f"{name}/nginx throughput (c32): {r[32]['rps'] / ngr[32]['rps']:.2f}x"
-                      f"   {name}/caddy: {r[32]['rps'] / car[32]['rps']:.2f}x")
+                print(
+                    f"{name}/nginx throughput (c32): {r[32]['rps'] / ngr[32]['rps']:.2f}x"
+                    f"   {name}/caddy: {r[32]['rps'] / car[32]['rps']:.2f}x"
+                )
             for name in ("nginx", "caddy", *names):
                 r = results[name][1]
-                print(f"added latency at c1, {name:10}: p50 {r['p50'] - dir_[1]['p50']:+.3f} ms"
-                      f"  p99 {r['p99'] - dir_[1]['p99']:+.3f} ms")
+                print(
+                    f"added latency at c1, {name:10}: p50 {r['p50'] - dir_[1]['p50']:+.3f} ms"
+                    f"  p99 {r['p99'] - dir_[1]['p99']:+.3f} ms"
+                )
 
             # Best of two runs each: the first one also warms page cache and socket buffers.
             direct_s = min(stream_gib(up, None, None)[0] for _ in range(2))
@@ -278,8 +362,10 @@ def main() -> int:
             for name, port, proc in streamed:
                 runs = [stream_gib(port, "api.localhost", proc.pid) for _ in range(2)]
                 dm_s, peak = min(r[0] for r in runs), max(r[1] for r in runs)
-                print(f"  {name:8} {GIB / dm_s / 1e6:.0f} MB/s ({direct_s / dm_s:.2f}x direct),"
-                      f" peak RSS {peak / 1024:.1f} MiB")
+                print(
+                    f"  {name:8} {GIB / dm_s / 1e6:.0f} MB/s ({direct_s / dm_s:.2f}x direct),"
+                    f" peak RSS {peak / 1024:.1f} MiB"
+                )
 
             wd = ws_rate(wsp, "127.0.0.1", min(args.duration, 3))
             print(f"WebSocket echo (64 B, one connection): direct {wd:.0f} msg/s")

@@ -16,8 +16,14 @@ from devmesh.proxy import ca, errors
 
 def run(home, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DEVMESH_HOME": str(home), **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "devmesh", "ca", *args], capture_output=True,
-                          text=True, env=env, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "devmesh", "ca", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_path_creates_the_ca_once_with_a_private_key(tmp_path):
@@ -53,17 +59,30 @@ def test_install_into_injected_system_dir_and_nss_db(tmp_path):
     certutil = shutil.which("certutil")
     if certutil is None:
         pytest.skip("certutil (libnss3-tools) not installed")
-    subprocess.run([certutil, "-N", "-d", f"sql:{nss}", "--empty-password"], check=True,
-                   capture_output=True, timeout=30)
-    r = run(tmp_path / "dm", "install", "--system-dir", str(anchors), "--update-command", "",
-            "--nss-home", str(home))
+    subprocess.run(
+        [certutil, "-N", "-d", f"sql:{nss}", "--empty-password"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    r = run(
+        tmp_path / "dm",
+        "install",
+        "--system-dir",
+        str(anchors),
+        "--update-command",
+        "",
+        "--nss-home",
+        str(home),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.splitlines() == [
         f"ok   system store {anchors}: installed as {anchors / 'devmesh-local-ca.crt'}",
         f"ok   NSS store {nss}: added as 'devmesh local CA'",
     ]
-    listed = subprocess.run([certutil, "-L", "-d", f"sql:{nss}"], capture_output=True,
-                            text=True, check=True, timeout=30).stdout
+    listed = subprocess.run(
+        [certutil, "-L", "-d", f"sql:{nss}"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
     assert "devmesh local CA" in listed
 
 
@@ -72,9 +91,19 @@ def test_install_prints_precise_instructions_when_it_cannot(tmp_path):
     home = tmp_path / "user"
     (home / ".mozilla" / "firefox" / "abc.default").mkdir(parents=True)
     (home / ".mozilla" / "firefox" / "abc.default" / "cert9.db").write_bytes(b"")
-    r = run(tmp_path / "dm", "install", "--system-dir", str(missing), "--update-command",
-            "update-ca-certificates", "--nss-home", str(home), "--certutil", "",
-            env_extra={"PATH": "/nonexistent"})
+    r = run(
+        tmp_path / "dm",
+        "install",
+        "--system-dir",
+        str(missing),
+        "--update-command",
+        "update-ca-certificates",
+        "--nss-home",
+        str(home),
+        "--certutil",
+        "",
+        env_extra={"PATH": "/nonexistent"},
+    )
     assert r.returncode == 1
     cert = tmp_path / "dm" / "ca" / "ca.pem"
     profile = home / ".mozilla" / "firefox" / "abc.default"
@@ -92,5 +121,6 @@ def test_world_readable_key_is_refused(tmp_path):
     (tmp_path / "ca" / "ca-key.pem").chmod(0o644)
     with pytest.raises(errors.CAError) as info:
         ca.LocalCA(tmp_path).cert_path()
-    assert str(info.value) == (f"{tmp_path / 'ca' / 'ca-key.pem'}: key file mode is 644,"
-                               " expected 600")
+    assert str(info.value) == (
+        f"{tmp_path / 'ca' / 'ca-key.pem'}: key file mode is 644, expected 600"
+    )

@@ -30,8 +30,13 @@ def test_serve_swap_table_edges_and_shutdown(tmp_path):
                 async with httpx.AsyncClient() as client:
                     r = await client.get(f"http://127.0.0.1:{ports[edge]}/echo")
                     assert r.json()["path"] == "/echo"
-                    current[0] = table.RouteTable((table.Backend(
-                        project="shop", service="api", port=up.port, state="stopped"),))
+                    current[0] = table.RouteTable(
+                        (
+                            table.Backend(
+                                project="shop", service="api", port=up.port, state="stopped"
+                            ),
+                        )
+                    )
                     r = await client.get(f"http://127.0.0.1:{ports[edge]}/")
                     assert r.status_code == 502
                     # Asking again with the same preferred port keeps it; dropping frees it.

@@ -15,9 +15,10 @@ from devmesh.proxy import testing
 @pytest.fixture(scope="module")
 def proxy():
     with testing.upstream() as up:
-        p = testing.ProxyProcess({"backends": [{"project": "p", "service": "api",
-                                                "port": up.port}]},
-                                 args=("--max-header", "4096", "--idle-timeout", "2"))
+        p = testing.ProxyProcess(
+            {"backends": [{"project": "p", "service": "api", "port": up.port}]},
+            args=("--max-header", "4096", "--idle-timeout", "2"),
+        )
         yield p
         assert p.stop() == ""
 
@@ -41,17 +42,36 @@ def exchange(port: int, data: bytes) -> bytes:
 token = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=255), max_size=20)
 methods = st.sampled_from(["GET", "POST", "PUT", "HEAD", "G ET", "", "\x00", "OPTIONS"])
 versions = st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.x", "", "HTTP/1.1 x"])
-hosts = st.sampled_from(["api.localhost", "api.p.localhost", "", "x" * 300, "[::1]:1",
-                         "a..localhost", "api.localhost:abc", "devmesh.localhost"])
+hosts = st.sampled_from(
+    [
+        "api.localhost",
+        "api.p.localhost",
+        "",
+        "x" * 300,
+        "[::1]:1",
+        "a..localhost",
+        "api.localhost:abc",
+        "devmesh.localhost",
+    ]
+)
 headers = st.lists(st.tuples(token, token), max_size=6)
-framing = st.sampled_from([
-    "", "Content-Length: 5\r\n", "Content-Length: -1\r\n", "Content-Length: 1, 2\r\n",
-    "Transfer-Encoding: chunked\r\n", "Transfer-Encoding: gzip\r\n",
-    "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n", "Expect: 100-continue\r\n",
-    "Connection: Upgrade\r\nUpgrade: websocket\r\n", "X-Big: " + "b" * 5000 + "\r\n",
-])
-bodies = st.sampled_from([b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"zz\r\n", b"\r\n\r\n",
-                          b"GET / HTTP/1.1\r\n\r\n"])
+framing = st.sampled_from(
+    [
+        "",
+        "Content-Length: 5\r\n",
+        "Content-Length: -1\r\n",
+        "Content-Length: 1, 2\r\n",
+        "Transfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: gzip\r\n",
+        "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n",
+        "Expect: 100-continue\r\n",
+        "Connection: Upgrade\r\nUpgrade: websocket\r\n",
+        "X-Big: " + "b" * 5000 + "\r\n",
+    ]
+)
+bodies = st.sampled_from(
+    [b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"zz\r\n", b"\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n"]
+)
 
 
 @st.composite
@@ -77,15 +97,17 @@ def check(proxy, data: bytes) -> None:
     assert proxy.proc.poll() is None
 
 
-@settings(max_examples=120, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=requests())
 def test_structured_garbage(proxy, data):
     check(proxy, data)
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.binary(min_size=1, max_size=2000))
 def test_random_bytes(proxy, data):
     check(proxy, data)

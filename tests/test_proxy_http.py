@@ -26,8 +26,13 @@ def routes(up_port: int, **extra) -> dict:
         "backends": [
             {"project": "shop", "service": "api", "port": up_port},
             {"project": "blog", "service": "api", "port": up_port},
-            {"project": "shop", "service": "worker", "port": up_port, "state": "crash-looping",
-             "reason": "exited with status 1, 5 restarts in 30 s"},
+            {
+                "project": "shop",
+                "service": "worker",
+                "port": up_port,
+                "state": "crash-looping",
+                "reason": "exited with status 1, 5 restarts in 30 s",
+            },
             {"project": "shop", "service": "cron", "port": up_port, "state": "stopped"},
         ],
         "edges": [{"caller_project": "shop", "caller_service": "web", "target_service": "api"}],
@@ -38,15 +43,22 @@ def routes(up_port: int, **extra) -> dict:
 
 @pytest.fixture
 def proxy(upstream):
-    p = testing.ProxyProcess(routes(upstream.port), args=("--max-body", "1000000",
-                                                          "--idle-timeout", "0.5"))
+    p = testing.ProxyProcess(
+        routes(upstream.port), args=("--max-body", "1000000", "--idle-timeout", "0.5")
+    )
     yield p
     assert p.stop() == ""
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["curl", "-sS", "--max-time", "10", *args], capture_output=True,
-                          text=True, timeout=20, check=False, env=testing.env_without_proxy())
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+        env=testing.env_without_proxy(),
+    )
 
 
 def echo(proxy, host: str = "api.localhost", **kw) -> dict:
@@ -67,8 +79,10 @@ def test_curl_reaches_service_by_name_and_by_project_name(proxy):
 
 
 def test_forwarding_headers_are_set_and_appended(proxy):
-    r = httpx.get(f"http://127.0.0.1:{proxy.port}/echo", headers={
-        "host": "api.localhost:1234", "x-forwarded-for": "10.9.9.9", "via": "1.0 corp"})
+    r = httpx.get(
+        f"http://127.0.0.1:{proxy.port}/echo",
+        headers={"host": "api.localhost:1234", "x-forwarded-for": "10.9.9.9", "via": "1.0 corp"},
+    )
     doc = r.json()
     assert hdr(doc, "x-forwarded-for") == ["10.9.9.9, 127.0.0.1"]
     assert hdr(doc, "x-forwarded-proto") == ["http"]
@@ -80,9 +94,11 @@ def test_forwarding_headers_are_set_and_appended(proxy):
 
 def test_hop_by_hop_headers_are_removed_both_ways(proxy):
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
-        s.sendall(b"GET /echo HTTP/1.1\r\nHost: api.localhost\r\nConnection: keep-alive, x-secret"
-                  b"\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n"
-                  b"Proxy-Authorization: Basic eA==\r\nX-Kept: yes\r\n\r\n")
+        s.sendall(
+            b"GET /echo HTTP/1.1\r\nHost: api.localhost\r\nConnection: keep-alive, x-secret"
+            b"\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n"
+            b"Proxy-Authorization: Basic eA==\r\nX-Kept: yes\r\n\r\n"
+        )
         data = _read_response(s)
     head, _, body = data.partition(b"\r\n\r\n")
     names = {k for k, _ in json.loads(body)["headers"]}
@@ -108,8 +124,9 @@ def test_unknown_host_gets_404_listing_services(proxy):
     lines = r.text.splitlines()
     assert lines[0] == "404 Not Found: no service is named by host 'nope.localhost'"
     assert f"  api (shop, running): http://api.shop.localhost:{proxy.port}" in lines
-    html = httpx.get(f"http://127.0.0.1:{proxy.port}/",
-                     headers={"host": "nope.localhost", "accept": "text/html"})
+    html = httpx.get(
+        f"http://127.0.0.1:{proxy.port}/", headers={"host": "nope.localhost", "accept": "text/html"}
+    )
     assert html.headers["content-type"] == "text/html; charset=utf-8"
     assert f'<a href="http://api.blog.localhost:{proxy.port}">' in html.text
 
@@ -123,21 +140,26 @@ def test_reserved_agent_host_is_not_a_service(proxy):
 def test_stopped_and_crash_looping_services_get_502_naming_them(proxy):
     r = httpx.get(f"http://127.0.0.1:{proxy.port}/", headers={"host": "worker.localhost"})
     assert r.status_code == 502
-    assert r.text == ("502 Bad Gateway: service 'worker' of project 'shop' is crash-looping:"
-                      " exited with status 1, 5 restarts in 30 s\n")
+    assert r.text == (
+        "502 Bad Gateway: service 'worker' of project 'shop' is crash-looping:"
+        " exited with status 1, 5 restarts in 30 s\n"
+    )
     r = httpx.get(f"http://127.0.0.1:{proxy.port}/", headers={"host": "cron.localhost"})
     assert r.text == "502 Bad Gateway: service 'cron' of project 'shop' is stopped\n"
 
 
 def test_connection_refused_gets_502_naming_port(upstream):
     port = testing.free_port()
-    p = testing.ProxyProcess({"backends": [
-        {"project": "shop", "service": "api", "port": port, "state": "starting"}]})
+    p = testing.ProxyProcess(
+        {"backends": [{"project": "shop", "service": "api", "port": port, "state": "starting"}]}
+    )
     try:
         r = httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "api.localhost"})
         assert r.status_code == 502
-        assert r.text == (f"502 Bad Gateway: service 'api' is not reachable: connection refused"
-                          f" on 127.0.0.1:{port} (the service is still starting)\n")
+        assert r.text == (
+            f"502 Bad Gateway: service 'api' is not reachable: connection refused"
+            f" on 127.0.0.1:{port} (the service is still starting)\n"
+        )
         # the proxy keeps serving
         r = httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "nope.localhost"})
         assert r.status_code == 404
@@ -148,8 +170,10 @@ def test_connection_refused_gets_502_naming_port(upstream):
 def test_idle_upstream_gets_504(proxy):
     r = httpx.get(f"http://127.0.0.1:{proxy.port}/sleep?s=2", headers={"host": "api.localhost"})
     assert r.status_code == 504
-    assert r.text == (f"504 Gateway Timeout: service 'api' on 127.0.0.1:{proxy_up(proxy)}"
-                      " timed out: no response within 0.5 s\n")
+    assert r.text == (
+        f"504 Gateway Timeout: service 'api' on 127.0.0.1:{proxy_up(proxy)}"
+        " timed out: no response within 0.5 s\n"
+    )
 
 
 def proxy_up(proxy) -> int:
@@ -168,14 +192,17 @@ def test_connect_timeout_gets_504():
         f.setblocking(False)
         f.connect_ex(("127.0.0.1", port))
         fillers.append(f)
-    p = testing.ProxyProcess({"backends": [{"project": "p", "service": "api", "port": port}]},
-                             args=("--connect-timeout", "0.3"))
+    p = testing.ProxyProcess(
+        {"backends": [{"project": "p", "service": "api", "port": port}]},
+        args=("--connect-timeout", "0.3"),
+    )
     try:
-        r = httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "api.localhost"},
-                      timeout=10)
+        r = httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "api.localhost"}, timeout=10)
         assert r.status_code == 504
-        assert r.text == (f"504 Gateway Timeout: service 'api' on 127.0.0.1:{port} timed out:"
-                          " no connection within 0.3 s\n")
+        assert r.text == (
+            f"504 Gateway Timeout: service 'api' on 127.0.0.1:{port} timed out:"
+            " no connection within 0.3 s\n"
+        )
     finally:
         assert p.stop() == ""
         for f in fillers:
@@ -217,10 +244,23 @@ def test_http10_client(proxy):
 
 def test_expect_100_continue(proxy):
     body = b"z" * 200_000
-    r = subprocess.run(["curl", "-sS", "-v", "-H", "Expect: 100-continue", "--data-binary", "@-",
-                        f"http://api.localhost:{proxy.port}/echo"], input=body,
-                       capture_output=True, timeout=20, env=testing.env_without_proxy(),
-                       check=False)
+    r = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-v",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            "@-",
+            f"http://api.localhost:{proxy.port}/echo",
+        ],
+        input=body,
+        capture_output=True,
+        timeout=20,
+        env=testing.env_without_proxy(),
+        check=False,
+    )
     assert b"HTTP/1.1 100 Continue" in r.stderr
     doc = json.loads(r.stdout)
     assert doc["body_length"] == len(body)
@@ -228,18 +268,23 @@ def test_expect_100_continue(proxy):
 
 
 def test_body_over_limit_gets_413(proxy):
-    r = httpx.post(f"http://127.0.0.1:{proxy.port}/echo", headers={"host": "api.localhost"},
-                   content=b"a" * 1_000_001)
+    r = httpx.post(
+        f"http://127.0.0.1:{proxy.port}/echo",
+        headers={"host": "api.localhost"},
+        content=b"a" * 1_000_001,
+    )
     assert r.status_code == 413
-    assert r.text == ("413 Request Entity Too Large: request body exceeds the proxy's limit of"
-                      " 1000000 bytes\n")
+    assert r.text == (
+        "413 Request Entity Too Large: request body exceeds the proxy's limit of 1000000 bytes\n"
+    )
 
     def chunks():
         for _ in range(30):
             yield b"b" * 50_000
 
-    r = httpx.post(f"http://127.0.0.1:{proxy.port}/echo", headers={"host": "api.localhost"},
-                   content=chunks())
+    r = httpx.post(
+        f"http://127.0.0.1:{proxy.port}/echo", headers={"host": "api.localhost"}, content=chunks()
+    )
     assert r.status_code == 413
     assert echo(proxy)["method"] == "GET"  # still serving
 
@@ -249,8 +294,9 @@ def test_chunked_upload_is_rechunked_to_upstream(proxy):
         for i in range(10):
             yield bytes([65 + i]) * 1000
 
-    r = httpx.post(f"http://127.0.0.1:{proxy.port}/echo", headers={"host": "api.localhost"},
-                   content=chunks())
+    r = httpx.post(
+        f"http://127.0.0.1:{proxy.port}/echo", headers={"host": "api.localhost"}, content=chunks()
+    )
     doc = r.json()
     assert doc["body_length"] == 10_000
     assert hdr(doc, "transfer-encoding") == ["chunked"]
@@ -271,8 +317,9 @@ def test_malformed_request_400_and_huge_head_431(proxy):
 
 
 def test_keep_alive_reuses_one_upstream_connection(upstream, proxy):
-    with httpx.Client(base_url=f"http://127.0.0.1:{proxy.port}",
-                      headers={"host": "api.localhost"}) as client:
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{proxy.port}", headers={"host": "api.localhost"}
+    ) as client:
         for i in range(25):
             assert client.get(f"/echo?i={i}").status_code == 200
     assert upstream.connections == 1
@@ -296,19 +343,35 @@ def test_edge_listener_needs_no_resolver_and_names_the_caller(proxy):
 
 def test_route_changes_apply_without_restart(upstream, proxy):
     assert echo(proxy)["method"] == "GET"
-    proxy.update_routes({"backends": [
-        {"project": "shop", "service": "api", "port": upstream.port, "state": "stopped",
-         "reason": "stopped by devmesh down"}]})
+    proxy.update_routes(
+        {
+            "backends": [
+                {
+                    "project": "shop",
+                    "service": "api",
+                    "port": upstream.port,
+                    "state": "stopped",
+                    "reason": "stopped by devmesh down",
+                }
+            ]
+        }
+    )
     r = httpx.get(f"http://127.0.0.1:{proxy.port}/", headers={"host": "api.localhost"})
-    assert r.text == ("502 Bad Gateway: service 'api' of project 'shop' is stopped:"
-                      " stopped by devmesh down\n")
+    assert r.text == (
+        "502 Bad Gateway: service 'api' of project 'shop' is stopped: stopped by devmesh down\n"
+    )
 
 
 def test_most_recently_listed_project_wins_the_short_name(upstream):
     with testing.upstream() as other:
-        p = testing.ProxyProcess({"backends": [
-            {"project": "one", "service": "api", "port": upstream.port},
-            {"project": "two", "service": "api", "port": other.port}]})
+        p = testing.ProxyProcess(
+            {
+                "backends": [
+                    {"project": "one", "service": "api", "port": upstream.port},
+                    {"project": "two", "service": "api", "port": other.port},
+                ]
+            }
+        )
         try:
             httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "api.localhost"})
             assert (upstream.connections, other.connections) == (0, 1)
@@ -321,14 +384,22 @@ def test_most_recently_listed_project_wins_the_short_name(upstream):
 def test_access_log_json_lines(upstream):
     p = testing.ProxyProcess(routes(upstream.port), args=("--json",))
     try:
-        httpx.post(f"http://127.0.0.1:{p.port}/echo?q=1", headers={"host": "api.localhost"},
-                   content=b"12345")
+        httpx.post(
+            f"http://127.0.0.1:{p.port}/echo?q=1",
+            headers={"host": "api.localhost"},
+            content=b"12345",
+        )
         entry = json.loads(p.log_lines()[-1])
     finally:
         assert p.stop() == ""
     assert {k: entry[k] for k in ("method", "host", "path", "status", "bytes_in", "upstream")} == {
-        "method": "POST", "host": "api.localhost", "path": "/echo?q=1", "status": 200,
-        "bytes_in": 5, "upstream": f"127.0.0.1:{upstream.port}"}
+        "method": "POST",
+        "host": "api.localhost",
+        "path": "/echo?q=1",
+        "status": 200,
+        "bytes_in": 5,
+        "upstream": f"127.0.0.1:{upstream.port}",
+    }
     assert entry["bytes_out"] > 0 and entry["duration_ms"] > 0 and entry["caller"] is None
 
 
@@ -377,11 +448,13 @@ def test_idle_pooled_connection_closed_by_service_is_retried():
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    p = testing.ProxyProcess({"backends": [{"project": "p", "service": "api",
-                                            "port": listener.getsockname()[1]}]})
+    p = testing.ProxyProcess(
+        {"backends": [{"project": "p", "service": "api", "port": listener.getsockname()[1]}]}
+    )
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{p.port}",
-                          headers={"host": "api.localhost"}) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{p.port}", headers={"host": "api.localhost"}
+        ) as client:
             for _ in range(3):
                 r = client.get("/")
                 assert (r.status_code, r.text) == (200, "ok")

@@ -22,8 +22,9 @@ def upstream():
 
 @pytest.fixture
 def proxy(upstream):
-    p = testing.ProxyProcess({"backends": [{"project": "p", "service": "api",
-                                            "port": upstream.port}]})
+    p = testing.ProxyProcess(
+        {"backends": [{"project": "p", "service": "api", "port": upstream.port}]}
+    )
     yield p
     assert p.stop() == ""
 
@@ -82,8 +83,12 @@ def test_large_upload_streams_in_flat_memory(proxy):
                 peak[0] = max(peak[0], proxy.rss_kib())
             yield block
 
-    r = httpx.post(f"http://127.0.0.1:{proxy.port}/echo", headers={"host": "api.localhost"},
-                   content=body(), timeout=60)
+    r = httpx.post(
+        f"http://127.0.0.1:{proxy.port}/echo",
+        headers={"host": "api.localhost"},
+        content=body(),
+        timeout=60,
+    )
     doc = r.json()
     assert doc["body_length"] == size
     assert doc["body_sha256"] == digest.hexdigest()
@@ -95,8 +100,12 @@ def test_large_download_streams_in_flat_memory(proxy):
     rss_before = proxy.rss_kib()
     peak = rss_before
     got = 0
-    with httpx.stream("GET", f"http://127.0.0.1:{proxy.port}/download?n={size}",
-                      headers={"host": "api.localhost"}, timeout=60) as r:
+    with httpx.stream(
+        "GET",
+        f"http://127.0.0.1:{proxy.port}/download?n={size}",
+        headers={"host": "api.localhost"},
+        timeout=60,
+    ) as r:
         assert int(r.headers["content-length"]) == size
         for i, chunk in enumerate(r.iter_raw(1 << 20)):
             got += len(chunk)

@@ -24,8 +24,9 @@ def upstream():
 
 @pytest.fixture
 def proxy(upstream):
-    p = testing.ProxyProcess({"backends": [{"project": "shop", "service": "api",
-                                            "port": upstream.port}]}, https=True)
+    p = testing.ProxyProcess(
+        {"backends": [{"project": "shop", "service": "api", "port": upstream.port}]}, https=True
+    )
     yield p
     assert p.stop() == ""
 
@@ -40,15 +41,29 @@ def tls_get(proxy, name: str, path: str = "/echo") -> tuple[dict, bytes]:
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-        facts = {"alpn": s.selected_alpn_protocol(), "version": s.version(),
-                 "der": s.getpeercert(binary_form=True)}
+        facts = {
+            "alpn": s.selected_alpn_protocol(),
+            "version": s.version(),
+            "der": s.getpeercert(binary_form=True),
+        }
     return facts, data
 
 
 def test_curl_verifies_against_the_exported_ca(proxy):
-    r = subprocess.run(["curl", "-sS", "--cacert", str(proxy.home / "ca" / "ca.pem"),
-                        f"https://api.localhost:{proxy.https_port}/echo"], capture_output=True,
-                       text=True, timeout=20, env=testing.env_without_proxy(), check=False)
+    r = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--cacert",
+            str(proxy.home / "ca" / "ca.pem"),
+            f"https://api.localhost:{proxy.https_port}/echo",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=testing.env_without_proxy(),
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert ["x-forwarded-proto", "https"] in doc["headers"]
@@ -76,8 +91,10 @@ def test_tls_1_1_is_refused(proxy):
         warnings.simplefilter("ignore", DeprecationWarning)  # the point is an obsolete version
         ctx.maximum_version = ssl.TLSVersion.TLSv1_1
         ctx.minimum_version = ssl.TLSVersion.TLSv1
-    with socket.create_connection(("127.0.0.1", proxy.https_port), timeout=5) as raw, \
-            pytest.raises(ssl.SSLError):
+    with (
+        socket.create_connection(("127.0.0.1", proxy.https_port), timeout=5) as raw,
+        pytest.raises(ssl.SSLError),
+    ):
         ctx.wrap_socket(raw, server_hostname="api.localhost")
     _, data = tls_get(proxy, "api.localhost")  # still serving
     assert data.startswith(b"HTTP/1.1 200 OK")
@@ -104,12 +121,23 @@ def test_https_upstream(tmp_path, verify):
     ca_file = tmp_path / "upstream-ca.pem"
     authority.cert_pem.write_to_path(str(ca_file))
     args = ("--upstream-ca", str(ca_file)) if verify else ()
-    p = testing.ProxyProcess({"backends": [{"project": "p", "service": "secure",
-                                            "port": server.port, "scheme": "https"}]}, args=args)
+    p = testing.ProxyProcess(
+        {
+            "backends": [
+                {"project": "p", "service": "secure", "port": server.port, "scheme": "https"}
+            ]
+        },
+        args=args,
+    )
     try:
-        r = subprocess.run(["curl", "-sS", f"http://secure.localhost:{p.port}/echo"],
-                           capture_output=True, text=True, timeout=20,
-                           env=testing.env_without_proxy(), check=False)
+        r = subprocess.run(
+            ["curl", "-sS", f"http://secure.localhost:{p.port}/echo"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=testing.env_without_proxy(),
+            check=False,
+        )
         assert json.loads(r.stdout)["method"] == "GET"
     finally:
         assert p.stop() == ""
@@ -126,16 +154,27 @@ def test_https_upstream_with_untrusted_certificate_gets_502(tmp_path):
     thread.start()
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
-    p = testing.ProxyProcess({"backends": [{"project": "p", "service": "secure",
-                                            "port": server.port, "scheme": "https"}]},
-                             args=("--upstream-ca", str(other)))
+    p = testing.ProxyProcess(
+        {
+            "backends": [
+                {"project": "p", "service": "secure", "port": server.port, "scheme": "https"}
+            ]
+        },
+        args=("--upstream-ca", str(other)),
+    )
     try:
-        r = subprocess.run(["curl", "-sS", f"http://secure.localhost:{p.port}/"],
-                           capture_output=True, text=True, timeout=20,
-                           env=testing.env_without_proxy(), check=False)
+        r = subprocess.run(
+            ["curl", "-sS", f"http://secure.localhost:{p.port}/"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=testing.env_without_proxy(),
+            check=False,
+        )
         assert r.stdout.startswith(
             "502 Bad Gateway: service 'secure' is not reachable: TLS handshake failed"
-            " (CERTIFICATE_VERIFY_FAILED) on 127.0.0.1:")
+            " (CERTIFICATE_VERIFY_FAILED) on 127.0.0.1:"
+        )
     finally:
         assert p.stop() == ""
         server.shutdown()

@@ -39,10 +39,12 @@ def ws_upstream():
 
 @pytest.fixture
 def proxy(ws_upstream):
-    p = testing.ProxyProcess({
-        "backends": [{"project": "p", "service": "chat", "port": ws_upstream}],
-        "edges": [{"caller_project": "p", "caller_service": "web", "target_service": "chat"}],
-    })
+    p = testing.ProxyProcess(
+        {
+            "backends": [{"project": "p", "service": "chat", "port": ws_upstream}],
+            "edges": [{"caller_project": "p", "caller_service": "web", "target_service": "chat"}],
+        }
+    )
     yield p
     assert p.stop() == ""
 
@@ -50,8 +52,9 @@ def proxy(ws_upstream):
 def ws_connect(proxy, path: str = "/", **kw):
     """Connect by name (Host: chat.localhost) over a socket to the proxy port."""
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    return connect(f"ws://chat.localhost:{proxy.port}{path}", sock=sock, proxy=None,
-                   max_size=32 * MIB, **kw)
+    return connect(
+        f"ws://chat.localhost:{proxy.port}{path}", sock=sock, proxy=None, max_size=32 * MIB, **kw
+    )
 
 
 def test_text_and_binary_echo_with_deflate_negotiated_end_to_end(proxy):
@@ -112,9 +115,13 @@ def test_invalid_handshake_is_rejected_with_400(proxy):
         ws_connect(proxy, additional_headers={"Sec-WebSocket-Version": "12"})
     assert info.value.response.status_code in (400, 426)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: chat.localhost\r\nConnection: Upgrade\r\n"
-                  b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        s.sendall(
+            b"GET / HTTP/1.1\r\nHost: chat.localhost\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
         data = s.recv(65536)
     assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n")
-    assert data.endswith(b"400 Bad Request: invalid WebSocket handshake from the client:"
-                         b" Missing header, 'Sec-WebSocket-Key'\n")
+    assert data.endswith(
+        b"400 Bad Request: invalid WebSocket handshake from the client:"
+        b" Missing header, 'Sec-WebSocket-Key'\n"
+    )

@@ -17,7 +17,8 @@ Ordering rules live here too:
   their own fingerprint changes (the agent folds dependency URLs into it).
 
 What it does not guarantee: that an action succeeds. A failed start comes back as
-``Phase.FAILED`` in the next ``seen`` and is then held until the configuration changes or the agent forgets it (the next `up`).
+``Phase.FAILED`` in the next ``seen`` and is then held until the configuration changes or
+the agent forgets it (the next `up`).
 """
 
 from __future__ import annotations

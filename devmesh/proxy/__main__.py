@@ -58,10 +58,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-body", type=int, default=None, help="request body limit, bytes")
     p.add_argument("--max-header", type=int, default=64 * 1024, help="request head limit, bytes")
     p.add_argument("--upstream-ca", default=None, help="verify https services against this CA")
-    p.add_argument("--workers", type=int, default=1,
-                   help="processes sharing the ports through SO_REUSEPORT (edges: first only)")
-    p.add_argument("--no-uvloop", action="store_true",
-                   help="use asyncio's own event loop even when uvloop is installed")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the ports through SO_REUSEPORT (edges: first only)",
+    )
+    p.add_argument(
+        "--no-uvloop",
+        action="store_true",
+        help="use asyncio's own event loop even when uvloop is installed",
+    )
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-edges", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -100,8 +107,9 @@ async def run(args: argparse.Namespace) -> None:
         "http_port": proxy.http_port,
         "https_port": proxy.https_port,
         "pid": os.getpid(),
-        "edges": [[e.caller_project, e.caller_service, e.target_service, p]
-                  for e, p in ports.items()],
+        "edges": [
+            [e.caller_project, e.caller_service, e.target_service, p] for e, p in ports.items()
+        ],
     }
     sys.stdout.write(json.dumps(report) + "\n")
     sys.stdout.flush()
@@ -128,8 +136,18 @@ async def run(args: argparse.Namespace) -> None:
 
 def spawn_worker(args: argparse.Namespace, proxy: server_mod.ProxyServer) -> subprocess.Popen:
     """Another process on the same ports; it reads the same routes file by itself."""
-    argv = [sys.executable, "-m", "devmesh.proxy", *sys.argv[1:], "--reuse-port", "--no-edges",
-            "--workers", "1", "--port", str(proxy.http_port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "devmesh.proxy",
+        *sys.argv[1:],
+        "--reuse-port",
+        "--no-edges",
+        "--workers",
+        "1",
+        "--port",
+        str(proxy.http_port),
+    ]
     if proxy.https_port is not None:
         argv += ["--https-port", str(proxy.https_port)]
     worker = subprocess.Popen(argv, stdout=subprocess.PIPE)

@@ -97,7 +97,7 @@ class AccessLog:
             self._lines.clear()
             self._size = 0
             while data:
-                data = data[os.write(self._fd, data):]
+                data = data[os.write(self._fd, data) :]
 
     def close(self) -> None:
         if self._fd is not None:

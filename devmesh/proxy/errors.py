@@ -36,9 +36,7 @@ class UpstreamConnectError(ProxyError):
 
     def __init__(self, service: str, host: str, port: int, reason: str, state: str) -> None:
         hint = " (the service is still starting)" if state == "starting" else ""
-        super().__init__(
-            f"service {service!r} is not reachable: {reason} on {host}:{port}{hint}"
-        )
+        super().__init__(f"service {service!r} is not reachable: {reason} on {host}:{port}{hint}")
 
 
 class UpstreamTimeoutError(ProxyError):

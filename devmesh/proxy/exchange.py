@@ -119,9 +119,7 @@ async def _next_upstream(
         conn.receive_data(data)
 
 
-async def _pump_body(
-    client: Client, up: pool.Upstream, limit: int | None, result: Result
-) -> None:
+async def _pump_body(client: Client, up: pool.Upstream, limit: int | None, result: Result) -> None:
     """Client request body -> service, chunk by chunk, honouring the size limit."""
     try:
         while True:
@@ -157,7 +155,10 @@ async def _watch_client(client: Client, up: pool.Upstream) -> None:
 
 
 def upstream_request(
-    client: Client, request: h11.Request, hdrs: headers.Headers, host: bytes,
+    client: Client,
+    request: h11.Request,
+    hdrs: headers.Headers,
+    host: bytes,
     ws_key: bytes | None,
 ) -> h11.Request:
     out = headers.request_headers(hdrs, client_ip=client.ip, proto=client.proto, host=host)
@@ -211,9 +212,11 @@ async def forward(
             if has_body:
                 if client.conn.they_are_waiting_for_100_continue:
                     client.writer.write(
-                        client.conn.send(h11.InformationalResponse(
-                            status_code=100, headers=[], reason=b"Continue"
-                        ))
+                        client.conn.send(
+                            h11.InformationalResponse(
+                                status_code=100, headers=[], reason=b"Continue"
+                            )
+                        )
                     )
                 pump = asyncio.ensure_future(_pump_body(client, up, limit, result))
             try:
@@ -227,12 +230,21 @@ async def forward(
                     up = await upstreams.connect(backend)
                     continue
                 raise errors.UpstreamProtocolError(
-                    backend.service, backend.host, backend.port,
+                    backend.service,
+                    backend.host,
+                    backend.port,
                     "connection closed before a response",
                 ) from None
         await _respond(
-            client, up, upstreams=upstreams, backend=backend, config=config, result=result,
-            event=event, ws_key=ws_key, pump=pump,
+            client,
+            up,
+            upstreams=upstreams,
+            backend=backend,
+            config=config,
+            result=result,
+            event=event,
+            ws_key=ws_key,
+            pump=pump,
         )
     except BaseException:
         up.close()
@@ -267,9 +279,14 @@ async def _respond(
             await _tunnel(client, up, config, result, event)
             return
         if event.status_code != 100:  # 100 was already answered by the proxy itself
-            client.writer.write(client.conn.send(h11.InformationalResponse(
-                status_code=event.status_code, headers=headers.response_headers(event.headers),
-            )))
+            client.writer.write(
+                client.conn.send(
+                    h11.InformationalResponse(
+                        status_code=event.status_code,
+                        headers=headers.response_headers(event.headers),
+                    )
+                )
+            )
         event = await _next_upstream(up, backend, config, "response")
     if type(event) is not h11.Response:
         raise errors.UpstreamProtocolError(
@@ -277,12 +294,16 @@ async def _respond(
         )
     result.status = event.status_code
     up_hdrs = list(event.headers)  # once: h11's header sequence is slow to iterate
-    out = [client.conn.send(h11.Response(
-        status_code=event.status_code,
-        headers=headers.response_headers(up_hdrs),
-        reason=event.reason,
-        _parsed=True,  # parsed by h11 from the service's bytes; see upstream_request()
-    ))]
+    out = [
+        client.conn.send(
+            h11.Response(
+                status_code=event.status_code,
+                headers=headers.response_headers(up_hdrs),
+                reason=event.reason,
+                _parsed=True,  # parsed by h11 from the service's bytes; see upstream_request()
+            )
+        )
+    ]
     watcher = None
     if headers.get(up_hdrs, b"content-length") is None and (pump is None or pump.done()):
         watcher = asyncio.ensure_future(_watch_client(client, up))

@@ -86,8 +86,9 @@ def _forwarded_pair(client_ip: str, host: bytes, proto: str) -> tuple[bytes, byt
     return client_ip.encode(), node.encode()
 
 
-_REPLACED = frozenset({b"x-forwarded-for", b"forwarded", b"via", b"x-forwarded-proto",
-                       b"x-forwarded-host"})
+_REPLACED = frozenset(
+    {b"x-forwarded-for", b"forwarded", b"via", b"x-forwarded-proto", b"x-forwarded-host"}
+)
 
 
 def request_headers(

@@ -63,5 +63,8 @@ def keep_freed_heap(nbytes: int = KEEP_HEAP_BYTES) -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return (bool(mallopt(M_MMAP_THRESHOLD, nbytes // 2)) and bool(mallopt(M_TRIM_THRESHOLD, nbytes))
-            and bool(mallopt(M_TOP_PAD, nbytes // 2)))
+    return (
+        bool(mallopt(M_MMAP_THRESHOLD, nbytes // 2))
+        and bool(mallopt(M_TRIM_THRESHOLD, nbytes))
+        and bool(mallopt(M_TOP_PAD, nbytes // 2))
+    )

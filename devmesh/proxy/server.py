@@ -77,17 +77,31 @@ class ProxyServer:
         limit = self.settings.read_size
         reuse_port = self.settings.reuse_port and edge is None
         first = await asyncio.start_server(
-            handler, self.settings.host, port, limit=limit, ssl=tls, reuse_address=True,
-            reuse_port=reuse_port, backlog=1024,
+            handler,
+            self.settings.host,
+            port,
+            limit=limit,
+            ssl=tls,
+            reuse_address=True,
+            reuse_port=reuse_port,
+            backlog=1024,
         )
         bound = first.sockets[0].getsockname()[1]
         servers = [first]
         if self.settings.ipv6:
             try:
-                servers.append(await asyncio.start_server(
-                    handler, "::1", bound, limit=limit, ssl=tls, reuse_address=True,
-                    reuse_port=reuse_port, backlog=1024,
-                ))
+                servers.append(
+                    await asyncio.start_server(
+                        handler,
+                        "::1",
+                        bound,
+                        limit=limit,
+                        ssl=tls,
+                        reuse_address=True,
+                        reuse_port=reuse_port,
+                        backlog=1024,
+                    )
+                )
             except OSError as exc:  # no IPv6 loopback here, or the port is taken on ::1
                 log.debug("not listening on [::1]:%s: %s", bound, exc)
         return bound, servers
@@ -103,8 +117,9 @@ class ProxyServer:
             self.https_port = port
             self._servers += servers
 
-    async def serve(self, *, task_status: TaskStatus[ProxyServer] = anyio.TASK_STATUS_IGNORED
-                    ) -> None:
+    async def serve(
+        self, *, task_status: TaskStatus[ProxyServer] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Listen until cancelled, then close every listener and connection.
 
         ``task_status.started(self)`` fires once the listeners are bound, so the agent can
@@ -237,8 +252,14 @@ class ProxyServer:
                     backend.service, backend.project, backend.state, backend.reason
                 )
             await exchange.forward(
-                client, request, hdrs=ctx.hdrs, host=ctx.host, backend=backend,
-                upstreams=self.pool, config=self.settings, result=ctx.result,
+                client,
+                request,
+                hdrs=ctx.hdrs,
+                host=ctx.host,
+                backend=backend,
+                upstreams=self.pool,
+                config=self.settings,
+                result=ctx.result,
             )
         except errors.ProxyError as exc:
             self._answer(ctx, exc.status, exc.message)
@@ -280,14 +301,19 @@ class ProxyServer:
         assert ctx.request is not None
         accept = headers.get(ctx.hdrs, b"accept")
         ctype, body = pages.render(status, message, accept=accept, services=services)
-        hdrs = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
-                (b"via", headers.VIA)]
+        hdrs = [
+            (b"content-type", ctype),
+            (b"content-length", str(len(body)).encode()),
+            (b"via", headers.VIA),
+        ]
         if conn.their_state is not h11.DONE:
             hdrs.append((b"connection", b"close"))
         result.status = status
-        data = conn.send(h11.Response(
-            status_code=status, headers=hdrs, reason=HTTPStatus(status).phrase.encode()
-        ))
+        data = conn.send(
+            h11.Response(
+                status_code=status, headers=hdrs, reason=HTTPStatus(status).phrase.encode()
+            )
+        )
         data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
         ctx.client.writer.write(data)
         result.bytes_out += len(body) if ctx.request.method != b"HEAD" else 0
@@ -296,20 +322,22 @@ class ProxyServer:
         if not self.access_log.enabled:
             return  # building the entry costs as much as routing the request
         edge, request, backend, result = ctx.client.edge, ctx.request, ctx.backend, ctx.result
-        self.access_log.record(accesslog.Entry(
-            time=ctx.started,
-            client=ctx.client.peer,
-            method=request.method.decode("latin-1") if request else "-",
-            host=ctx.host.decode("latin-1") if request else "-",
-            path=request.target.decode("latin-1") if request else "-",
-            status=result.status,
-            bytes_in=result.bytes_in,
-            bytes_out=result.bytes_out,
-            duration_ms=(time.perf_counter() - ctx.clock) * 1000,
-            upstream=f"{backend.host}:{backend.port}" if backend else None,
-            caller=f"{edge.caller_service}.{edge.caller_project}" if edge else None,
-            error=result.error,
-        ))
+        self.access_log.record(
+            accesslog.Entry(
+                time=ctx.started,
+                client=ctx.client.peer,
+                method=request.method.decode("latin-1") if request else "-",
+                host=ctx.host.decode("latin-1") if request else "-",
+                path=request.target.decode("latin-1") if request else "-",
+                status=result.status,
+                bytes_in=result.bytes_in,
+                bytes_out=result.bytes_out,
+                duration_ms=(time.perf_counter() - ctx.clock) * 1000,
+                upstream=f"{backend.host}:{backend.port}" if backend else None,
+                caller=f"{edge.caller_service}.{edge.caller_project}" if edge else None,
+                error=result.error,
+            )
+        )
 
 
 class _Ctx:

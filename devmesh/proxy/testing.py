@@ -27,16 +27,33 @@ from typing import Any
 class ProxyProcess:
     """``python -m devmesh.proxy`` in a child process with a routes file it watches."""
 
-    def __init__(self, routes: dict[str, Any], *, https: bool = False, args: tuple[str, ...] = (),
-                 home: Path | None = None) -> None:
+    def __init__(
+        self,
+        routes: dict[str, Any],
+        *,
+        https: bool = False,
+        args: tuple[str, ...] = (),
+        home: Path | None = None,
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="devmesh-proxy-"))
         self.home = home or self.dir / "home"
         self.routes_path = self.dir / "routes.json"
         self.access_log = self.dir / "access.log"
         self.routes_path.write_text(json.dumps(routes))
-        cmd = [sys.executable, "-m", "devmesh.proxy", "--routes", str(self.routes_path),
-               "--port", "0", "--home", str(self.home), "--access-log", str(self.access_log),
-               *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "devmesh.proxy",
+            "--routes",
+            str(self.routes_path),
+            "--port",
+            "0",
+            "--home",
+            str(self.home),
+            "--access-log",
+            str(self.access_log),
+            *args,
+        ]
         if https:
             cmd += ["--https-port", "0"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -104,8 +121,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.connections += 1
 
-    def _send(self, status: int, body: bytes, ctype: str = "application/json",
-              extra: tuple[tuple[str, str], ...] = ()) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        ctype: str = "application/json",
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -192,11 +214,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             return
         length, sha = self._read_body()
-        body = json.dumps({
-            "method": self.command, "path": self.path, "version": self.request_version,
-            "headers": [[k.lower(), v] for k, v in self.headers.items()],
-            "body_length": length, "body_sha256": sha,
-        }).encode()
+        body = json.dumps(
+            {
+                "method": self.command,
+                "path": self.path,
+                "version": self.request_version,
+                "headers": [[k.lower(), v] for k, v in self.headers.items()],
+                "body_length": length,
+                "body_sha256": sha,
+            }
+        ).encode()
         self._send(200, body)
 
     def _sse(self, n: int, interval: float) -> None:
@@ -236,8 +263,9 @@ class UpstreamServer(http.server.ThreadingHTTPServer):
 @contextlib.contextmanager
 def upstream() -> Iterator[UpstreamServer]:
     server = UpstreamServer()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield server

@@ -71,11 +71,17 @@ def install_system(cert: Path, directory: Path, update_command: str | None) -> S
                 [update_command], capture_output=True, text=True, timeout=120, check=False
             )
         except OSError as exc:
-            return Step(store=name, done=False,
-                        detail=f"copied, but {update_command}: {exc.strerror}; run: {manual}")
+            return Step(
+                store=name,
+                done=False,
+                detail=f"copied, but {update_command}: {exc.strerror}; run: {manual}",
+            )
         if proc.returncode != 0:
-            return Step(store=name, done=False,
-                        detail=f"copied, but {update_command} failed: {proc.stderr.strip()}")
+            return Step(
+                store=name,
+                done=False,
+                detail=f"copied, but {update_command} failed: {proc.stderr.strip()}",
+            )
     return Step(store=name, done=True, detail=f"installed as {target}")
 
 
@@ -83,14 +89,21 @@ def install_nss(cert: Path, database: Path, certutil: str | None) -> Step:
     args = ["-A", "-d", f"sql:{database}", "-t", "C,,", "-n", NICKNAME, "-i", str(cert)]
     name = f"NSS store {database}"
     if certutil is None:
-        return Step(store=name, done=False, detail="certutil not found (Debian package "
-                    f"libnss3-tools); run: certutil {' '.join(args)}")
-    proc = subprocess.run([certutil, *args], capture_output=True, text=True, timeout=60,
-                          check=False)
+        return Step(
+            store=name,
+            done=False,
+            detail="certutil not found (Debian package "
+            f"libnss3-tools); run: certutil {' '.join(args)}",
+        )
+    proc = subprocess.run(
+        [certutil, *args], capture_output=True, text=True, timeout=60, check=False
+    )
     if proc.returncode != 0:
-        return Step(store=name, done=False,
-                    detail=f"certutil failed: {proc.stderr.strip()}; run: certutil "
-                           + " ".join(args))
+        return Step(
+            store=name,
+            done=False,
+            detail=f"certutil failed: {proc.stderr.strip()}; run: certutil " + " ".join(args),
+        )
     return Step(store=name, done=True, detail=f"added as {NICKNAME!r}")
 
 
@@ -106,9 +119,14 @@ def install(
     if system is not None:
         steps.append(install_system(cert, system[0], system[1]))
     else:
-        steps.append(Step(store="system store", done=False,
-                          detail="no known system store on this machine; import "
-                                 f"{cert} into your OS's trust settings by hand"))
+        steps.append(
+            Step(
+                store="system store",
+                done=False,
+                detail="no known system store on this machine; import "
+                f"{cert} into your OS's trust settings by hand",
+            )
+        )
     steps.extend(install_nss(cert, db, certutil) for db in nss_databases(home))
     return steps
 
