@@ -229,3 +229,13 @@ def test_unreadable_state_file_is_kept_aside(mesh: Mesh) -> None:
     assert len(kept) == 1 and kept[0].read_text() == "{not json"
     log = (mesh.root / "agent-fg.log").read_text()
     assert "unreadable state" in log and str(kept[0]) in log
+
+
+def test_adhoc_run_usage_errors_exit_2_before_anything_starts(mesh: Mesh) -> None:
+    r = mesh.cli("run", "--", PY, "-V")
+    assert r.returncode == 2
+    assert "usage: devmesh run NAME [--port P] [--version V] -- CMD [ARGS...]" in r.stderr
+    r = mesh.cli("run", "echo", "--port", "http", "--", PY, "-V")
+    assert r.returncode == 2
+    assert "--port: expected a port number, got 'http'" in r.stderr
+    assert not (mesh.home / "agent.sock").exists()

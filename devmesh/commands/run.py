@@ -47,11 +47,14 @@ def run(args: argparse.Namespace) -> int:
         name = args.services[0] if len(args.services) == 1 else ""
         if not command or not name:
             raise _common.CommandError(
-                "usage: devmesh run NAME [--port P] [--version V] -- CMD [ARGS...]", 2
+                "usage: devmesh run NAME [--port P] [--version V] -- CMD [ARGS...]",
+                _common.EXIT_USAGE,
             )
         return _adhoc(args, name, command)
     if len(args.services) != 1:
-        raise _common.CommandError("name exactly one service: devmesh run SERVICE", 2)
+        raise _common.CommandError(
+            "name exactly one service: devmesh run SERVICE", _common.EXIT_USAGE
+        )
     return up.run(args)
 
 
@@ -65,7 +68,7 @@ def _adhoc(args: argparse.Namespace, name: str, command: list[str]) -> int:
             port = int(args.port)
         except ValueError:
             raise _common.CommandError(
-                f"--port: expected a port number, got {args.port!r}", 2
+                f"--port: expected a port number, got {args.port!r}", _common.EXIT_USAGE
             ) from None
     doc = {
         "version": 1,

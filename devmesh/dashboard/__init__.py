@@ -1,1 +1,3 @@
-"""devmesh.dashboard"""
+"""Reserved for the live web dashboard (a later issue); empty until then so the layout of
+DESIGN.md and its import contracts hold from the start.
+"""
