@@ -23,7 +23,18 @@ import anyio
 import h11
 from anyio.abc import TaskStatus
 
-from devmesh.proxy import accesslog, ca, errors, exchange, headers, pages, pool, settings, table
+from devmesh.proxy import (
+    accesslog,
+    ca,
+    errors,
+    exchange,
+    headers,
+    listeners,
+    pages,
+    pool,
+    settings,
+    table,
+)
 
 log = logging.getLogger("devmesh.proxy")
 FLUSH_INTERVAL_S = 0.25
@@ -75,32 +86,16 @@ class ProxyServer:
             await self._connection(reader, writer, proto=proto, edge=edge)
 
         limit = self.settings.read_size
-        reuse_port = self.settings.reuse_port and edge is None
-        first = await asyncio.start_server(
-            handler,
-            self.settings.host,
-            port,
-            limit=limit,
-            ssl=tls,
-            reuse_address=True,
-            reuse_port=reuse_port,
-            backlog=1024,
-        )
-        bound = first.sockets[0].getsockname()[1]
+        shared, join = self.settings.reuse_port, self.settings.join_ports
+        sock = listeners.bind(self.settings.host, port, shared=shared, join=join)
+        first = await asyncio.start_server(handler, sock=sock, limit=limit, ssl=tls)
+        bound = sock.getsockname()[1]
         servers = [first]
         if self.settings.ipv6:
             try:
+                sock6 = listeners.bind("::1", bound, shared=shared, join=join)
                 servers.append(
-                    await asyncio.start_server(
-                        handler,
-                        "::1",
-                        bound,
-                        limit=limit,
-                        ssl=tls,
-                        reuse_address=True,
-                        reuse_port=reuse_port,
-                        backlog=1024,
-                    )
+                    await asyncio.start_server(handler, sock=sock6, limit=limit, ssl=tls)
                 )
             except OSError as exc:  # no IPv6 loopback here, or the port is taken on ::1
                 log.debug("not listening on [::1]:%s: %s", bound, exc)

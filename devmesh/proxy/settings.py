@@ -35,7 +35,10 @@ class Settings:
     read_size: int = 256 * 1024
     """Bytes asked of the socket per read; bigger means fewer wake-ups on bulk transfers."""
     reuse_port: bool = False
-    """Bind the main listeners with SO_REUSEPORT so worker processes can share the ports."""
+    """Bind every listener with SO_REUSEPORT (after proving the port free) so worker
+    processes can share the ports."""
+    join_ports: bool = False
+    """This process is a worker: its agent already holds the ports; bind them shared."""
     upstream_verify_tls: bool = False
     """Verify certificates of services with scheme https. Off: they are loopback processes
     whose self-signed certificates no trust store knows."""
