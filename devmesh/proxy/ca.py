@@ -13,10 +13,12 @@ for whatever a client typed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 import ssl
+import tempfile
 import threading
 from pathlib import Path
 from typing import Protocol
@@ -49,13 +51,21 @@ def _now() -> datetime.datetime:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret so that it is never readable by others, not even for an instant."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    tmp.chmod(0o600)
-    tmp.replace(path)
+    """Write a secret so that it is never readable by others, not even for an instant.
+
+    The temp file's name is unique: the agent and its proxy workers may issue the same leaf
+    at the same moment, and a shared temp name let one truncate the other's file mid-write.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class LocalCA:
