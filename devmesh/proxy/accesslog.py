@@ -37,6 +37,9 @@ class Entry:
     caller: str | None = None
     """The calling service (service.project) when the request came in on an edge listener."""
     error: str | None = None
+    pid: int | None = None
+    """The proxy process that served the request (the agent or one of its workers); the
+    JSON lines carry the writing process's pid when the entry has none."""
 
 
 def format_text(entry: Entry) -> str:
@@ -61,8 +64,11 @@ def format_text(entry: Entry) -> str:
     return " ".join(parts)
 
 
-def format_json(entry: Entry) -> str:
-    return json.dumps(asdict(entry), separators=(",", ":"))
+def format_json(entry: Entry, pid: int | None = None) -> str:
+    doc = asdict(entry)
+    if doc["pid"] is None:
+        doc["pid"] = pid
+    return json.dumps(doc, separators=(",", ":"))
 
 
 class AccessLog:
@@ -70,7 +76,8 @@ class AccessLog:
 
     def __init__(self, path: Path | str | None, *, json_lines: bool = False) -> None:
         self.path = Path(path) if path is not None else None
-        self._format = format_json if json_lines else format_text
+        self._json = json_lines
+        self._pid = os.getpid()
         self._fd: int | None = None
         self._lines: list[str] = []
         self._size = 0
@@ -85,7 +92,7 @@ class AccessLog:
 
     def record(self, entry: Entry) -> None:
         if self._fd is not None:
-            line = self._format(entry)
+            line = format_json(entry, self._pid) if self._json else format_text(entry)
             self._lines.append(line)
             self._size += len(line)
             if self._size > 64 * 1024:
