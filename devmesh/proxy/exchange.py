@@ -205,7 +205,7 @@ async def forward(
         for attempt in (0, 1):
             head = up.conn.send(up_request)
             if not has_body:
-                if attempt == 0:
+                if client.conn.their_state is h11.SEND_BODY:
                     await client.next_event()  # the EndOfMessage of an empty body: no I/O
                 head += up.conn.send(h11.EndOfMessage())
             up.writer.write(head)
@@ -257,6 +257,35 @@ async def forward(
         if pump is not None and not pump.done():
             pump.cancel()
             await asyncio.wait((pump,))  # it must stop reading the client before we do
+
+
+async def resume(
+    client: Client,
+    up: pool.Upstream,
+    event: h11.Event,
+    *,
+    backend: table.Backend,
+    upstreams: pool.Pool,
+    config: settings.Settings,
+    result: Result,
+) -> None:
+    """Finish an exchange whose request went out in callbacks, from the service's first
+    event on (the fast path hands over answers it does not stream itself)."""
+    try:
+        await _respond(
+            client,
+            up,
+            upstreams=upstreams,
+            backend=backend,
+            config=config,
+            result=result,
+            event=event,
+            ws_key=None,
+            pump=None,
+        )
+    except BaseException:
+        up.close()
+        raise
 
 
 async def _respond(

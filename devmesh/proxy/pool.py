@@ -19,20 +19,22 @@ from collections import defaultdict
 
 import h11
 
-from devmesh.proxy import errors, settings, table
+from devmesh.proxy import channel, errors, settings, table
 
 
 class Upstream:
-    """One connection to a service with its h11 client state."""
+    """One connection to a service with its h11 client state.
+
+    ``reader`` and ``writer`` are the same ``Channel``: the general path uses its stream API,
+    the fast path its ``consumer`` callback.
+    """
 
     __slots__ = ("conn", "key", "reader", "reused", "writer")
 
-    def __init__(
-        self, key: tuple[str, int, str], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def __init__(self, key: tuple[str, int, str], chan: channel.Channel) -> None:
         self.key = key
-        self.reader = reader
-        self.writer = writer
+        self.reader = chan
+        self.writer = chan
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=1024 * 1024)
         self.reused = False
 
@@ -61,21 +63,24 @@ class Pool:
             self._tls = ctx
         return self._tls
 
-    async def acquire(self, backend: table.Backend) -> Upstream:
-        """An idle connection to the backend, or a new one.
-
-        Raises UpstreamConnectError (refused, unreachable, TLS failure) or
-        UpstreamTimeoutError (no connection within connect_timeout_s).
-        """
-        key = (backend.host, backend.port, backend.scheme)
-        idle = self._idle.get(key)
+    def take_idle(self, backend: table.Backend) -> Upstream | None:
+        """An idle connection to the backend that still looks open, or None (no I/O)."""
+        idle = self._idle.get((backend.host, backend.port, backend.scheme))
         while idle:
             up = idle.pop()
             if not up.reader.at_eof() and not up.writer.transport.is_closing():
                 up.reused = True
                 return up
             up.close()
-        return await self.connect(backend)
+        return None
+
+    async def acquire(self, backend: table.Backend) -> Upstream:
+        """An idle connection to the backend, or a new one.
+
+        Raises UpstreamConnectError (refused, unreachable, TLS failure) or
+        UpstreamTimeoutError (no connection within connect_timeout_s).
+        """
+        return self.take_idle(backend) or await self.connect(backend)
 
     async def connect(self, backend: table.Backend) -> Upstream:
         key = (backend.host, backend.port, backend.scheme)
@@ -83,10 +88,11 @@ class Pool:
         timeout = self.settings.connect_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(
+                size = self.settings.read_size
+                _, chan = await asyncio.get_running_loop().create_connection(
+                    lambda: channel.Channel(size),
                     backend.host,
                     backend.port,
-                    limit=self.settings.read_size,
                     ssl=tls,
                     server_hostname=backend.host if tls else None,
                 )
@@ -108,9 +114,8 @@ class Pool:
             raise errors.UpstreamConnectError(
                 backend.service, backend.host, backend.port, reason.lower(), backend.state
             ) from None
-        writer.transport.set_write_buffer_limits(high=self.settings.read_size)
         self.opened += 1
-        return Upstream(key, reader, writer)
+        return Upstream(key, chan)
 
     def release(self, up: Upstream) -> None:
         """Return a connection whose exchange completed; anything unclean is closed."""

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from http import HTTPStatus
 
 import anyio
@@ -26,6 +26,7 @@ from anyio.abc import TaskStatus
 from devmesh.proxy import (
     accesslog,
     ca,
+    channel,
     errors,
     exchange,
     headers,
@@ -38,6 +39,11 @@ from devmesh.proxy import (
 
 log = logging.getLogger("devmesh.proxy")
 FLUSH_INTERVAL_S = 0.25
+_SLOW_REQUEST_HEADERS = frozenset(
+    {b"content-length", b"transfer-encoding", b"expect", b"upgrade", b"connection"}
+)
+"""A request carrying one of these (other than Content-Length: 0) takes the general path.
+``Connection`` is here because it may name an upgrade or more hop-by-hop fields."""
 
 
 class NoRouteError(errors.ProxyError):
@@ -72,6 +78,10 @@ class ProxyServer:
         self._servers: list[asyncio.Server] = []
         self._edges: dict[table.Edge, tuple[int, list[asyncio.Server]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._conns: set[_Downstream] = set()
+        self._inflight: set[_Fast] = set()
+        """Fast exchanges awaiting their service: ``_sweep`` times them out."""
+        self._sweeper: asyncio.TimerHandle | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -80,29 +90,27 @@ class ProxyServer:
     ) -> tuple[int, list[asyncio.Server]]:
         """Bind 127.0.0.1:port (and ::1 on the same port when possible); the bound port."""
         proto = "https" if tls is not None else "http"
+        loop = asyncio.get_running_loop()
 
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.transport.set_write_buffer_limits(high=self.settings.read_size)
-            await self._connection(reader, writer, proto=proto, edge=edge)
+        def factory() -> _Downstream:
+            return _Downstream(self, proto, edge)
 
-        limit = self.settings.read_size
         shared, join = self.settings.reuse_port, self.settings.join_ports
         sock = listeners.bind(self.settings.host, port, shared=shared, join=join)
-        first = await asyncio.start_server(handler, sock=sock, limit=limit, ssl=tls)
+        first = await loop.create_server(factory, sock=sock, ssl=tls)
         bound = sock.getsockname()[1]
         servers = [first]
         if self.settings.ipv6:
             try:
                 sock6 = listeners.bind("::1", bound, shared=shared, join=join)
-                servers.append(
-                    await asyncio.start_server(handler, sock=sock6, limit=limit, ssl=tls)
-                )
+                servers.append(await loop.create_server(factory, sock=sock6, ssl=tls))
             except OSError as exc:  # no IPv6 loopback here, or the port is taken on ::1
                 log.debug("not listening on [::1]:%s: %s", bound, exc)
         return bound, servers
 
     async def start(self) -> None:
         """Bind the HTTP (and HTTPS) listeners. Raises OSError when a port is taken."""
+        self._sweep()
         port, servers = await self._listen(self.settings.port, None, None)
         self.http_port = port
         self._servers += servers
@@ -140,8 +148,26 @@ class ProxyServer:
         self._edges.clear()
         for task in list(self._tasks):
             task.cancel()
+        for conn in list(self._conns):
+            conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self.pool.close()
         self.access_log.flush()
+
+    def _sweep(self) -> None:
+        """Time out fast exchanges whose service went quiet for idle_timeout_s.
+
+        One timer for all of them rather than one per request: arming and cancelling a timer
+        per request cost as much as routing it. The price is lateness of up to a quarter of
+        the idle timeout (at most a second).
+        """
+        idle = self.settings.idle_timeout_s
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for fast in [f for f in self._inflight if now - f.last >= idle]:
+            fast.timed_out()
+        self._sweeper = loop.call_later(min(1.0, idle / 4), self._sweep)
 
     # -- edges ---------------------------------------------------------------------------
 
@@ -170,39 +196,96 @@ class ProxyServer:
         return {edge: port for edge, (port, _) in self._edges.items()}
 
     # -- connections ---------------------------------------------------------------------
+    #
+    # A connection's requests are parsed in the socket's callbacks (``_dispatch``). A request
+    # with no body, for a running service with an idle pooled connection, is answered there
+    # too (``_Fast``): no task, no await, which is what makes the proxy cheap per request.
+    # Everything else (bodies, upgrades, first connections, the proxy's own pages, answers
+    # without Content-Length) runs as a task through ``exchange.forward`` (``_slow``); when it
+    # ends, parsing goes back to the callbacks.
 
-    async def _connection(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        *,
-        proto: str,
-        edge: table.Edge | None,
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
-        client = exchange.Client(reader, writer, proto=proto, edge=edge, config=self.settings)
+    def _dispatch(self, down: _Downstream) -> None:
+        """Act on the next complete request in the client's h11 buffer, if there is one."""
+        client = down.client
         try:
-            while True:
-                try:
-                    event = await client.next_event()
-                except h11.RemoteProtocolError as exc:
-                    self._bad_request(client, exc)
-                    break
-                if type(event) is not h11.Request:
-                    break
-                if not await self._exchange(client, event):
-                    break
-                client.conn.start_next_cycle()
+            event = client.conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            self._bad_request(client, exc)
+            down.close()
+            return
+        if event is h11.NEED_DATA:
+            return
+        if type(event) is not h11.Request:
+            down.close()  # the client closed its side between requests
+            return
+        ctx = _Ctx(client, event)
+        if not self._fast(down, ctx):
+            self._spawn(down, self._slow(down, ctx))
+
+    def _spawn(self, down: _Downstream, work: Coroutine[None, None, None]) -> None:
+        down.consumer = None  # the task reads the client through the channel's buffer
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _slow(
+        self,
+        down: _Downstream,
+        ctx: _Ctx,
+        resume: tuple[pool.Upstream, h11.Event] | None = None,
+    ) -> None:
+        try:
+            keep = await self._exchange(ctx, resume)
         except (OSError, asyncio.CancelledError, exchange.ClientGoneError):
-            writer.transport.abort()
+            down.transport.abort()
+            return
         except Exception:
-            log.exception("proxy connection from %s failed", client.peer)
-            writer.transport.abort()
-        finally:
-            self._tasks.discard(task)  # type: ignore[arg-type]
-            writer.close()
+            log.exception("proxy connection from %s failed", down.client.peer)
+            down.transport.abort()
+            return
+        if not keep:
+            down.close()
+            return
+        down.client.conn.start_next_cycle()
+        for chunk in down.take_buffer():
+            down.client.conn.receive_data(chunk)
+        down.consumer = down.feed
+        self._dispatch(down)
+
+    def _fast(self, down: _Downstream, ctx: _Ctx) -> bool:
+        """Start answering ctx in callbacks; False when it needs the general path."""
+        for name, value in ctx.hdrs:
+            if name in _SLOW_REQUEST_HEADERS and (name != b"content-length" or value != b"0"):
+                return False
+        client = down.client
+        routes = self._table()
+        if client.edge is not None:
+            backend: object = routes.for_edge(client.edge)
+        else:
+            backend = routes.resolve_host(ctx.host.decode("latin-1"))
+        if type(backend) is not table.Backend or backend.state not in table.ROUTABLE_STATES:
+            return False
+        up = self.pool.take_idle(backend)
+        if up is None:
+            return False
+        if type(client.conn.next_event()) is not h11.EndOfMessage:  # no body: never I/O
+            raise AssertionError("a request without a body did not end")
+        ctx.backend = backend
+        assert ctx.request is not None
+        request = exchange.upstream_request(client, ctx.request, ctx.hdrs, ctx.host, None)
+        up.writer.write(up.conn.send(request) + up.conn.send(h11.EndOfMessage()))
+        down.fast = _Fast(self, down, ctx, up, backend)
+        return True
+
+    def after(self, down: _Downstream, ctx: _Ctx) -> None:
+        """A fast exchange ended: log it, then serve the next request or close."""
+        down.fast = None
+        if not self._done(ctx):
+            down.close()
+            return
+        down.client.conn.start_next_cycle()
+        down.hold(False)
+        self._dispatch(down)
 
     def _bad_request(self, client: exchange.Client, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
@@ -220,11 +303,29 @@ class ProxyServer:
         ctx.result.status, ctx.result.error = status, message
         self._log(ctx)
 
-    async def _exchange(self, client: exchange.Client, request: h11.Request) -> bool:
-        """Answer one request; True when the connection can serve another."""
-        ctx = _Ctx(client, request)
-        routes = self._table()
+    async def _exchange(
+        self, ctx: _Ctx, resume: tuple[pool.Upstream, h11.Event] | None = None
+    ) -> bool:
+        """Answer one request; True when the connection can serve another.
+
+        ``resume``: a fast exchange handed over with its connection and the service's first
+        event (an answer the callbacks do not stream: no Content-Length, or a 1xx).
+        """
+        client = ctx.client
         try:
+            if resume is not None:
+                assert ctx.backend is not None
+                await exchange.resume(
+                    client,
+                    resume[0],
+                    resume[1],
+                    backend=ctx.backend,
+                    upstreams=self.pool,
+                    config=self.settings,
+                    result=ctx.result,
+                )
+                return self._done(ctx)
+            routes = self._table()
             if client.edge is not None:
                 ctx.backend = routes.for_edge(client.edge)
                 if ctx.backend is None:
@@ -246,9 +347,10 @@ class ProxyServer:
                 raise errors.ServiceNotRunningError(
                     backend.service, backend.project, backend.state, backend.reason
                 )
+            assert ctx.request is not None
             await exchange.forward(
                 client,
-                request,
+                ctx.request,
                 hdrs=ctx.hdrs,
                 host=ctx.host,
                 backend=backend,
@@ -351,3 +453,252 @@ class _Ctx:
         self.clock = time.perf_counter()
         self.result = exchange.Result()
         self.backend: table.Backend | None = None
+
+
+class _Downstream(channel.Channel):
+    """One client connection. Bytes go into its h11 state as they arrive (``feed``)."""
+
+    __slots__ = ("client", "edge", "fast", "held", "proto", "server")
+
+    def __init__(self, server: ProxyServer, proto: str, edge: table.Edge | None) -> None:
+        super().__init__(server.settings.read_size)
+        self.server = server
+        self.proto = proto
+        self.edge = edge
+        self.client: exchange.Client = None  # type: ignore[assignment]
+        self.fast: _Fast | None = None
+        self.held = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.client = exchange.Client(
+            self,  # type: ignore[arg-type]
+            self,  # type: ignore[arg-type]
+            proto=self.proto,
+            edge=self.edge,
+            config=self.server.settings,
+        )
+        self.consumer = self.feed
+        self.on_lost = self._lost
+        self.on_writable = self._writable
+        self.server._conns.add(self)
+
+    def feed(self, data: bytes) -> None:
+        conn = self.client.conn
+        conn.receive_data(data)
+        if self.fast is None:
+            self.server._dispatch(self)
+        elif len(conn.trailing_data[0]) > self.server.settings.max_header_bytes:
+            self.hold(True)  # pipelined requests wait in the socket, not in memory
+
+    def hold(self, on: bool) -> None:
+        if on != self.held and not self.transport.is_closing():
+            self.held = on
+            if on:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.consumer = _ignore
+        super().close()
+
+    def _lost(self, exc: BaseException | None) -> None:
+        self.server._conns.discard(self)
+        if self.fast is not None:
+            self.fast.client_gone()
+
+    def _writable(self, ok: bool) -> None:
+        if self.fast is not None:
+            self.fast.client_writable(ok)
+
+
+def _ignore(data: bytes) -> None:
+    pass
+
+
+class _Fast:
+    """A request without a body, sent on a pooled connection, answered in callbacks.
+
+    The service's answer is parsed as it arrives and written to the client at once, with
+    backpressure (the service's socket stops being read while the client's is full). An
+    answer with no Content-Length or a 1xx hands the exchange to a task (``_handover``); a
+    pooled connection found closed before any answer is retried there on a new one.
+    """
+
+    __slots__ = (
+        "backend",
+        "ctx",
+        "down",
+        "head_sent",
+        "last",
+        "loop",
+        "paused",
+        "server",
+        "up",
+    )
+
+    def __init__(
+        self,
+        server: ProxyServer,
+        down: _Downstream,
+        ctx: _Ctx,
+        up: pool.Upstream,
+        backend: table.Backend,
+    ) -> None:
+        self.server = server
+        self.down = down
+        self.ctx = ctx
+        self.up = up
+        self.backend = backend
+        self.head_sent = False
+        self.paused = False
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        server._inflight.add(self)
+        chan = up.reader
+        chan.consumer = self.on_data
+        chan.on_lost = self._up_lost
+
+    def _detach(self) -> None:
+        chan = self.up.reader
+        chan.consumer = None
+        chan.on_lost = None
+        self.server._inflight.discard(self)
+        if self.paused:
+            self.paused = False
+            chan.transport.resume_reading()
+        self.down.fast = None
+
+    def on_data(self, data: bytes) -> None:
+        up, ctx = self.up, self.ctx
+        uconn = up.conn
+        if not data and not self.head_sent and not uconn.trailing_data[0]:
+            self._closed_early()
+            return
+        uconn.receive_data(data)
+        self.last = self.loop.time()
+        cconn = self.down.client.conn
+        out: list[bytes] = []
+        result = ctx.result
+        while True:
+            try:
+                event = uconn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._broken(out, str(exc))
+                return
+            kind = type(event)
+            if kind is h11.Data:
+                result.bytes_out += len(event.data)  # type: ignore[union-attr]
+                out.append(cconn.send(event))  # type: ignore[arg-type]
+            elif kind is h11.EndOfMessage:
+                out.append(cconn.send(h11.EndOfMessage()))
+                self.down.write(b"".join(out))
+                self._detach()
+                self.server.pool.release(up)
+                self.server.after(self.down, ctx)
+                return
+            elif event is h11.NEED_DATA:
+                if out:
+                    self.down.write(b"".join(out))
+                return
+            elif kind is h11.Response:
+                up_hdrs = list(event.headers)  # type: ignore[union-attr]
+                status = event.status_code  # type: ignore[union-attr]
+                if (
+                    headers.get(up_hdrs, b"content-length") is None
+                    and status not in (204, 304)
+                    and ctx.request.method != b"HEAD"  # type: ignore[union-attr]
+                ):
+                    self._handover(event)  # type: ignore[arg-type]
+                    return
+                result.status = status
+                out.append(
+                    cconn.send(
+                        h11.Response(
+                            status_code=status,
+                            headers=headers.response_headers(up_hdrs),
+                            reason=event.reason,  # type: ignore[union-attr]
+                            _parsed=True,  # see exchange.upstream_request()
+                        )
+                    )
+                )
+                self.head_sent = True
+            elif kind is h11.InformationalResponse:
+                self._handover(event)  # type: ignore[arg-type]
+                return
+            else:  # ConnectionClosed before a response
+                self._closed_early()
+                return
+
+    def _handover(self, event: h11.Event) -> None:
+        self._detach()
+        self.server._spawn(self.down, self.server._slow(self.down, self.ctx, (self.up, event)))
+
+    def _closed_early(self) -> None:
+        """The service closed the connection before a byte of its answer."""
+        self._detach()
+        self.up.close()
+        if self.up.reused:  # an idle connection it had dropped: once more on a new one
+            self.server._spawn(self.down, self.server._slow(self.down, self.ctx))
+            return
+        b = self.backend
+        self._fail(
+            errors.UpstreamProtocolError(
+                b.service, b.host, b.port, "connection closed before a response"
+            )
+        )
+
+    def _broken(self, out: list[bytes], reason: str) -> None:
+        b = self.backend
+        if not self.head_sent:
+            self._detach()
+            self.up.close()
+            self._fail(errors.UpstreamProtocolError(b.service, b.host, b.port, reason))
+            return
+        if out:
+            self.down.write(b"".join(out))
+        self._abort(f"service {b.service!r} broke off its answer: {reason}")
+
+    def _fail(self, exc: errors.ProxyError) -> None:
+        """Answer with the proxy's own error page (nothing was sent yet)."""
+        self.server._answer(self.ctx, exc.status, exc.message)
+        self.server.after(self.down, self.ctx)
+
+    def _abort(self, error: str) -> None:
+        """Mid-answer failure: the client's connection is cut so it sees a short answer."""
+        self._detach()
+        self.up.close()
+        self.ctx.result.error = error
+        self.down.transport.abort()
+        self.server._log(self.ctx)
+
+    def _up_lost(self, exc: BaseException | None) -> None:
+        if self.up.reader.consumer is not None:
+            self.on_data(b"")  # a reset without EOF: h11 reads it as the end
+
+    def client_gone(self) -> None:
+        self._detach()
+        self.up.close()
+        self.ctx.result.error = "client closed the connection during the response"
+        self.server._log(self.ctx)
+
+    def client_writable(self, ok: bool) -> None:
+        if self.paused == ok:
+            self.paused = not ok
+            transport = self.up.reader.transport
+            if not transport.is_closing():
+                if ok:
+                    transport.resume_reading()
+                else:
+                    transport.pause_reading()
+
+    def timed_out(self) -> None:
+        idle = self.server.settings.idle_timeout_s
+        b = self.backend
+        if self.head_sent:
+            self._abort(f"service {b.service!r} idle for {idle:g} s mid-answer")
+            return
+        self._detach()
+        self.up.close()
+        self._fail(errors.UpstreamTimeoutError(b.service, b.host, b.port, "response", idle))
