@@ -10,9 +10,10 @@ processes can share one file without splitting each other's lines.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
@@ -64,11 +65,18 @@ def format_text(entry: Entry) -> str:
     return " ".join(parts)
 
 
+_FIELDS = tuple(f.name for f in fields(Entry))
+_values = operator.attrgetter(*_FIELDS)
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def format_json(entry: Entry, pid: int | None = None) -> str:
-    doc = asdict(entry)
+    # Not dataclasses.asdict: it deep-copies every field and cost a fifth of a small
+    # proxied request's CPU; the fields are flat, so a zip and the C encoder suffice.
+    doc = dict(zip(_FIELDS, _values(entry), strict=True))
     if doc["pid"] is None:
         doc["pid"] = pid
-    return json.dumps(doc, separators=(",", ":"))
+    return _encode(doc)
 
 
 class AccessLog:
