@@ -3,6 +3,10 @@
 Every process a test starts carries DEVMESH_HOME=<its home> in its environment (services
 inherit the CLI's environment), so `leftovers()` finds orphans by that mark and `close()`
 kills them: no test can leak a process into the next, and tests can assert there are none.
+
+Agents run no proxy worker processes unless a test asks for them (``Mesh(proxy_workers=N)``
+or ``mesh.env["DEVMESH_PROXY_WORKERS"]``), so a test that counts the agent's processes counts
+the agent alone, whatever the machine's core count.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ PY = sys.executable
 
 
 class Mesh:
-    def __init__(self) -> None:
+    def __init__(self, *, proxy_workers: int = 0) -> None:
         # Short path: a Unix socket path must fit in ~100 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="dmt-", dir="/tmp"))
         self.home = self.root / "home"
@@ -36,6 +40,7 @@ class Mesh:
             "NO_COLOR": "1",
             "DEVMESH_PROXY_PORT": str(self.proxy_port),
             "DEVMESH_HTTPS_PORT": str(self.https_port),
+            "DEVMESH_PROXY_WORKERS": str(proxy_workers),
         }
         self.env.pop("DEVMESH_SECRET", None)
         self.agent: subprocess.Popen[bytes] | None = None

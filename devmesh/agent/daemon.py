@@ -6,7 +6,8 @@ answer that cannot go stale. The pid file is kept for humans and error messages.
 
 On SIGTERM/SIGINT (or POST /v1/shutdown) the agent stops every service it runs, dependents
 first, and exits 0: nothing it started outlives it. After ``kill -9`` the services keep
-running and the next agent adopts them from the state file.
+running and the next agent adopts them from the state file; its proxy worker processes do
+not (the kernel signals them when the agent dies, see ``proxy.workers``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from devmesh.agent.engine import Engine
 from devmesh.agent.http_server import serve_unix
 from devmesh.agent.paths import Home
 from devmesh.core import model
-from devmesh.proxy import accesslog, ca, runtime, server, settings
+from devmesh.proxy import accesslog, ca, runtime, server, settings, workers
 from devmesh.supervisor import ports, process
 
 log = logging.getLogger("devmesh.agent")
@@ -101,12 +102,39 @@ def _port_busy(port: int, owner: ports.PortOwner | None) -> ProxyStartError:
     )
 
 
+STALE_WORKER_WAIT_S = 5.0
+"""How long a starting agent waits for a proxy worker of a dead agent to free its port."""
+
+
+def proxy_workers(environ: Mapping[str, str] | None = None, *, cpus: int | None = None) -> int:
+    """How many proxy worker processes share the proxy's ports with the agent.
+
+    DEVMESH_PROXY_WORKERS when set; else one per core beyond the first, at most three (with
+    the agent, four processes: past that the services and the clients need the cores more
+    than the proxy does). One Python process serves ~5k small requests/s on one core.
+    ``cpus`` defaults to this machine's count. Raises ValueError naming the variable when
+    it is not a whole number >= 0.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get("DEVMESH_PROXY_WORKERS")
+    if not raw:
+        return max(0, min(cpus or os.cpu_count() or 1, 4) - 1)
+    try:
+        count = int(raw)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"DEVMESH_PROXY_WORKERS={raw!r} is not a whole number >= 0")
+    return count
+
+
 def proxy_settings(environ: Mapping[str, str] | None = None) -> settings.Settings:
     """The proxy's settings from the environment the agent was started with.
 
     DEVMESH_PROXY_PORT, DEVMESH_HTTPS_PORT ("off" disables HTTPS),
-    DEVMESH_PROXY_CONNECT_TIMEOUT_S, DEVMESH_PROXY_IDLE_TIMEOUT_S, DEVMESH_PROXY_MAX_BODY_MB.
-    `devmesh up` sets them from the project's `proxy:` when it starts the agent.
+    DEVMESH_PROXY_CONNECT_TIMEOUT_S, DEVMESH_PROXY_IDLE_TIMEOUT_S, DEVMESH_PROXY_MAX_BODY_MB,
+    DEVMESH_PROXY_WORKERS (see proxy_workers; with workers the listeners are bound shared).
+    `devmesh up` sets the first five from the project's `proxy:` when it starts the agent.
     Raises ValueError naming the variable when one is not a number.
     """
     env = os.environ if environ is None else environ
@@ -132,6 +160,7 @@ def proxy_settings(environ: Mapping[str, str] | None = None) -> settings.Setting
         or 5.0,
         idle_timeout_s=number("DEVMESH_PROXY_IDLE_TIMEOUT_S", defaults.idle_timeout_s) or 60.0,
         max_body_bytes=None if max_mb is None else int(max_mb * 2**20),
+        reuse_port=proxy_workers(env) > 0,
     )
 
 
@@ -142,7 +171,7 @@ async def _start_proxy(tg: anyio.abc.TaskGroup, home: Home, engine: Engine) -> s
         raise ProxyStartError(f"cannot start the proxy: {exc}") from exc
     for port in (config.port, config.https_port):
         if port:
-            owner = ports.check_free(port)
+            owner = await _port_owner(port)
             if owner is not None:
                 raise _port_busy(port, owner)
     proxy = server.ProxyServer(
@@ -159,6 +188,50 @@ async def _start_proxy(tg: anyio.abc.TaskGroup, home: Home, engine: Engine) -> s
     return proxy
 
 
+async def _port_owner(port: int) -> ports.PortOwner | None:
+    """Who holds ``port`` on 127.0.0.1, None when it is free.
+
+    A proxy worker left by an agent that was killed is already exiting (the kernel sent it
+    SIGTERM when its agent died) and frees the port within milliseconds: wait for it rather
+    than fail a `devmesh up` that follows a `kill -9` of the agent at once.
+    """
+    owner = ports.check_free(port)
+    with anyio.move_on_after(STALE_WORKER_WAIT_S):
+        while owner is not None and owner.pid and workers.orphaned_worker(owner.pid):
+            log.info("waiting for pid %d, a proxy worker of a dead agent, to exit", owner.pid)
+            await anyio.sleep(0.05)
+            owner = ports.check_free(port)
+    return owner
+
+
+async def _start_workers(
+    tg: anyio.abc.TaskGroup, home: Home, engine: Engine, proxy: server.ProxyServer
+) -> None:
+    """Start the proxy's worker processes on its ports, without waiting for them to listen.
+
+    They follow the route file the engine rewrites after each round; it is written once here
+    first, so a worker never reads a previous agent's table.
+    """
+    count = proxy_workers()
+    if not count or proxy.http_port is None:
+        return
+    engine.route_file = home.proxy_routes
+    engine.publish_route_file()
+    argv = workers.worker_argv(
+        parent=os.getpid(),
+        routes=home.proxy_routes,
+        config=proxy_settings(),  # as the agent's proxy got them (checked by _start_proxy)
+        http_port=proxy.http_port,
+        https_port=proxy.https_port,
+        home=home.root,
+        access_log=home.proxy_log,
+        json_lines=True,
+        allow_uvloop=runtime.uvloop_available(),
+    )
+    await tg.start(workers.WorkerSet(argv, count).run)
+    log.info("proxy: %d worker process(es) share its ports (DEVMESH_PROXY_WORKERS)", count)
+
+
 async def _main(home: Home) -> None:
     engine = Engine(home)
     warning = engine.load_state()
@@ -167,6 +240,7 @@ async def _main(home: Home) -> None:
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         engine.proxy = await _start_proxy(tg, home, engine)
+        await _start_workers(tg, home, engine, engine.proxy)
         await tg.start(engine.run)
         await tg.start(serve_unix, home.socket, build_router(engine, stop.set))
         tg.start_soon(_signals, stop)
@@ -175,6 +249,9 @@ async def _main(home: Home) -> None:
         log.info("shutting down: stopping all services")
         await engine.shutdown()
         tg.cancel_scope.cancel()
+    if engine.route_file is not None:
+        with contextlib.suppress(FileNotFoundError):
+            engine.route_file.unlink()  # its workers are gone; nobody follows it now
     log.info("agent stopped")
 
 

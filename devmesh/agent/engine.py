@@ -22,6 +22,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -31,7 +32,7 @@ from devmesh.agent import state as state_mod
 from devmesh.agent.paths import Home
 from devmesh.core import desired, model, plan
 from devmesh.core import health as health_core
-from devmesh.proxy import server, table
+from devmesh.proxy import routesfile, server, table
 from devmesh.supervisor import logs, ports, probes, process
 
 log = logging.getLogger("devmesh.agent")
@@ -112,6 +113,9 @@ class Engine:
         self.proxy = proxy
         self.routes = table.RouteTable()
         """What the proxy routes by; replaced (never mutated) after each round."""
+        self.route_file: Path | None = None
+        """Where the routes and edge ports are published for proxy worker processes after
+        each round; None when the agent runs no workers."""
         self.clock = clock
         self.rand = rand
         self.state = state_mod.State()
@@ -298,6 +302,21 @@ class Engine:
                     )
                 )
         self.routes = table.RouteTable(tuple(backends))
+        self.publish_route_file()
+
+    def publish_route_file(self) -> None:
+        """Hand the routes and the bound edge ports to the proxy workers (they poll the file).
+
+        Written only when its content changed, so a round that changed nothing the proxy
+        sees costs the workers nothing. A write failure is logged: the workers keep serving
+        the previous table and the agent's own proxy is current anyway.
+        """
+        if self.route_file is None or self.proxy is None:
+            return
+        try:
+            routesfile.write(self.route_file, self.routes, self.proxy.edge_ports())
+        except OSError as exc:
+            log.warning("cannot publish the routes to the proxy workers: %s", exc)
 
     # ---------------------------------------------------------------- reconcile
 

@@ -50,6 +50,11 @@ class Home:
     def proxy_log(self) -> Path:
         return self.logs / "proxy.log"
 
+    @property
+    def proxy_routes(self) -> Path:
+        """The route table and edge ports the agent publishes for its proxy worker processes."""
+        return self.root / "proxy-routes.json"
+
     def service_log(self, project: str, service: str) -> Path:
         return self.logs / project / f"{service}.log"
 
