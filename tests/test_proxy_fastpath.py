@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
 import time
 
 import httpx
@@ -144,3 +145,52 @@ def test_http10_client_on_a_pooled_connection_is_closed_after_its_answer(proxy):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200 ")
     assert json.loads(data[data.index(b"{") :])["path"] == "/ten"
+
+
+def test_bytes_a_service_sends_on_an_idle_connection_are_not_taken_for_an_answer():
+    """Some servers write a 408 on a kept-alive connection before closing it. The next
+    request must go out on a fresh connection, not be answered by that stale 408."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.05)
+    stop = threading.Event()
+    served = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                served.append(data.split(b" ")[1])
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                time.sleep(0.05)
+                conn.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+                time.sleep(0.5)  # keep it open a while: only the stray bytes say it is dead
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    p = testing.ProxyProcess(
+        {"backends": [{"project": "p", "service": "api", "port": listener.getsockname()[1]}]}
+    )
+    try:
+        for path in ("/one", "/two"):
+            r = httpx.get(f"http://127.0.0.1:{p.port}{path}", headers=HOST)
+            assert (r.status_code, r.text) == (200, "ok"), path
+            time.sleep(0.2)  # the 408 arrives while the connection sits in the pool
+        assert served == [b"/one", b"/two"]
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+        assert p.stop() == ""

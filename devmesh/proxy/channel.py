@@ -148,6 +148,14 @@ class Channel(asyncio.Protocol):
     def at_eof(self) -> bool:
         return self._eof and not self._buffer
 
+    def reusable(self) -> bool:
+        """Open, not ended, and nothing unasked-for waiting: fit for another request.
+
+        A service that wrote while the connection sat idle (a 408 before closing, say) would
+        otherwise have those bytes read as the answer to the next request.
+        """
+        return not self._buffer and not self._eof and not self.transport.is_closing()
+
     def take_buffer(self) -> list[bytes]:
         """Everything buffered, then b"" if the peer has ended: for a callback taking over."""
         chunks = list(self._buffer)

@@ -68,7 +68,7 @@ class Pool:
         idle = self._idle.get((backend.host, backend.port, backend.scheme))
         while idle:
             up = idle.pop()
-            if not up.reader.at_eof() and not up.writer.transport.is_closing():
+            if up.reader.reusable():
                 up.reused = True
                 return up
             up.close()
@@ -123,7 +123,7 @@ class Pool:
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
             idle = self._idle[up.key]
-            if len(idle) < self.settings.pool_idle_per_upstream and not up.reader.at_eof():
+            if len(idle) < self.settings.pool_idle_per_upstream and up.reader.reusable():
                 idle.append(up)
                 return
         up.close()
