@@ -4,6 +4,10 @@ Run: python bench/proxy.py [--duration 5]
 Needs the Debian packages nginx-light (or nginx), caddy and wrk. Every server gets a temporary
 config bound to 127.0.0.1 only; every load run is bounded by --duration seconds.
 
+Besides the standalone proxy (one process, and two sharing the port), it measures a real
+agent: ``devmesh up -d`` of a project whose service ``api`` is an nginx the agent supervises,
+so the figures include the access log and the agent's proxy worker processes.
+
 Prints requests/s and latency for wrk -t1 -c32 and -c1, the ratios against nginx and Caddy,
 1 GiB streamed (direct vs devmesh, with the proxy's peak RSS), and WebSocket echo
 messages/s (direct vs devmesh). Not a test: nothing asserts.
@@ -142,6 +146,97 @@ def start_devmesh(
     assert proc.stdout is not None
     info = json.loads(proc.stdout.readline())
     return proc, info["http_port"]
+
+
+def start_agent(tmp: Path, body: str) -> tuple[dict[str, str], int, Path]:
+    """A real agent (``devmesh up -d``) in a private DEVMESH_HOME, supervising its own nginx
+    as service ``api``: what a user gets, access log and proxy workers included.
+
+    Returns the environment, the proxy port and the home (stop with stop_agent).
+    """
+    home = tmp / "agent-home"
+    svc_port, proxy_port = free_port(), free_port()
+    d = tmp / "agent-nginx"
+    d.mkdir()
+    conf = d / "nginx.conf"
+    conf.write_text(
+        textwrap.dedent(f"""
+        worker_processes 1;
+        daemon off;
+        pid {d}/nginx.pid;
+        error_log {d}/error.log warn;
+        events {{ worker_connections 4096; }}
+        http {{
+            access_log off;
+            client_body_temp_path {d}/body;
+            proxy_temp_path {d}/proxy;
+            fastcgi_temp_path {d}/fastcgi;
+            uwsgi_temp_path {d}/uwsgi;
+            scgi_temp_path {d}/scgi;
+            keepalive_requests 1000000;
+            server {{ listen 127.0.0.1:{svc_port}; {body} }}
+        }}
+    """)
+    )
+    project = tmp / "agent-project"
+    project.mkdir()
+    (project / "devmesh.yaml").write_text(
+        textwrap.dedent(f"""
+        version: 1
+        project: bench
+        services:
+          api:
+            command: [nginx, -c, "{conf}", -p, "{d}"]
+            port: {svc_port}
+            health: {{tcp: true}}
+    """)
+    )
+    env = {
+        **os.environ,
+        "DEVMESH_HOME": str(home),
+        "DEVMESH_PROXY_PORT": str(proxy_port),
+        "DEVMESH_HTTPS_PORT": "off",
+        "NO_COLOR": "1",
+    }
+    subprocess.run(
+        [sys.executable, "-m", "devmesh", "up", "-d", "-f", str(project / "devmesh.yaml")],
+        env=env,
+        check=True,
+        timeout=60,
+        stdout=subprocess.DEVNULL,
+    )
+    return env, proxy_port, home
+
+
+def stop_agent(home: Path) -> None:
+    pid_file = home / "agent.pid"
+    if not pid_file.exists():
+        return
+    pid = int(pid_file.read_text().split()[0])
+    try:
+        os.kill(pid, 15)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.1)
+
+
+def agent_pids(home: Path) -> list[int]:
+    """The agent and its proxy workers (processes whose environment names this home)."""
+    mark = f"DEVMESH_HOME={home}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if mark in environ.split(b"\0") and b"devmesh" in cmdline and b"nginx" not in cmdline:
+            pids.append(int(proc.name))
+    return pids
 
 
 def wrk(port: int, conns: int, duration: float, host: str | None = None) -> dict[str, float]:
@@ -309,7 +404,12 @@ def main() -> int:
             procs.append(dm)
             dm2, dp2 = start_devmesh(tmp, up, wsp, workers=2, extra=extra)
             procs.append(dm2)
-            for port in (up, np_, cp, dp, dp2):
+            big = (
+                "location = / { return 200 'hello from nginx\\n'; }"
+                f" location = /big {{ alias {tmp}/big; }}"
+            )
+            _, ap, agent_home = start_agent(tmp, big)
+            for port in (up, np_, cp, dp, dp2, ap):
                 wait_port(port)
 
             targets = [
@@ -318,6 +418,7 @@ def main() -> int:
                 ("caddy", cp, None),
                 ("devmesh", dp, "api.localhost"),
                 ("devmesh-2w", dp2, "api.localhost"),
+                ("agent", ap, "api.localhost"),
             ]
             base = None
             if args.compare is not None:
@@ -358,9 +459,12 @@ def main() -> int:
             # Best of two runs each: the first one also warms page cache and socket buffers.
             direct_s = min(stream_gib(up, None, None)[0] for _ in range(2))
             print(f"\n1 GiB download: direct {GIB / direct_s / 1e6:.0f} MB/s")
-            streamed = [("devmesh", dp, dm)] + ([("base", bp, base)] if base else [])
-            for name, port, proc in streamed:
-                runs = [stream_gib(port, "api.localhost", proc.pid) for _ in range(2)]
+            streamed = [("devmesh", dp, dm.pid)] + ([("base", bp, base.pid)] if base else [])
+            pids = agent_pids(agent_home)
+            print(f"  (the agent runs its proxy in {len(pids)} processes: {pids})")
+            agent_pid = int((agent_home / "agent.pid").read_text().split()[0])
+            for name, port, pid in [*streamed, ("agent", ap, agent_pid)]:
+                runs = [stream_gib(port, "api.localhost", pid) for _ in range(2)]
                 dm_s, peak = min(r[0] for r in runs), max(r[1] for r in runs)
                 print(
                     f"  {name:8} {GIB / dm_s / 1e6:.0f} MB/s ({direct_s / dm_s:.2f}x direct),"
@@ -373,6 +477,7 @@ def main() -> int:
                 wp = ws_rate(port, "ws.localhost", min(args.duration, 3))
                 print(f"  {name:8} {wp:.0f} msg/s ({wp / wd:.2f}x direct)")
         finally:
+            stop_agent(tmp / "agent-home")
             for p in procs:
                 p.terminate()
             for p in procs:
