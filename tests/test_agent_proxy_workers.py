@@ -7,11 +7,13 @@ children started with --worker-of. Waits are bounded; no timing is asserted.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import signal
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -174,6 +176,51 @@ def test_workers_exit_when_the_agent_is_killed(mesh: Mesh) -> None:
     os.kill(agent, signal.SIGKILL)
     mesh.wait_for(lambda: not any(alive(p) for p in pids), timeout=10, what="workers to exit")
     mesh.wait_for(lambda: mesh.leftovers() == [], timeout=10, what="no process left")
+
+
+def test_a_new_agent_waits_for_an_exiting_worker_of_a_killed_one(mesh: Mesh) -> None:
+    agent, (worker,) = start_with_workers(mesh, 1)
+    serve_until_all_answer(mesh, {agent, worker}, mesh.proxy_port, "devmesh.localhost", "/a")
+    # Stopped, the worker keeps the ports with its death signal pending until SIGCONT: the
+    # moment between an agent's death and its workers' exit, made as long as the test needs.
+    os.kill(worker, signal.SIGSTOP)
+    mesh.wait_for(lambda: state(worker) == "T", what="the worker to stop")
+    os.kill(agent, signal.SIGKILL)
+    assert mesh.agent is not None
+    mesh.agent.wait(10)
+    log = mesh.root / "agent-fg.log"
+    starting = threading.Thread(target=mesh.start_agent)
+    starting.start()
+    try:
+        mesh.wait_for(
+            lambda: f"waiting for pid {worker}, a proxy worker of a dead agent" in log.read_text(),
+            what="the new agent to wait for the old worker",
+        )
+        os.kill(worker, signal.SIGCONT)
+        starting.join(30)
+        mesh.wait_for(lambda: not alive(worker), what="the old worker to exit")
+
+        def serving() -> bool:
+            try:
+                return get(mesh.proxy_port, "devmesh.localhost")[0] == 200
+            except OSError:
+                return False
+
+        mesh.wait_for(serving, what="the new agent's proxy")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nagent log:\n{log.read_text()[-3000:]}") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
+    assert mesh.agent is not None and mesh.agent.poll() is None  # it did not give up
+    assert mesh.agent_pid() == mesh.agent.pid
+
+
+def state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
 
 
 def test_a_killed_worker_is_started_again(mesh: Mesh) -> None:

@@ -193,12 +193,22 @@ async def _port_owner(port: int) -> ports.PortOwner | None:
 
     A proxy worker left by an agent that was killed is already exiting (the kernel sent it
     SIGTERM when its agent died) and frees the port within milliseconds: wait for it rather
-    than fail a `devmesh up` that follows a `kill -9` of the agent at once.
+    than fail a `devmesh up` that follows a `kill -9` of the agent at once. While it exits
+    its socket outlives its file descriptors for a moment, so the port is busy with no
+    visible owner: after such a worker, that counts as still waiting too.
     """
     owner = ports.check_free(port)
+    waited_for: int | None = None
     with anyio.move_on_after(STALE_WORKER_WAIT_S):
-        while owner is not None and owner.pid and workers.orphaned_worker(owner.pid):
-            log.info("waiting for pid %d, a proxy worker of a dead agent, to exit", owner.pid)
+        while owner is not None:
+            if owner.pid and workers.orphaned_worker(owner.pid):
+                if owner.pid != waited_for:
+                    log.info(
+                        "waiting for pid %d, a proxy worker of a dead agent, to exit", owner.pid
+                    )
+                    waited_for = owner.pid
+            elif owner.pid or waited_for is None:
+                break  # a live holder, or one we have no reason to expect to go away
             await anyio.sleep(0.05)
             owner = ports.check_free(port)
     return owner
