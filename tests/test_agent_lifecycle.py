@@ -399,3 +399,28 @@ def test_run_service_starts_it_with_dependencies_only(mesh: Mesh) -> None:
     assert set(mesh.services()) == {"api", "web"}
     mesh.cli("down", "web", cwd=d, check=True)
     assert set(mesh.services()) == {"api"}
+
+
+def test_service_on_a_fixed_port_starts_once_and_stays(mesh: Mesh) -> None:
+    from agentkit import free_port
+
+    port = free_port()
+    text = f"""
+version: 1
+project: fixed
+services:
+  api:
+    version: 1.0.0
+    command: {PY} server.py
+    port: {port}
+    health: {{tcp: true}}
+"""
+    d = mesh.project("fixed", text, {"server.py": SERVER})
+    r = mesh.cli("up", "-d", "--wait-timeout", "15", cwd=d)
+    assert r.returncode == 0, r.stderr
+    first = mesh.services()["api"]
+    assert (first["port"], first["state"]) == (port, "running")
+    time.sleep(1.5)  # several reconcile rounds: none may find the instance "changed"
+    now = mesh.services()["api"]
+    assert (now["pid"], now["restarts"]) == (first["pid"], 0)
+    assert "port changed" not in (mesh.home / "agent.log").read_text()

@@ -321,3 +321,11 @@ def test_fingerprint_is_order_independent() -> None:
         {"b": {"y": 2, "x": 1}, "a": 1}
     )
     assert desired.fingerprint({"a": 1}) != desired.fingerprint({"a": 2})
+
+
+def test_fixed_port_is_in_the_want_even_when_the_agent_picked_none() -> None:
+    """The agent's port map holds only `port: auto` picks; a fixed port must still reach the
+    want, or the running instance (started on it) looks changed on every round."""
+    wants = _wants(SHOP, {"api": 41000}, enabled=["db", "api"])
+    assert wants[("shop", "db")].spec["port"] == 5500
+    assert wants[("shop", "api")].spec["port"] == 41000

@@ -107,7 +107,11 @@ def wants_for(
         s = project.services.get(name)
         if s is None or not s.runs_here:
             continue
-        spec = instance_spec(s, port=ports.get(name), urls=urls.get(name, {}))
+        # A fixed port is the service's own; only `port: auto` ones are in ``ports``. (The
+        # agent starts with the same rule: a mismatch here restarted fixed-port services in a
+        # loop, "port changed".)
+        port = s.port if s.port is not None else ports.get(name)
+        spec = instance_spec(s, port=port, urls=urls.get(name, {}))
         deps = tuple(
             ((project.name, d.name), d.condition)
             for d in s.depends_on
