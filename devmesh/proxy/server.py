@@ -283,9 +283,12 @@ class ProxyServer:
         if not self._done(ctx):
             down.close()
             return
-        down.client.conn.start_next_cycle()
+        conn = down.client.conn
+        conn.start_next_cycle()
         down.hold(False)
-        self._dispatch(down)
+        pending, ended = conn.trailing_data
+        if pending or ended:  # a pipelined request, or the client's EOF, is already here
+            self._dispatch(down)
 
     def _bad_request(self, client: exchange.Client, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
