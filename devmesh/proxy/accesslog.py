@@ -101,10 +101,25 @@ class AccessLog:
     def record(self, entry: Entry) -> None:
         if self._fd is not None:
             line = format_json(entry, self._pid) if self._json else format_text(entry)
-            self._lines.append(line)
-            self._size += len(line)
-            if self._size > 64 * 1024:
-                self.flush()
+            self._add(line)
+
+    def record_fields(self, fields: dict[str, object]) -> None:
+        """``record(Entry(**fields))`` without the Entry for JSON lines: this runs once per
+        proxied request, and a frozen dataclass plus its conversion back to a dict cost a
+        twentieth of a small request's CPU. ``fields`` has Entry's fields (pid optional)."""
+        if self._fd is None:
+            return
+        if not self._json:
+            self._add(format_text(Entry(**fields)))  # type: ignore[arg-type]
+            return
+        fields.setdefault("pid", self._pid)
+        self._add(_encode(fields))
+
+    def _add(self, line: str) -> None:
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size > 64 * 1024:
+            self.flush()
 
     def flush(self) -> None:
         if self._fd is not None and self._lines:
