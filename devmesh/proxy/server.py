@@ -223,7 +223,8 @@ class ProxyServer:
             self._spawn(down, self._slow(down, ctx))
 
     def _spawn(self, down: _Downstream, work: Coroutine[None, None, None]) -> None:
-        down.consumer = None  # the task reads the client through the channel's buffer
+        down.consumer = None  # the task reads the client through the channel's buffer,
+        down.hold(False)  # whose own flow control now bounds what a client can send ahead
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -488,12 +489,17 @@ class _Downstream(channel.Channel):
         self.server._conns.add(self)
 
     def feed(self, data: bytes) -> None:
-        conn = self.client.conn
-        conn.receive_data(data)
-        if self.fast is None:
-            self.server._dispatch(self)
-        elif len(conn.trailing_data[0]) > self.server.settings.max_header_bytes:
-            self.hold(True)  # pipelined requests wait in the socket, not in memory
+        try:
+            conn = self.client.conn
+            conn.receive_data(data)
+            if self.fast is None:
+                self.server._dispatch(self)
+            elif len(conn.trailing_data[0]) > self.server.settings.max_header_bytes:
+                self.hold(True)  # pipelined requests wait in the socket, not in memory
+        except Exception:
+            # A bug, not a client's doing (those are answered): drop this connection only.
+            log.exception("proxy connection from %s failed", self.client.peer)
+            self.transport.abort()
 
     def hold(self, on: bool) -> None:
         if on != self.held and not self.transport.is_closing():
@@ -575,6 +581,13 @@ class _Fast:
         self.down.fast = None
 
     def on_data(self, data: bytes) -> None:
+        try:
+            self._on_data(data)
+        except Exception:
+            log.exception("proxy exchange with %s failed", self.backend.service)
+            self._abort("internal error (see the agent's log)")
+
+    def _on_data(self, data: bytes) -> None:
         up, ctx = self.up, self.ctx
         uconn = up.conn
         if not data and not self.head_sent and not uconn.trailing_data[0]:
