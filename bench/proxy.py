@@ -54,7 +54,9 @@ def wait_port(port: int, timeout: float = 10) -> None:
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
 
 
-def start_nginx(tmp: Path, name: str, body: str) -> subprocess.Popen:
+def nginx_conf(tmp: Path, name: str, body: str) -> tuple[Path, Path]:
+    """A one-worker foreground nginx config in tmp/name around an ``http`` body;
+    (config file, its folder)."""
     d = tmp / name
     d.mkdir()
     conf = d / "nginx.conf"
@@ -77,6 +79,11 @@ def start_nginx(tmp: Path, name: str, body: str) -> subprocess.Popen:
         }}
     """)
     )
+    return conf, d
+
+
+def start_nginx(tmp: Path, name: str, body: str) -> subprocess.Popen:
+    conf, d = nginx_conf(tmp, name, body)
     return subprocess.Popen(
         ["nginx", "-c", str(conf), "-p", str(d)],
         stdout=subprocess.DEVNULL,
@@ -157,28 +164,7 @@ def start_agent(tmp: Path, body: str) -> tuple[dict[str, str], int, Path]:
     """
     home = tmp / "agent-home"
     svc_port, proxy_port = free_port(), free_port()
-    d = tmp / "agent-nginx"
-    d.mkdir()
-    conf = d / "nginx.conf"
-    conf.write_text(
-        textwrap.dedent(f"""
-        worker_processes 1;
-        daemon off;
-        pid {d}/nginx.pid;
-        error_log {d}/error.log warn;
-        events {{ worker_connections 4096; }}
-        http {{
-            access_log off;
-            client_body_temp_path {d}/body;
-            proxy_temp_path {d}/proxy;
-            fastcgi_temp_path {d}/fastcgi;
-            uwsgi_temp_path {d}/uwsgi;
-            scgi_temp_path {d}/scgi;
-            keepalive_requests 1000000;
-            server {{ listen 127.0.0.1:{svc_port}; {body} }}
-        }}
-    """)
-    )
+    conf, d = nginx_conf(tmp, "agent-nginx", f"server {{ listen 127.0.0.1:{svc_port}; {body} }}")
     project = tmp / "agent-project"
     project.mkdir()
     (project / "devmesh.yaml").write_text(
