@@ -183,10 +183,6 @@ class Channel(asyncio.Protocol):
             if self._closed:
                 raise ConnectionResetError("connection lost")
 
-    @property
-    def writing_paused(self) -> bool:
-        return self._write_paused
-
     def can_write_eof(self) -> bool:
         return self.transport.can_write_eof()
 
