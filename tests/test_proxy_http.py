@@ -362,7 +362,7 @@ def test_route_changes_apply_without_restart(upstream, proxy):
     )
 
 
-def test_most_recently_listed_project_wins_the_short_name(upstream):
+def test_first_listed_project_keeps_the_short_name(upstream):
     with testing.upstream() as other:
         p = testing.ProxyProcess(
             {
@@ -374,8 +374,8 @@ def test_most_recently_listed_project_wins_the_short_name(upstream):
         )
         try:
             httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "api.localhost"})
-            assert (upstream.connections, other.connections) == (0, 1)
-            httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "api.one.localhost"})
+            assert (upstream.connections, other.connections) == (1, 0)
+            httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "api.two.localhost"})
             assert (upstream.connections, other.connections) == (1, 1)
         finally:
             assert p.stop() == ""

@@ -39,12 +39,13 @@ def test_service_url_omits_default_ports():
     )
 
 
-def test_route_table_prefers_the_last_project_and_matches_edges():
+def test_route_table_keeps_the_short_name_with_the_first_project_and_matches_edges():
     a = table.Backend(project="one", service="api", port=1)
     b = table.Backend(project="two", service="api", port=2)
     routes = table.RouteTable((a, b))
-    assert routes.resolve_host("api.localhost") is b
+    assert routes.resolve_host("api.localhost") is a
     assert routes.resolve_host("api.one.localhost:9") is a
+    assert routes.resolve_host("api.two.localhost") is b
     assert routes.resolve_host("devmesh.localhost") == table.Reserved()
     assert routes.resolve_host("web.localhost") == table.Unknown("web.localhost")
     edge = table.Edge(caller_project="one", caller_service="web", target_service="api")

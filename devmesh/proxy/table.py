@@ -6,8 +6,9 @@ request sees either the old routes or the new ones, never half of an update, and
 taken on the hot path.
 
 Ambiguity rule: when two projects run a service of the same NAME, ``NAME.localhost`` goes to
-the one that appears LAST in ``backends``. The agent lists projects in the order it applied
-them, so the most recently applied project wins; ``NAME.PROJECT.localhost`` is always exact.
+the one that appears FIRST in ``backends``. The agent lists projects in the order it first
+applied them, so the project that had the name first keeps it (a later ``up`` elsewhere never
+silently takes a URL over); ``NAME.PROJECT.localhost`` is always exact.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from devmesh.core import hostroute
 class State(enum.Enum):
     RUNNING = "running"
     STARTING = "starting"
+    RESTARTING = "restarting"
+    """Exited and will be started again (``attempt`` and ``retry_at`` say when)."""
     CRASH_LOOPING = "crash-looping"
+    """Exited repeatedly under a policy that gives up after a bounded number of retries."""
     STOPPED = "stopped"
 
 
@@ -43,6 +47,10 @@ class Backend:
     """One of ``State``'s values; stopped and crash-looping backends get an immediate 502."""
     reason: str | None = None
     """Why the service is not running (last exit status, ...), shown in the 502 page."""
+    attempt: int | None = None
+    """For a restarting service: which restart comes next (1 for the first)."""
+    retry_at: float | None = None
+    """For a restarting service: when the next start is due, in Unix seconds."""
 
     @property
     def label(self) -> str:
@@ -93,7 +101,7 @@ class RouteTable:
         by_name: dict[str, Backend] = {}
         by_pair: dict[tuple[str, str], Backend] = {}
         for backend in self.backends:
-            by_name[backend.service.lower()] = backend  # later projects win
+            by_name.setdefault(backend.service.lower(), backend)  # the first project keeps it
             by_pair[(backend.service.lower(), backend.project.lower())] = backend
         object.__setattr__(self, "_by_name", by_name)
         object.__setattr__(self, "_by_pair", by_pair)
