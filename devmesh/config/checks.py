@@ -65,6 +65,7 @@ def check(doc: Any, marks: marks_mod.Marks, file: str) -> list[report.Problem]:
     services = services_of(doc)
     _check_dependencies(services, out)
     _check_versions(services, out)
+    _check_ranges_against_declared(doc, services, out)
     _check_ports(services, out)
     _check_commands(services, out)
     _check_secret(doc, marks, out)
@@ -121,6 +122,52 @@ def _check_versions(services: dict[str, dict[str, Any]], out: _Out) -> None:
                 versions.parse_range(text)
             except versions.VersionError as exc:
                 out.add(path, f"invalid version range: {exc.message}")
+
+
+def _check_ranges_against_declared(
+    doc: Any, services: dict[str, dict[str, Any]], out: _Out
+) -> None:
+    """A dependency whose range excludes the version this file declares for it.
+
+    The file itself says the call cannot be satisfied: the local instance (or the one the
+    project expects elsewhere) is outside the caller's range. Under ``policy.versions:
+    warn`` that is a warning naming both places; a malformed version or range is left
+    to _check_versions.
+    """
+    policy = doc.get("policy") if isinstance(doc, dict) else None
+    rule = policy.get("versions", "warn") if isinstance(policy, dict) else "warn"
+    for name, service in services.items():
+        for dep, where, spec in dependencies(service):
+            text = spec.get("version") if isinstance(spec, dict) else spec
+            target = services.get(dep)
+            declared = target.get("version") if target is not None else None
+            if not isinstance(text, str) or not text or not isinstance(declared, str):
+                continue
+            try:
+                fits = versions.satisfies(declared, text)
+                explanation = versions.compatible_explanation(declared, text)
+            except versions.VersionError:
+                continue
+            if fits:
+                continue
+            path: Key = ("services", name, *where)
+            if isinstance(spec, dict):
+                path = (*path, "version")
+            there = out.marks.value(("services", dep, "version"))
+            runs = "the local" if "command" in target else "the declared"
+            consequence = (
+                "calls go to it anyway (policy.versions: warn)"
+                if rule != "reject"
+                else "policy.versions: reject would refuse it, which is not built yet: "
+                "calls still go to it"
+            )
+            out.add(
+                path,
+                f"{name} accepts {dep} {text}, but {runs} {dep} is {declared} "
+                f"(services.{dep}.version at {out.file}:{there.line}:{there.column}): "
+                f"{explanation}; {consequence}",
+                severity=report.WARNING,
+            )
 
 
 def _check_ports(services: dict[str, dict[str, Any]], out: _Out) -> None:

@@ -291,8 +291,9 @@ def key_paths(
     """Every key the schema allows, as dotted paths with placeholders, in schema order.
 
     Map keys chosen by the user read ``<name>`` (services, dependencies) or ``<VAR>``
-    (env). Alternatives (oneOf/anyOf) contribute the keys of each alternative, so both
-    spellings of depends_on are covered. Used by the docs generator and by the test
+    (env); the keys of mappings inside a list read ``list[].key`` (``env_file[].path``).
+    Alternatives (oneOf/anyOf) contribute the keys of each alternative, so both
+    spellings of depends_on are covered. Used by the reference generator and by the test
     that every key appears in devmesh.yaml.example.
     """
     node = resolve(load_schema() if node is None else node)
@@ -307,6 +308,9 @@ def key_paths(
         path = f"{prefix}.{placeholder}"
         out.append((path, extra))
         out.extend(key_paths(extra, path))
+    items = node.get("items")
+    if isinstance(items, dict):
+        out.extend(key_paths(items, f"{prefix}[]"))
     seen = {p for p, _ in out}
     for alternative in node.get("oneOf", []) + node.get("anyOf", []):
         for path, sub in key_paths(alternative, prefix):
@@ -314,3 +318,51 @@ def key_paths(
                 seen.add(path)
                 out.append((path, sub))
     return out
+
+
+def _children(node: dict[str, Any], part: str | int) -> list[dict[str, Any]]:
+    """The subschemas that a value at ``part`` inside a value of ``node`` must match."""
+    node = resolve(node)
+    out: list[dict[str, Any]] = []
+    for alternative in node.get("oneOf", []) + node.get("anyOf", []):
+        out.extend(_children(alternative, part))
+    if isinstance(part, int):
+        items = node.get("items")
+        if isinstance(items, dict):
+            out.append(items)
+        return out
+    properties = node.get("properties", {})
+    if part in properties:
+        out.append(properties[part])
+    elif isinstance(node.get("additionalProperties"), dict):
+        out.append(node["additionalProperties"])
+    return out
+
+
+def _kinds(node: dict[str, Any]) -> set[str]:
+    node = resolve(node)
+    out: set[str] = set()
+    for alternative in node.get("oneOf", []) + node.get("anyOf", []):
+        out |= _kinds(alternative)
+    for value in [node["const"]] if "const" in node else node.get("enum", []):
+        if not isinstance(value, str):  # a string const/enum is no free-form string
+            out.add("boolean" if isinstance(value, bool) else "number")
+    kinds = node.get("type", [])
+    out.update([kinds] if isinstance(kinds, str) else kinds)
+    return out
+
+
+def kinds_at(path: tuple[str | int, ...]) -> frozenset[str]:
+    """The JSON types the schema accepts at path ("string" means any free-form string).
+
+    The loader asks this after interpolation, to give a value that came from a variable
+    the type of the field it fills, as compose does (``port: ${P}`` is an integer).
+    Empty when the schema does not know the path.
+    """
+    nodes = [load_schema()]
+    for part in path:
+        nodes = [child for node in nodes for child in _children(node, part)]
+    kinds: set[str] = set()
+    for node in nodes:
+        kinds |= _kinds(node)
+    return frozenset(kinds)
