@@ -92,13 +92,13 @@ def _check_dependencies(services: dict[str, dict[str, Any]], out: _Out) -> None:
     if cycle:
         first, second = cycle[0], cycle[1]
         deps = services[first].get("depends_on")
-        where: Key = ("depends_on", second)
+        at: Key = ("depends_on", second)
         if isinstance(deps, list):
-            where = ("depends_on", deps.index(second))
+            at = ("depends_on", deps.index(second))
         out.add(
-            ("services", first, *where),
+            ("services", first, *at),
             "dependency cycle: " + " -> ".join(cycle),
-            at_key=isinstance(where[-1], str),
+            at_key=isinstance(at[-1], str),
         )
 
 
@@ -139,8 +139,8 @@ def _check_ranges_against_declared(
     for name, service in services.items():
         for dep, where, spec in dependencies(service):
             text = spec.get("version") if isinstance(spec, dict) else spec
-            target = services.get(dep)
-            declared = target.get("version") if target is not None else None
+            target = services.get(dep) or {}
+            declared = target.get("version")
             if not isinstance(text, str) or not text or not isinstance(declared, str):
                 continue
             try:

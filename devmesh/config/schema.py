@@ -153,8 +153,9 @@ def _key_names(schema: dict[str, Any]) -> list[str]:
 def _message(error: jsonschema.ValidationError) -> str:
     """One error, in words; the caller places it."""
     v = error.validator
-    value = error.instance
-    arg = error.validator_value
+    # jsonschema types these as possibly unset; an error from iter_errors always has them.
+    value: Any = error.instance
+    arg: Any = error.validator_value
     schema = error.schema if isinstance(error.schema, dict) else {}
     if v == "type":
         text = f"expected {describe({'type': arg})}, got {found(value)}"
@@ -193,7 +194,12 @@ def _message(error: jsonschema.ValidationError) -> str:
         return f"expected at least {report.plural(arg, 'item')}, got an empty list"
     if v == "uniqueItems":
         seen: list[Any] = []
-        dup = next((x for x in value if x in seen or seen.append(x)), None)
+        dup = None
+        for x in value:
+            if x in seen:
+                dup = x
+                break
+            seen.append(x)
         return f"expected each item once, got {found(dup)} more than once"
     if v in ("oneOf", "anyOf"):
         alternatives = [resolve(a) for a in arg]
@@ -213,7 +219,8 @@ def _best_branch(error: jsonschema.ValidationError) -> list[jsonschema.Validatio
     """For a oneOf/anyOf error: the errors of the alternative that fits the value's type."""
     if error.validator not in ("oneOf", "anyOf") or not error.context:
         return None
-    alternatives = [resolve(a) for a in error.validator_value]
+    given: Any = error.validator_value
+    alternatives = [resolve(a) for a in given]
     if all(set(a) == {"required"} for a in alternatives):
         return None
     fitting = [i for i, alt in enumerate(alternatives) if _fits(alt, error.instance)]
@@ -272,14 +279,14 @@ def problems(
                 )
                 add((*path, key), f"unknown key {key!r}{hint}", at_key=True)
         elif "propertyNames" in error.absolute_schema_path:
-            name = error.instance
+            name: Any = error.instance
             what = "key" if path and path[-1] == "env" else "name"
             words = _message(error).split(", got ")[0]
             add((*path, name), f"invalid {what} {name!r}: {words}", at_key=True)
         else:
+            given: Any = error.validator_value
             at_key = error.validator in ("required", "dependentRequired") or (
-                error.validator == "oneOf"
-                and all(set(resolve(a)) == {"required"} for a in error.validator_value)
+                error.validator == "oneOf" and all(set(resolve(a)) == {"required"} for a in given)
             )
             add(path, _message(error), at_key=at_key)
     return out
