@@ -145,11 +145,12 @@ def _check_ranges_against_declared(
                 continue
             try:
                 fits = versions.satisfies(declared, text)
-                explanation = versions.compatible_explanation(declared, text)
+                plain = versions.parse_range(text).desugared()
             except versions.VersionError:
                 continue
             if fits:
                 continue
+            needs = f" ({plain})" if plain != text.strip() else ""
             path: Key = ("services", name, *where)
             if isinstance(spec, dict):
                 path = (*path, "version")
@@ -163,9 +164,9 @@ def _check_ranges_against_declared(
             )
             out.add(
                 path,
-                f"{name} accepts {dep} {text}, but {runs} {dep} is {declared} "
-                f"(services.{dep}.version at {out.file}:{there.line}:{there.column}): "
-                f"{explanation}; {consequence}",
+                f"{name} accepts {dep} {text}{needs}, but {runs} {dep} is {declared} "
+                f"(services.{dep}.version at {out.file}:{there.line}:{there.column}); "
+                f"{consequence}",
                 severity=report.WARNING,
             )
 
