@@ -4,9 +4,16 @@ This is the one door from a file on disk to ``model.Project``: the CLI's ``valid
 ``up`` and ``plan`` all come through here, so they agree on every problem. Steps, in order:
 YAML with marks (syntax and duplicate keys), ``version:`` (an unsupported one stops
 everything: the rest of the file may mean something else), ``${VAR}`` interpolation from
-the environment and ``.env`` (environment wins), the JSON Schema, semantic checks,
-env_file reading. All steps after the version run even when earlier ones found problems,
-so one run shows every problem.
+the environment and ``.env`` (environment wins), the JSON Schema, semantic checks, the
+"not built yet" warnings (config/unbuilt.py), env_file reading. All steps after the
+version run even when earlier ones found problems, so one run shows every problem.
+
+Interpolation follows compose: it runs on each scalar value of the parsed document, so a
+variable can never add keys or items, and an unset one is an empty string (with a
+warning), never null. The result is text, converted only where the schema types the
+field as a number or a boolean (``interpolate.cast``), whether the value was quoted or
+not; positions stay those of the value in the file, and a malformed ``${`` is reported
+at its own column when the scalar is written on one line.
 
 YAML 1.1 choices, on purpose: ``restart: {policy: no}`` means the policy "no" (the raw text
 is read, not the boolean); env values are taken as written when unquoted (``0755`` stays
