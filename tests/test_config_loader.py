@@ -356,3 +356,21 @@ def test_env_file_long_form_is_checked_by_the_schema(tmp_path: Path):
         (4, 16, "services.s.env_file[0]", "missing required key 'path'"),
         (4, 34, "services.s.env_file[0].pth", "unknown key 'pth'; did you mean 'path'?"),
     ]
+
+
+def test_a_semantic_error_in_an_interpolated_value_is_at_the_value(tmp_path: Path):
+    text = (
+        "version: 1\nservices:\n  api: {version: 1.0.0}\n  web:\n    version: 1.0.0\n"
+        "    depends_on:\n      api: {version: '${RANGE}'}\n"
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load(path, environ={"RANGE": "^^2"})
+    assert [(p.line, p.column, p.path, p.message) for p in info.value.problems] == [
+        (
+            7,
+            22,
+            "services.web.depends_on.api.version",
+            "invalid version range: invalid range '^^2': unexpected '^^2' (from '${RANGE}')",
+        )
+    ]

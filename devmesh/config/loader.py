@@ -231,7 +231,7 @@ class _Load:
             for p in schema.problems(data, where, self.file, skip=tuple(self.uninterpolated))
             if not (p.path == "" and p.message == "missing required key 'version'")
         ]
-        self.problems += checks.check(data, where, self.file)
+        self.problems += [self.explain(p) for p in checks.check(data, where, self.file)]
         self.problems += unbuilt.warnings(data, where, self.file)
         document = self.merge_env_files(data, where)
         if any(p.is_error for p in self.problems):
@@ -320,7 +320,7 @@ class _Load:
         return pos
 
     def explain(self, p: Problem) -> Problem:
-        """A schema problem on a value that came from ``${...}`` says what was written."""
+        """An error on a value that came from ``${...}`` says what was written there."""
         written = self.interpolated.get(p.path)
         if written is None or not p.is_error:
             return p
