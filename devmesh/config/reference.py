@@ -106,7 +106,8 @@ def _cell(text: str) -> str:
 def _unbuilt_note(path: str) -> str:
     for row in unbuilt.TABLE:
         if row.key == path:
-            return f" **Not built yet:** {row.missing}."
+            when = "" if row.when == "present" else f" (when {row.when})"
+            return f" **Not built yet{when}:** {row.missing}."
     return ""
 
 

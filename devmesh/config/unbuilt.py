@@ -38,6 +38,8 @@ class Row:
     """What is not built, and what happens instead; follows "not built yet: "."""
     applies: Callable[[Any, Mapping[str, Any]], bool] = _always
     """(value, the mapping that holds the key) -> whether this use of the key is affected."""
+    when: str = "present"
+    """``applies`` in words, for the docs."""
 
 
 TABLE: tuple[Row, ...] = (
@@ -56,6 +58,7 @@ TABLE: tuple[Row, ...] = (
             "(validate and up warn about a local one)"
         ),
         applies=lambda value, _: value == "reject",
+        when="`reject`",
     ),
     Row(
         key="policy.prefer",
@@ -64,6 +67,7 @@ TABLE: tuple[Row, ...] = (
             "else to its fallback"
         ),
         applies=lambda value, _: value != "local",
+        when="not `local`",
     ),
     Row(
         key="policy.balance",
@@ -76,6 +80,7 @@ TABLE: tuple[Row, ...] = (
         key="services.<name>.share",
         missing="calls from peers (there is no peer channel); share: true has no effect",
         applies=lambda value, _: value is True,
+        when="`true`",
     ),
     Row(
         key="services.<name>.branch",
@@ -91,6 +96,7 @@ TABLE: tuple[Row, ...] = (
             "fallback (a service without a command does get its fallback today)"
         ),
         applies=lambda _, service: "command" in service,
+        when="the service has a `command`",
     ),
     Row(
         key="services.<name>.db",
