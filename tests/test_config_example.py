@@ -14,13 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "devmesh.yaml.example"
 
 
-def data_paths(value: object, prefix: str = "") -> list[str]:
-    out: list[str] = []
+def data_paths(value: object, prefix: str = "", key: tuple = ()) -> list[tuple[str, tuple]]:
+    """(dotted path with ``[]`` for list items, marks key) of every key in value."""
+    out: list[tuple[str, tuple]] = []
     if isinstance(value, dict):
-        for key, sub in value.items():
-            path = f"{prefix}.{key}" if prefix else str(key)
-            out.append(path)
-            out.extend(data_paths(sub, path))
+        for name, sub in value.items():
+            path = f"{prefix}.{name}" if prefix else str(name)
+            out.append((path, (*key, name)))
+            out.extend(data_paths(sub, path, (*key, name)))
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            out.extend(data_paths(sub, f"{prefix}[]", (*key, i)))
     return out
 
 
@@ -36,9 +40,8 @@ def test_every_schema_key_appears_with_a_comment():
     present = data_paths(parsed.data)
     for path, _ in schema.key_paths():
         rx = pattern(path)
-        match = next((p for p in present if rx.fullmatch(p)), None)
-        assert match is not None, f"{path} is missing from devmesh.yaml.example"
-        key = tuple(match.split("."))
+        key = next((k for p, k in present if rx.fullmatch(p)), None)
+        assert key is not None, f"{path} is missing from devmesh.yaml.example"
         line = parsed.marks.key(key).line
         above = lines[line - 2].strip() if line > 1 else ""
         assert "#" in lines[line - 1] or above.startswith("#"), (
@@ -46,11 +49,16 @@ def test_every_schema_key_appears_with_a_comment():
         )
 
 
-def test_example_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_example_reads_its_optional_env_file_and_the_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     shutil.copy(EXAMPLE, tmp_path / "devmesh.yaml")
-    (tmp_path / "api.env").write_text("FROM_FILE=1\n")
+    (tmp_path / "api.env").write_text("FROM_FILE=1\nLOG_LEVEL=info\n")
     monkeypatch.chdir(tmp_path)
     loaded = loader.load("devmesh.yaml", environ={"DEVMESH_SECRET": "test-secret"})
-    assert loaded.warnings == []
+    assert {p.message.split(":")[0] for p in loaded.warnings} == {"not built yet"}
     assert list(loaded.project.services) == ["api", "worker", "db", "auth"]
     assert loaded.project.mesh is not None and loaded.project.mesh.secret == "test-secret"
+    api = loaded.project.service("api")
+    assert api.env_file == ("api.env",)
+    assert api.env["FROM_FILE"] == "1" and api.env["LOG_LEVEL"] == "debug"  # env wins

@@ -88,11 +88,10 @@ def test_environment_wins_over_dotenv(project: Path):
     assert api.command is not None and api.command[-1] == "/from-dotenv"
 
 
-def test_quoted_scalars_stay_strings_after_interpolation(tmp_path: Path):
+def test_quoted_or_not_a_variable_takes_the_type_of_its_field(tmp_path: Path):
+    """As compose: the substituted text is cast by the field's type, however it is quoted."""
     path = write(tmp_path, BASE.replace("port: ${API_PORT:-8080}", 'port: "${API_PORT:-8080}"'))
-    with pytest.raises(loader.ConfigError) as info:
-        loader.load(path, environ={"HOME_DIR": "/h"})
-    assert [p.message for p in info.value.problems] == ["expected an integer or 'auto', got '8080'"]
+    assert loader.load(path, environ={"HOME_DIR": "/h"}).project.service("api").port == 8080
 
 
 def test_unset_variable_is_a_warning_once(project: Path):
@@ -110,7 +109,7 @@ def test_unset_variable_is_a_warning_once(project: Path):
 def test_literal_secret_warns_but_validates(tmp_path: Path):
     path = write(tmp_path, "version: 1\nmesh:\n  secret: hunter2\n")
     loaded = loader.load(path, environ={})
-    assert [(p.line, p.column, p.path, p.message) for p in loaded.warnings] == [
+    assert [(p.line, p.column, p.path, p.message) for p in loaded.warnings][1:] == [
         (
             3,
             11,
@@ -119,7 +118,9 @@ def test_literal_secret_warns_but_validates(tmp_path: Path):
         ),
     ]
     path.write_text("version: 1\nmesh:\n  secret: ${DEVMESH_SECRET}\n")
-    assert loader.load(path, environ={"DEVMESH_SECRET": "x"}).warnings == []
+    assert [p.path for p in loader.load(path, environ={"DEVMESH_SECRET": "x"}).warnings] == [
+        "mesh"  # not built yet
+    ]
 
 
 def test_stdin_uses_cwd_for_name_and_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -232,3 +233,144 @@ def test_command_with_an_unbalanced_quote(tmp_path: Path, monkeypatch: pytest.Mo
         "devmesh.yaml:6:23: services.a.health.command: cannot split the command into words: "
         "no closing quotation"
     )
+
+
+# -- interpolation as compose does it: on scalar values, typed by the field ------------------
+
+TYPED = """\
+version: 1
+project: ${PROJECT:-typed}
+mesh:
+  secret: ${DEVMESH_SECRET}
+services:
+  api:
+    version: 1.0.0
+    command: ./api
+    cwd: ${DIR:-.}
+    port: ${P:-auto}
+    share: ${SHARE:-false}
+    branch: ${BRANCH:-main}
+    health:
+      http: /healthz
+      interval_s: "${INTERVAL:-1}"
+      retries: ${RETRIES:-3}
+"""
+
+
+def test_unset_variable_is_an_empty_string_never_null(tmp_path: Path):
+    loaded = loader.load(write(tmp_path, TYPED), environ={})
+    assert loaded.project.mesh is not None and loaded.project.mesh.secret == ""
+    assert [(p.line, p.column, p.path, p.message) for p in loaded.warnings][1:2] == [
+        (
+            4,
+            11,
+            "mesh.secret",
+            "variable DEVMESH_SECRET is not set (in the environment or .env); "
+            "using an empty string",
+        )
+    ]
+
+
+def test_numbers_and_booleans_convert_only_where_the_field_takes_them(tmp_path: Path):
+    environ = {
+        "PROJECT": "123",  # a name: stays the text "123"
+        "DEVMESH_SECRET": "0755",
+        "P": "8080",
+        "SHARE": "Yes",
+        "BRANCH": "1.10",  # a string field: not the number 1.1
+        "DIR": "a: b",  # never a mapping
+        "INTERVAL": "2.5",
+        "RETRIES": "+4",
+    }
+    loaded = loader.load(write(tmp_path, TYPED), environ=environ)
+    project, api = loaded.project, loaded.project.service("api")
+    assert project.name == "123"
+    assert project.mesh is not None and project.mesh.secret == "0755"
+    assert (api.port, api.share, api.branch) == (8080, True, "1.10")
+    assert api.cwd == str(tmp_path / "a: b")
+    assert api.health is not None
+    assert (api.health.interval_s, api.health.retries) == (2.5, 4)
+    assert loaded.document["services"]["api"]["port"] == 8080
+
+
+def test_text_that_does_not_fit_its_field_is_reported_with_what_was_written(tmp_path: Path):
+    path = write(tmp_path, TYPED)
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load(path, environ={"P": "eighty", "SHARE": "maybe", "RETRIES": "3.5"})
+    errors = [p for p in info.value.problems if p.is_error]
+    assert loader.report.render(errors) == (
+        f"{path}:10:11: services.api.port: expected an integer or 'auto', "
+        "got 'eighty' (from '${P:-auto}')\n"
+        f"{path}:11:12: services.api.share: expected true or false, got 'maybe' "
+        "(from '${SHARE:-false}')\n"
+        f"{path}:16:16: services.api.health.retries: expected an integer, got '3.5' "
+        "(from '${RETRIES:-3}')"
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "column"),
+    [
+        ("    command: ./api --x ${BAD", 24),
+        ('    command: "./api --x ${BAD"', 25),
+        ("    command: './api --x ${BAD'", 25),
+        ("    command: [./api, --x, '${BAD']", 28),
+    ],
+)
+def test_a_malformed_expression_is_reported_at_its_column(tmp_path: Path, line: str, column: int):
+    text = f"version: 1\nservices:\n  api:\n    version: 1.0.0\n{line}\n"
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load(write(tmp_path, text), environ={})
+    [problem] = info.value.problems
+    assert (problem.line, problem.column) == (5, column)
+    assert text.splitlines()[4][column - 1 :].startswith("${BAD")
+
+
+def test_env_file_compose_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.env").write_text("A=base\nB=base\n")
+    (tmp_path / "local.env").write_text("B=local\n")
+    text = (
+        "version: 1\nservices:\n  s:\n    env_file:\n      - base.env\n"
+        "      - {path: local.env, required: false}\n"
+        "      - path: absent.env\n        required: ${REQUIRED:-false}\n"
+    )
+    path = write(tmp_path, text)
+    service = loader.load(path, environ={}).project.service("s")
+    assert dict(service.env) == {"A": "base", "B": "local"}
+    assert service.env_file == ("base.env", "local.env", "absent.env")
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load(path, environ={"REQUIRED": "true"})
+    assert str(info.value) == (
+        "devmesh.yaml:7:15: services.s.env_file[2].path: env file 'absent.env' not found "
+        "(looked for absent.env); write {path: FILE, required: false} for a file that may "
+        "be absent"
+    )
+
+
+def test_env_file_long_form_is_checked_by_the_schema(tmp_path: Path):
+    text = "version: 1\nservices:\n  s:\n    env_file: [{required: false, pth: a.env}]\n"
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load(write(tmp_path, text), environ={})
+    assert [(p.line, p.column, p.path, p.message) for p in info.value.problems] == [
+        (4, 16, "services.s.env_file[0]", "missing required key 'path'"),
+        (4, 34, "services.s.env_file[0].pth", "unknown key 'pth'; did you mean 'path'?"),
+    ]
+
+
+def test_a_semantic_error_in_an_interpolated_value_is_at_the_value(tmp_path: Path):
+    text = (
+        "version: 1\nservices:\n  api: {version: 1.0.0}\n  web:\n    version: 1.0.0\n"
+        "    depends_on:\n      api: {version: '${RANGE}'}\n"
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load(path, environ={"RANGE": "^^2"})
+    assert [(p.line, p.column, p.path, p.message) for p in info.value.problems] == [
+        (
+            7,
+            22,
+            "services.web.depends_on.api.version",
+            "invalid version range: invalid range '^^2': unexpected '^^2' (from '${RANGE}')",
+        )
+    ]

@@ -8,6 +8,7 @@ round-trips through YAML text and the real loader, which exercises the marks bui
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,74 @@ def test_yaml_text_through_the_loader_gives_the_same_model(doc: dict[str, Any]):
         doc, directory=str(path.parent), default_name="here", source=str(path)
     )
     assert loaded.project == expected
+
+
+# -- interpolation as compose does it --------------------------------------------------------
+
+ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
+TYPED_FILE = """\
+version: 1
+mesh:
+  secret: ${S}
+services:
+  api:
+    version: 1.0.0
+    command: ./api
+    port: ${P}
+    branch: "${B}"
+"""
+PORT_AT = (8, 11)
+
+
+def _load(environ: dict[str, str]) -> loader.Loaded:
+    path = Path("/nonexistent-devmesh-test/typed/devmesh.yaml")
+    return loader.load(path, environ=environ, text=TYPED_FILE)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ANY_TEXT, ANY_TEXT)
+def test_a_variable_in_a_string_field_is_that_text_and_never_changes_the_structure(
+    secret: str, branch: str
+):
+    loaded = _load({"S": secret, "P": "8080", "B": branch})
+    api = loaded.project.service("api")
+    assert loaded.project.mesh is not None and loaded.project.mesh.secret == secret
+    assert api.branch == branch
+    assert set(loaded.document) == {"version", "mesh", "services"}
+    assert set(loaded.document["services"]["api"]) == {"version", "command", "port", "branch"}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.integers(-10, 70_000).map(str), ANY_TEXT, st.just("")))
+def test_a_variable_in_a_port_is_the_integer_or_an_error_at_the_port(text: str):
+    environ = {"S": "s", "P": text, "B": "main"}
+    if re.fullmatch(r"\+?[0-9]+", text) and 1 <= int(text) <= 65535:
+        assert _load(environ).project.service("api").port == int(text)
+        return
+    with pytest.raises(loader.ConfigError) as info:
+        _load(environ)
+    errors = [p for p in info.value.problems if p.is_error]
+    assert [(p.line, p.column, p.path) for p in errors] == [(*PORT_AT, "services.api.port")]
+    assert errors[0].message.endswith("(from '${P}')")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.from_regex(r"\A[a-z][a-z0-9 ._/=-]{0,20}\Z"), st.sampled_from(["", '"', "'"]))
+def test_a_malformed_expression_is_reported_at_the_column_of_its_dollar(prefix: str, quote: str):
+    line = f"    command: {quote}{prefix} ${{BAD{quote}"
+    text = f"version: 1\nservices:\n  api:\n    version: 1.0.0\n{line}\n"
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load(Path("/nonexistent-devmesh-test/p/devmesh.yaml"), environ={}, text=text)
+    [problem] = info.value.problems
+    assert (problem.line, problem.column) == (5, line.index("${") + 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.from_regex(r"\A[A-Z][A-Z0-9_]{0,8}\Z"))
+def test_an_unset_variable_is_an_empty_string_with_one_warning_naming_it(name: str):
+    text = f"version: 1\nmesh:\n  secret: ${{{name}}}\n  name: team\n"
+    loaded = loader.load(Path("/nonexistent-devmesh-test/u/devmesh.yaml"), environ={}, text=text)
+    assert loaded.project.mesh is not None and loaded.project.mesh.secret == ""
+    unset = [w for w in loaded.warnings if "is not set" in w.message]
+    assert [(w.line, w.column, w.path) for w in unset] == [(3, 11, "mesh.secret")]
+    assert unset[0].message.startswith(f"variable {name} is not set")

@@ -65,6 +65,7 @@ def check(doc: Any, marks: marks_mod.Marks, file: str) -> list[report.Problem]:
     services = services_of(doc)
     _check_dependencies(services, out)
     _check_versions(services, out)
+    _check_ranges_against_declared(doc, services, out)
     _check_ports(services, out)
     _check_commands(services, out)
     _check_secret(doc, marks, out)
@@ -91,13 +92,13 @@ def _check_dependencies(services: dict[str, dict[str, Any]], out: _Out) -> None:
     if cycle:
         first, second = cycle[0], cycle[1]
         deps = services[first].get("depends_on")
-        where: Key = ("depends_on", second)
+        at: Key = ("depends_on", second)
         if isinstance(deps, list):
-            where = ("depends_on", deps.index(second))
+            at = ("depends_on", deps.index(second))
         out.add(
-            ("services", first, *where),
+            ("services", first, *at),
             "dependency cycle: " + " -> ".join(cycle),
-            at_key=isinstance(where[-1], str),
+            at_key=isinstance(at[-1], str),
         )
 
 
@@ -121,6 +122,53 @@ def _check_versions(services: dict[str, dict[str, Any]], out: _Out) -> None:
                 versions.parse_range(text)
             except versions.VersionError as exc:
                 out.add(path, f"invalid version range: {exc.message}")
+
+
+def _check_ranges_against_declared(
+    doc: Any, services: dict[str, dict[str, Any]], out: _Out
+) -> None:
+    """A dependency whose range excludes the version this file declares for it.
+
+    The file itself says the call cannot be satisfied: the local instance (or the one the
+    project expects elsewhere) is outside the caller's range. Under ``policy.versions:
+    warn`` that is a warning naming both places; a malformed version or range is left
+    to _check_versions.
+    """
+    policy = doc.get("policy") if isinstance(doc, dict) else None
+    rule = policy.get("versions", "warn") if isinstance(policy, dict) else "warn"
+    for name, service in services.items():
+        for dep, where, spec in dependencies(service):
+            text = spec.get("version") if isinstance(spec, dict) else spec
+            target = services.get(dep) or {}
+            declared = target.get("version")
+            if not isinstance(text, str) or not text or not isinstance(declared, str):
+                continue
+            try:
+                fits = versions.satisfies(declared, text)
+                plain = versions.parse_range(text).desugared()
+            except versions.VersionError:
+                continue
+            if fits:
+                continue
+            needs = f" ({plain})" if plain != text.strip() else ""
+            path: Key = ("services", name, *where)
+            if isinstance(spec, dict):
+                path = (*path, "version")
+            there = out.marks.value(("services", dep, "version"))
+            runs = "the local" if "command" in target else "the declared"
+            consequence = (
+                "calls go to it anyway (policy.versions: warn)"
+                if rule != "reject"
+                else "policy.versions: reject would refuse it, which is not built yet: "
+                "calls still go to it"
+            )
+            out.add(
+                path,
+                f"{name} accepts {dep} {text}{needs}, but {runs} {dep} is {declared} "
+                f"(services.{dep}.version at {out.file}:{there.line}:{there.column}); "
+                f"{consequence}",
+                severity=report.WARNING,
+            )
 
 
 def _check_ports(services: dict[str, dict[str, Any]], out: _Out) -> None:

@@ -4,9 +4,16 @@ This is the one door from a file on disk to ``model.Project``: the CLI's ``valid
 ``up`` and ``plan`` all come through here, so they agree on every problem. Steps, in order:
 YAML with marks (syntax and duplicate keys), ``version:`` (an unsupported one stops
 everything: the rest of the file may mean something else), ``${VAR}`` interpolation from
-the environment and ``.env`` (environment wins), the JSON Schema, semantic checks,
-env_file reading. All steps after the version run even when earlier ones found problems,
-so one run shows every problem.
+the environment and ``.env`` (environment wins), the JSON Schema, semantic checks, the
+"not built yet" warnings (config/unbuilt.py), env_file reading. All steps after the
+version run even when earlier ones found problems, so one run shows every problem.
+
+Interpolation follows compose: it runs on each scalar value of the parsed document, so a
+variable can never add keys or items, and an unset one is an empty string (with a
+warning), never null. The result is text, converted only where the schema types the
+field as a number or a boolean (``interpolate.cast``), whether the value was quoted or
+not; positions stay those of the value in the file, and a malformed ``${`` is reported
+at its own column when the scalar is written on one line.
 
 YAML 1.1 choices, on purpose: ``restart: {policy: no}`` means the policy "no" (the raw text
 is read, not the boolean); env values are taken as written when unquoted (``0755`` stays
@@ -19,6 +26,7 @@ the agent applies the project).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -27,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from devmesh.config import checks, envfile, marks, report, schema
+from devmesh.config import checks, envfile, marks, report, schema, unbuilt
 from devmesh.core import interpolate, model
 
 Problem = report.Problem
@@ -156,6 +164,9 @@ class _Load:
         self.unset_seen: set[str] = set()
         self.uninterpolated: list[tuple[str | int, ...]] = []
         """Paths whose ${...} failed; the schema would only repeat the problem there."""
+        self.interpolated: dict[str, str] = {}
+        """Dotted path -> text as written, of each value a ${...} changed (for messages)."""
+        self.lines: list[str] = []
 
     def problem(self, pos: marks.Position, path: tuple[str | int, ...], message: str) -> None:
         self.problems.append(Problem(self.file, pos.line, pos.column, report.dotted(path), message))
@@ -172,6 +183,7 @@ class _Load:
         return given if isinstance(given, str) else project_name(self.directory.name)
 
     def run(self, text: str, source: str) -> Loaded:
+        self.lines = text.splitlines()
         try:
             parsed = marks.parse(text)
         except marks.YamlSyntaxError as exc:
@@ -215,11 +227,12 @@ class _Load:
             raise self.fail(data)  # a later version may mean other keys: stop here
         data = self.interpolate(data, where)
         self.problems += [
-            p
+            self.explain(p)
             for p in schema.problems(data, where, self.file, skip=tuple(self.uninterpolated))
             if not (p.path == "" and p.message == "missing required key 'version'")
         ]
-        self.problems += checks.check(data, where, self.file)
+        self.problems += [self.explain(p) for p in checks.check(data, where, self.file)]
+        self.problems += unbuilt.warnings(data, where, self.file)
         document = self.merge_env_files(data, where)
         if any(p.is_error for p in self.problems):
             raise self.fail(data)
@@ -279,14 +292,39 @@ class _Load:
                     on_unset=lambda name: self.unset(name, path, where),
                 )
             except interpolate.InterpolationError as exc:
-                self.problem(where.value(path), path, exc.message)
+                self.problem(self.inside(where, path, value, exc.offset), path, exc.message)
                 self.uninterpolated.append(path)
                 return value
-            if style == "" and not deferred and expanded != value:
-                return marks.plain_scalar(expanded)
-            return expanded
+            if expanded == value:
+                return value
+            # As compose: the text a variable gave is a string, converted only for a field
+            # typed as a number or a boolean, never re-read as YAML (see interpolate.cast).
+            self.interpolated[report.dotted(path)] = value
+            return interpolate.cast(expanded, schema.kinds_at(path))
 
         return walk(data, ())
+
+    def inside(
+        self, where: marks.Marks, path: tuple[str | int, ...], value: str, offset: int
+    ) -> marks.Position:
+        """The position of ``value[offset]`` in the file, when the scalar is written on one
+        line without escapes before that offset; else the start of the value."""
+        pos = where.value(path)
+        style = where.raw.get(path, ("", ""))[0]
+        if pos.line > len(self.lines) or style not in ("", "'", '"'):
+            return pos
+        start = pos.column - 1 + (1 if style else 0)
+        line = self.lines[pos.line - 1]
+        if line[start : start + offset + 2] == value[: offset + 2]:
+            return marks.Position(pos.line, start + offset + 1)
+        return pos
+
+    def explain(self, p: Problem) -> Problem:
+        """An error on a value that came from ``${...}`` says what was written there."""
+        written = self.interpolated.get(p.path)
+        if written is None or not p.is_error:
+            return p
+        return dataclasses.replace(p, message=f"{p.message} (from {written!r})")
 
     def unset(self, name: str, path: tuple[str | int, ...], where: marks.Marks) -> None:
         if name in self.unset_seen:
@@ -318,25 +356,23 @@ class _Load:
             return document
         merged_services = dict(document["services"])
         for name, service in services.items():
-            files = service.get("env_file")
-            items: list[tuple[tuple[str | int, ...], str]] = []
-            if isinstance(files, str):
-                items = [(("services", name, "env_file"), files)]
-            elif isinstance(files, list):
-                items = [
-                    (("services", name, "env_file", i), f)
-                    for i, f in enumerate(files)
-                    if isinstance(f, str) and f
-                ]
+            items = _env_files(service.get("env_file"), ("services", name, "env_file"))
             if not items:
                 continue
             env: dict[str, Any] = {}
-            for path, relative in items:
+            for path, relative, required in items:
                 full = self.directory / relative
                 shown = display_path(_absolute(full), Path.cwd())
-                pos = where.key(path) if isinstance(path[-1], str) else where.value(path)
+                pos = where.key(path) if path[-1] == "env_file" else where.value(path)
+                if not full.exists() and not required:
+                    continue  # compose: an optional env file that is absent is skipped
                 if not full.is_file():
-                    self.problem(pos, path, f"env file {relative!r} not found (looked for {shown})")
+                    self.problem(
+                        pos,
+                        path,
+                        f"env file {relative!r} not found (looked for {shown}); "
+                        "write {path: FILE, required: false} for a file that may be absent",
+                    )
                     continue
                 try:
                     values = envfile.read(full, display=shown)
@@ -360,6 +396,27 @@ class _Load:
 def _absolute(path: Path) -> Path:
     """Absolute, with .. folded, symlinks kept (they are what the user typed)."""
     return Path(os.path.normpath(Path.cwd() / path))
+
+
+def _env_files(
+    value: Any, path: tuple[str | int, ...]
+) -> list[tuple[tuple[str | int, ...], str, bool]]:
+    """(path for messages, file, required) of each well-formed entry of an env_file value.
+
+    The three compose spellings: ``F``, ``[F, ...]`` and ``[{path: F, required: false}]``.
+    """
+    if isinstance(value, str) and value:
+        return [(path, value, True)]
+    if not isinstance(value, list):
+        return []
+    out: list[tuple[tuple[str | int, ...], str, bool]] = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, str) and entry:
+            out.append(((*path, i), entry, True))
+        elif isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"]:
+            required = entry.get("required", True)
+            out.append(((*path, i, "path"), entry["path"], required is not False))
+    return out
 
 
 def _deferred(path: tuple[str | int, ...]) -> bool:

@@ -78,18 +78,6 @@ def _scalar(node: yaml.ScalarNode) -> Any:
         return node.value
 
 
-def plain_scalar(text: str) -> Any:
-    """The value an unquoted scalar with this text would have (``8080`` -> 8080).
-
-    Used after interpolation so ``port: ${API_PORT:-8080}`` is an integer, as if the
-    value had been written in the file.
-    """
-    if "\n" in text:
-        return text
-    tag = _constructor.resolve(yaml.ScalarNode, text, (True, False))
-    return _scalar(yaml.ScalarNode(tag, text))
-
-
 def _key_text(node: yaml.Node) -> str | None:
     """Keys are names; anything but a scalar key is refused by returning None."""
     if not isinstance(node, yaml.ScalarNode):

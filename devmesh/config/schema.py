@@ -153,8 +153,9 @@ def _key_names(schema: dict[str, Any]) -> list[str]:
 def _message(error: jsonschema.ValidationError) -> str:
     """One error, in words; the caller places it."""
     v = error.validator
-    value = error.instance
-    arg = error.validator_value
+    # jsonschema types these as possibly unset; an error from iter_errors always has them.
+    value: Any = error.instance
+    arg: Any = error.validator_value
     schema = error.schema if isinstance(error.schema, dict) else {}
     if v == "type":
         text = f"expected {describe({'type': arg})}, got {found(value)}"
@@ -193,7 +194,12 @@ def _message(error: jsonschema.ValidationError) -> str:
         return f"expected at least {report.plural(arg, 'item')}, got an empty list"
     if v == "uniqueItems":
         seen: list[Any] = []
-        dup = next((x for x in value if x in seen or seen.append(x)), None)
+        dup = None
+        for x in value:
+            if x in seen:
+                dup = x
+                break
+            seen.append(x)
         return f"expected each item once, got {found(dup)} more than once"
     if v in ("oneOf", "anyOf"):
         alternatives = [resolve(a) for a in arg]
@@ -213,7 +219,8 @@ def _best_branch(error: jsonschema.ValidationError) -> list[jsonschema.Validatio
     """For a oneOf/anyOf error: the errors of the alternative that fits the value's type."""
     if error.validator not in ("oneOf", "anyOf") or not error.context:
         return None
-    alternatives = [resolve(a) for a in error.validator_value]
+    given: Any = error.validator_value
+    alternatives = [resolve(a) for a in given]
     if all(set(a) == {"required"} for a in alternatives):
         return None
     fitting = [i for i, alt in enumerate(alternatives) if _fits(alt, error.instance)]
@@ -272,14 +279,14 @@ def problems(
                 )
                 add((*path, key), f"unknown key {key!r}{hint}", at_key=True)
         elif "propertyNames" in error.absolute_schema_path:
-            name = error.instance
+            name: Any = error.instance
             what = "key" if path and path[-1] == "env" else "name"
             words = _message(error).split(", got ")[0]
             add((*path, name), f"invalid {what} {name!r}: {words}", at_key=True)
         else:
+            given: Any = error.validator_value
             at_key = error.validator in ("required", "dependentRequired") or (
-                error.validator == "oneOf"
-                and all(set(resolve(a)) == {"required"} for a in error.validator_value)
+                error.validator == "oneOf" and all(set(resolve(a)) == {"required"} for a in given)
             )
             add(path, _message(error), at_key=at_key)
     return out
@@ -291,8 +298,9 @@ def key_paths(
     """Every key the schema allows, as dotted paths with placeholders, in schema order.
 
     Map keys chosen by the user read ``<name>`` (services, dependencies) or ``<VAR>``
-    (env). Alternatives (oneOf/anyOf) contribute the keys of each alternative, so both
-    spellings of depends_on are covered. Used by the docs generator and by the test
+    (env); the keys of mappings inside a list read ``list[].key`` (``env_file[].path``).
+    Alternatives (oneOf/anyOf) contribute the keys of each alternative, so both
+    spellings of depends_on are covered. Used by the reference generator and by the test
     that every key appears in devmesh.yaml.example.
     """
     node = resolve(load_schema() if node is None else node)
@@ -307,6 +315,9 @@ def key_paths(
         path = f"{prefix}.{placeholder}"
         out.append((path, extra))
         out.extend(key_paths(extra, path))
+    items = node.get("items")
+    if isinstance(items, dict):
+        out.extend(key_paths(items, f"{prefix}[]"))
     seen = {p for p, _ in out}
     for alternative in node.get("oneOf", []) + node.get("anyOf", []):
         for path, sub in key_paths(alternative, prefix):
@@ -314,3 +325,51 @@ def key_paths(
                 seen.add(path)
                 out.append((path, sub))
     return out
+
+
+def _children(node: dict[str, Any], part: str | int) -> list[dict[str, Any]]:
+    """The subschemas that a value at ``part`` inside a value of ``node`` must match."""
+    node = resolve(node)
+    out: list[dict[str, Any]] = []
+    for alternative in node.get("oneOf", []) + node.get("anyOf", []):
+        out.extend(_children(alternative, part))
+    if isinstance(part, int):
+        items = node.get("items")
+        if isinstance(items, dict):
+            out.append(items)
+        return out
+    properties = node.get("properties", {})
+    if part in properties:
+        out.append(properties[part])
+    elif isinstance(node.get("additionalProperties"), dict):
+        out.append(node["additionalProperties"])
+    return out
+
+
+def _kinds(node: dict[str, Any]) -> set[str]:
+    node = resolve(node)
+    out: set[str] = set()
+    for alternative in node.get("oneOf", []) + node.get("anyOf", []):
+        out |= _kinds(alternative)
+    for value in [node["const"]] if "const" in node else node.get("enum", []):
+        if not isinstance(value, str):  # a string const/enum is no free-form string
+            out.add("boolean" if isinstance(value, bool) else "number")
+    kinds = node.get("type", [])
+    out.update([kinds] if isinstance(kinds, str) else kinds)
+    return out
+
+
+def kinds_at(path: tuple[str | int, ...]) -> frozenset[str]:
+    """The JSON types the schema accepts at path ("string" means any free-form string).
+
+    The loader asks this after interpolation, to give a value that came from a variable
+    the type of the field it fills, as compose does (``port: ${P}`` is an integer).
+    Empty when the schema does not know the path.
+    """
+    nodes = [load_schema()]
+    for part in path:
+        nodes = [child for node in nodes for child in _children(node, part)]
+    kinds: set[str] = set()
+    for node in nodes:
+        kinds |= _kinds(node)
+    return frozenset(kinds)

@@ -182,3 +182,41 @@ def _one(
     unset = " (it is empty)" if value == "" else " (it is not set)"
     detail = ": " + nested(arg) if arg else unset
     raise InterpolationError(f"required variable {name} is missing a value{detail}", start)
+
+
+_INTEGER_RE = re.compile(r"[+-]?[0-9]+")
+_NUMBER_RE = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_BOOLEANS = {
+    "true": True,
+    "false": False,
+    "yes": True,
+    "no": False,
+    "y": True,
+    "n": False,
+    "on": True,
+    "off": False,
+}
+
+
+def cast(text: str, kinds: frozenset[str]) -> str | int | float | bool:
+    """The value an interpolated ``text`` takes in a field that accepts JSON ``kinds``.
+
+    Compose's rule: a ``${...}`` substitution always yields a string, and only a field
+    typed as a number or a boolean converts it (compose-go casts by path), so a variable
+    can never change the document's structure nor turn a string field into a number
+    (``branch: ${B}`` with B=``1.10`` stays "1.10"). A field that accepts free-form
+    strings keeps the text. Integers are decimal digits with an optional sign, numbers
+    add a fraction and an exponent, booleans are true/false and the YAML 1.1 words
+    (yes/no, y/n, on/off, any case), as compose accepts them. Text that does not convert
+    stays a string, so the schema reports it at the field with the type it expected
+    (an unset variable in ``port: ${P}`` reads "expected an integer, got an empty string").
+    """
+    if "string" in kinds:
+        return text
+    if kinds & {"integer", "number"} and _INTEGER_RE.fullmatch(text):
+        return int(text)
+    if "number" in kinds and _NUMBER_RE.fullmatch(text):
+        return float(text)
+    if "boolean" in kinds and text.lower() in _BOOLEANS:
+        return _BOOLEANS[text.lower()]
+    return text

@@ -299,6 +299,8 @@ def _service(name: str, doc: Mapping[str, Any], directory: str) -> Service:
     env_file = doc.get("env_file") or ()
     if isinstance(env_file, str):
         env_file = (env_file,)
+    # Long form {path, required}: the model keeps the path; the loader read the file.
+    env_file = [f["path"] if isinstance(f, Mapping) else f for f in env_file]
     return Service(
         name=name,
         version=None if doc.get("version") is None else str(doc["version"]),

@@ -1,0 +1,145 @@
+"""Keys the schema accepts whose feature is not built yet, and the warning each one gets.
+
+Why: the schema describes the whole product so that files written today keep working,
+but a key that is silently accepted and does nothing misleads: a user who writes
+``db: {engine: postgres}`` expects a database. So every such key is named here, once,
+with what is missing, and the loader turns each key present in a file into a warning
+at the key (``devmesh.yaml:12:5: services.api.db: not built yet: ...``). Every command
+that loads a config (validate, up, plan) shows it. When a feature lands, its row is
+deleted, and nothing else changes.
+
+A row may apply only to some values: ``share: false`` asks for what already happens
+(nothing is shared), and ``fallback`` works today for a service that does not run here
+(its callers get the fallback URL); only the failover it promises for a local service
+is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from devmesh.config import marks as marks_mod
+from devmesh.config import report
+
+Key = tuple[str | int, ...]
+
+
+def _always(value: Any, parent: Mapping[str, Any]) -> bool:
+    return True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Row:
+    key: str
+    """Dotted key path; ``<name>`` matches any service name."""
+    missing: str
+    """What is not built, and what happens instead; follows "not built yet: "."""
+    applies: Callable[[Any, Mapping[str, Any]], bool] = _always
+    """(value, the mapping that holds the key) -> whether this use of the key is affected."""
+    when: str = "present"
+    """``applies`` in words, for the docs."""
+
+
+TABLE: tuple[Row, ...] = (
+    Row(
+        key="mesh",
+        missing=(
+            "peer discovery and the peer channel; the mesh settings (name, secret, port, "
+            "discovery, allow) are accepted but have no effect: no peer is found and no "
+            "peer can call this machine"
+        ),
+    ),
+    Row(
+        key="policy.versions",
+        missing=(
+            "skipping an instance outside the caller's range; calls still go to it "
+            "(validate and up warn about a local one)"
+        ),
+        applies=lambda value, _: value == "reject",
+        when="`reject`",
+    ),
+    Row(
+        key="policy.prefer",
+        missing=(
+            "route preference; calls go to the local instance when the service runs here, "
+            "else to its fallback"
+        ),
+        applies=lambda value, _: value != "local",
+        when="not `local`",
+    ),
+    Row(
+        key="policy.balance",
+        missing=(
+            "load balancing; each dependency has one candidate (the local instance or the "
+            "fallback), so balance has no effect"
+        ),
+    ),
+    Row(
+        key="services.<name>.share",
+        missing="calls from peers (there is no peer channel); share: true has no effect",
+        applies=lambda value, _: value is True,
+        when="`true`",
+    ),
+    Row(
+        key="services.<name>.branch",
+        missing=(
+            "branch namespaces; branch is accepted but has no effect: calls are routed "
+            "without regard to branches"
+        ),
+    ),
+    Row(
+        key="services.<name>.fallback",
+        missing=(
+            "failover; calls go to the local instance even when it is down, never to the "
+            "fallback (a service without a command does get its fallback today)"
+        ),
+        applies=lambda _, service: "command" in service,
+        when="the service has a `command`",
+    ),
+    Row(
+        key="services.<name>.db",
+        missing=(
+            "databases; db is accepted but has no effect: no database is created and "
+            "DATABASE_URL is not set"
+        ),
+    ),
+)
+
+
+def _matches(
+    value: Any, parts: list[str], path: Key
+) -> Iterator[tuple[Key, Any, Mapping[str, Any]]]:
+    """(path, value, parent) of each key of ``value`` that the pattern ``parts`` names."""
+    if not parts or not isinstance(value, Mapping):
+        return
+    head, rest = parts[0], parts[1:]
+    keys = list(value) if head == "<name>" else [head] if head in value else []
+    for key in keys:
+        child = value[key]
+        if rest:
+            yield from _matches(child, rest, (*path, key))
+        else:
+            yield (*path, key), child, value
+
+
+def warnings(doc: Any, marks: marks_mod.Marks, file: str) -> list[report.Problem]:
+    """A warning, at the key, for each use in ``doc`` of a key of TABLE that applies."""
+    out: list[report.Problem] = []
+    for row in TABLE:
+        for path, value, parent in _matches(doc, row.key.split("."), ()):
+            if not row.applies(value, parent):
+                continue
+            pos = marks.key(path)
+            out.append(
+                report.Problem(
+                    file,
+                    pos.line,
+                    pos.column,
+                    report.dotted(path),
+                    f"not built yet: {row.missing}",
+                    report.WARNING,
+                )
+            )
+    return out
