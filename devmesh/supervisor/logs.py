@@ -107,11 +107,18 @@ def tail(path: Path, lines: int) -> list[str]:
     return out[-lines:]
 
 
-async def follow(path: Path, *, from_end: bool = True, poll_s: float = 0.1) -> AsyncIterator[str]:
+async def follow(
+    path: Path,
+    *,
+    from_end: bool = True,
+    poll_s: float = 0.1,
+    started: anyio.Event | None = None,
+) -> AsyncIterator[str]:
     """Yield complete lines (without newline) as they are appended to ``path``, forever.
 
     Starts at the current end when ``from_end`` and the file exists, else at the beginning
-    (a file that appears later is read from its start). Close the iterator to stop.
+    (a file that appears later is read from its start). ``started`` is set once that start
+    is fixed: whatever is appended afterwards will be yielded. Close the iterator to stop.
     """
     f = None
     inode: int | None = None
@@ -125,11 +132,15 @@ async def follow(path: Path, *, from_end: bool = True, poll_s: float = 0.1) -> A
                     f = open(path, "rb")  # noqa: SIM115 (kept across polls, closed in finally)
                 except FileNotFoundError:
                     first = False
+                    if started is not None:
+                        started.set()
                     await anyio.sleep(poll_s)
                     continue
                 inode = os.fstat(f.fileno()).st_ino
                 pos = f.seek(0, os.SEEK_END) if (first and from_end) else 0
                 first = False
+                if started is not None:
+                    started.set()
             size = os.fstat(f.fileno()).st_size
             if size < pos:  # truncated (copytruncate rotation): start over at the top
                 pos = 0
