@@ -106,8 +106,14 @@ async def feed(
 async def stamp_forever(paths: Callable[[], Iterable[Path]], *, poll_s: float = POLL_S) -> None:
     """Keep the time index of every log ``paths()`` names current, so each line gets the
     time it was written to within ``poll_s``, whether or not anyone reads the logs."""
+    seen: dict[Path, tuple[int, int]] = {}
     while True:
+        current: dict[Path, tuple[int, int]] = {}
         for p in paths():
             with contextlib.suppress(OSError):
-                logs.stamp(p)
+                st = os.stat(p)
+                current[p] = (st.st_size, st.st_mtime_ns)
+                if seen.get(p) != current[p]:  # the index is read only when the log changed
+                    logs.stamp(p)
+        seen = current
         await anyio.sleep(poll_s)
