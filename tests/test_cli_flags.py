@@ -92,14 +92,6 @@ def test_unknown_service_or_project_exits_1_naming_it(mesh: Mesh) -> None:
     assert r.returncode == 1 and "no such service 'nosuchsvc'" in r.stderr, r.stderr
 
 
-def test_unknown_project_without_an_agent_exits_1(mesh: Mesh) -> None:
-    for args in (("down", "-p", "ghost"), ("status", "-p", "ghost")):
-        r = mesh.cli(*args)
-        assert r.returncode == 1, (args, r.stderr)
-        assert "no project 'ghost' is applied: the devmesh agent is not running" in r.stderr
-    assert not mesh.home.joinpath("agent.sock").exists()  # nothing was started for it
-
-
 def test_a_bad_flag_prints_the_commands_usage(mesh: Mesh) -> None:
     r = mesh.cli("up", "--bogus")
     assert r.returncode == 2
