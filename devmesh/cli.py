@@ -59,22 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"devmesh.commands.{name}").register(sub)
+    for command in sub.choices.values():
+        # The parser whose usage goes with an error; a nested one (`ca install`) sets its own,
+        # and the innermost default wins.
+        command.set_defaults(usage_parser=command)
     return parser
-
-
-def _innermost(
-    parser: argparse.ArgumentParser, args: argparse.Namespace
-) -> argparse.ArgumentParser:
-    """The (sub)parser of the command that was chosen, so its usage goes with its errors."""
-    while True:
-        chosen = None
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                name = getattr(args, action.dest or "", None)
-                chosen = action.choices.get(name) if isinstance(name, str) else None
-        if chosen is None:
-            return parser
-        parser = chosen
 
 
 def _apply_global_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -100,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cut = words.index("--")
         words, rest = words[:cut], words[cut + 1 :]
     args, extra = parser.parse_known_args(words)
-    command = _innermost(parser, args)
+    command: argparse.ArgumentParser = getattr(args, "usage_parser", parser)
     if extra:  # argparse reports these with the top-level usage; the command's is the help
         command.error(f"unrecognized arguments: {' '.join(extra)}")
     if rest is not None and getattr(args, "command", None) != "run":

@@ -28,10 +28,10 @@ def register(subparsers: Any) -> None:
     )
     sub = parser.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
     p = sub.add_parser("path", help="print the CA certificate's file path")
-    p.set_defaults(func=lambda a: _common.run_command(cmd_path, a))
+    p.set_defaults(func=lambda a: _common.run_command(cmd_path, a), usage_parser=p)
     p = sub.add_parser("export", help="print the CA certificate (PEM), or write it to --out")
     p.add_argument("--out", type=Path, help="file to write instead of standard output")
-    p.set_defaults(func=lambda a: _common.run_command(cmd_export, a))
+    p.set_defaults(func=lambda a: _common.run_command(cmd_export, a), usage_parser=p)
     p = sub.add_parser(
         "install",
         help="trust the CA in the system store and the NSS databases (Chromium, Firefox)",
@@ -60,7 +60,7 @@ def register(subparsers: Any) -> None:
         help="home directory searched for NSS databases (default: $HOME)",
     )
     p.add_argument("--certutil", default=None, help="certutil program (default: from PATH)")
-    p.set_defaults(func=lambda a: _common.run_command(cmd_install, a))
+    p.set_defaults(func=lambda a: _common.run_command(cmd_install, a), usage_parser=p)
 
 
 def _ca() -> dict[str, Any]:

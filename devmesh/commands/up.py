@@ -1,7 +1,9 @@
 """`devmesh up`: apply devmesh.yaml to the agent and follow the services' logs.
 
 Attached (the default) the command opens the log feed *before* applying, so the first line
-a service prints is shown; Ctrl-C then stops the project gracefully. With ``-d`` it returns
+a service prints is shown; Ctrl-C then stops what it applied gracefully, wherever the
+interrupt lands once the apply is sent (during the request, the readiness wait or the log
+stream), as compose does. With ``-d`` it returns
 once every selected service reached its condition, or exits 1 naming the one that did not,
 with the reason and the last lines of its log.
 """
