@@ -40,10 +40,45 @@ def build_parser() -> argparse.ArgumentParser:
     from devmesh import __version__
 
     parser.add_argument("--version", action="version", version=f"devmesh {__version__}")
+    # Compose's global flags. Their own dests: a subparser's defaults would overwrite a value
+    # the top-level parser stored under the same name.
+    parser.add_argument(
+        "-f",
+        "--file",
+        dest="global_file",
+        metavar="FILE",
+        help="devmesh.yaml to use for the command ('-' reads stdin)",
+    )
+    parser.add_argument(
+        "-p",
+        "--project",
+        dest="global_project",
+        metavar="NAME",
+        help="act on this applied project by name",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"devmesh.commands.{name}").register(sub)
+    for command in sub.choices.values():
+        # The parser whose usage goes with an error; a nested one (`ca install`) sets its own,
+        # and the innermost default wins.
+        command.set_defaults(usage_parser=command)
     return parser
+
+
+def _apply_global_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Hand ``devmesh -f FILE`` / ``-p NAME`` to the command; its own flags win."""
+    if args.global_file is not None:
+        if hasattr(args, "file"):
+            args.file = args.file or args.global_file
+        elif hasattr(args, "project"):
+            args.project_file = args.global_file  # the project is the file's (see _common)
+        else:
+            parser.error(f"-f/--file: `devmesh {args.command}` reads no devmesh.yaml")
+    if args.global_project is not None:
+        if not hasattr(args, "project"):
+            parser.error(f"-p/--project: `devmesh {args.command}` acts on no project")
+        args.project = args.project or args.global_project
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,7 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in words:  # `devmesh run NAME -- CMD ARGS`: the command is not ours to parse
         cut = words.index("--")
         words, rest = words[:cut], words[cut + 1 :]
-    args = parser.parse_args(words)
+    args, extra = parser.parse_known_args(words)
+    command: argparse.ArgumentParser = getattr(args, "usage_parser", parser)
+    if extra:  # argparse reports these with the top-level usage; the command's is the help
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
     if rest is not None and getattr(args, "command", None) != "run":
         parser.error("'--' is only used by `devmesh run NAME -- CMD`")
     args.rest = rest
@@ -61,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    _apply_global_flags(command, args)
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.request
 
+import pytest
 from agentkit import PY, SERVER, Mesh, alive
 
 TWO = """
@@ -296,7 +297,8 @@ def test_two_projects_on_one_agent_stay_apart(mesh: Mesh) -> None:
     beta = {n: s["pid"] for n, s in mesh.services("beta").items()}
     assert len(mesh.status()["services"]) == 4
     mesh.cli("down", cwd=a, check=True)
-    assert mesh.services("alpha") == {}
+    assert "alpha" not in mesh.status()["agent"]["projects"]  # forgotten: `-p alpha` exits 1
+    assert {s["project"] for s in mesh.status()["services"]} == {"beta"}
     assert {n: s["pid"] for n, s in mesh.services("beta").items()} == beta
     assert all(alive(p) for p in beta.values())
 
@@ -311,8 +313,30 @@ def test_agent_sigterm_stops_everything(mesh: Mesh) -> None:
     assert not (mesh.home / "agent.sock").exists()
 
 
-def test_attached_up_streams_prefixed_logs_and_ctrl_c_stops(mesh: Mesh) -> None:
-    d = two(mesh)
+GATED = """
+version: 1
+project: gated
+services:
+  api:
+    version: 1.0.0
+    command: {py} server.py
+    health: {{command: test -f {flag}, interval_s: 0.2}}
+  web:
+    version: 1.0.0
+    command: {py} server.py
+    depends_on: [api]
+"""
+
+
+@pytest.mark.parametrize("moment", ["waiting for readiness", "following logs"])
+def test_attached_up_ctrl_c_stops_what_it_started(mesh: Mesh, moment: str) -> None:
+    """SIGINT at a chosen observable point: nothing of the project runs afterwards.
+
+    api is healthy only once a flag file exists, so "waiting for readiness" is a state the
+    test holds for as long as it likes, not a race it hopes to win.
+    """
+    flag = mesh.root / "api-ready.flag"
+    d = mesh.project("gated", GATED.format(py=PY, flag=flag), {"server.py": SERVER})
     proc = subprocess.Popen(
         [PY, "-m", "devmesh", "up"],
         cwd=d,
@@ -321,28 +345,39 @@ def test_attached_up_streams_prefixed_logs_and_ctrl_c_stops(mesh: Mesh) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    seen: list[str] = []
-    reader = threading.Thread(
-        target=lambda: seen.extend(iter(proc.stdout.readline, "")), daemon=True
-    )
-    reader.start()
+    out: list[str] = []
+    err: list[str] = []
+    readers = [
+        threading.Thread(target=lambda s=s, d=d: d.extend(iter(s.readline, "")), daemon=True)
+        for s, d in ((proc.stdout, out), (proc.stderr, err))
+    ]
+    for r in readers:
+        r.start()
     try:
-        mesh.wait_for(lambda: any(ln.startswith("web | ") for ln in seen), what="web's first line")
-        assert any(ln.startswith("api | api ready on") for ln in seen), seen
-        assert any(ln.startswith("web | web ready on") for ln in seen), seen
+        mesh.wait_for(lambda: any(ln.startswith("api | api ready on") for ln in out), what="api")
+        api = mesh.services("gated")["api"]
+        assert api["pid"] and alive(api["pid"])
+        if moment == "waiting for readiness":
+            assert not any(" + api: ready" in ln for ln in err), err  # the wait is on
+        else:
+            flag.write_text("")
+            mesh.wait_for(lambda: any(ln.startswith("web | ") for ln in out), what="web's line")
+            mesh.wait_for(lambda: any("service(s) ready" in ln for ln in err), what="ready")
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-        err = proc.stderr.read()
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        reader.join(5)
+        for r in readers:
+            r.join(5)
         proc.stdout.close()
         proc.stderr.close()
-    assert proc.returncode == 130, err
-    assert "Stopped project shop." in err
+    assert proc.returncode == 130, "".join(err)
+    assert "Stopped project gated.\n" in err, err
     assert mesh.services() == {}
+    assert not alive(api["pid"])
+    assert mesh.leftovers() == [mesh.agent_pid()]
 
 
 def test_logs_tail_and_follow(mesh: Mesh) -> None:

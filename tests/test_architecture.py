@@ -134,7 +134,7 @@ def test_commands_use_the_agent_only_through_its_client() -> None:
                 continue
             if parts[1] == "agent" and len(parts) > 2 and ".".join(parts[:3]) not in allowed:
                 problems.append(f"{p.name} imports {m}")
-            if parts[1] in ("supervisor", "mesh", "db", "dashboard"):
+            if parts[1] in ("supervisor", "proxy", "mesh", "db", "dashboard"):
                 problems.append(f"{p.name} imports {m}")
     assert not problems, "\n".join(problems)
 

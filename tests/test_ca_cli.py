@@ -2,117 +2,144 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
 import subprocess
-import sys
+from pathlib import Path
 
 import pytest
+from agentkit import Mesh
 from cryptography import x509
 
 from devmesh.proxy import ca, errors
 
 
-def run(home, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEVMESH_HOME": str(home), **(env_extra or {})}
+@pytest.fixture
+def user(mesh: Mesh) -> Path:
+    """A HOME of the test's own, so no real trust store is ever read or written."""
+    home = mesh.root / "user"
+    home.mkdir()
+    mesh.env["HOME"] = str(home)
+    return home
+
+
+def cert_of(mesh: Mesh) -> Path:
+    return mesh.home / "ca" / "ca.pem"
+
+
+def certutil_or_skip() -> str:
+    found = shutil.which("certutil")
+    if found is None:
+        pytest.skip("certutil (libnss3-tools) not installed; scripts/test installs it")
+    return found
+
+
+def listed(certutil: str, database: Path) -> str:
     return subprocess.run(
-        [sys.executable, "-m", "devmesh", "ca", *args],
+        [certutil, "-L", "-d", f"sql:{database}"],
         capture_output=True,
         text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+        check=True,
+        timeout=30,
+    ).stdout
 
 
-def test_path_creates_the_ca_once_with_a_private_key(tmp_path):
-    r = run(tmp_path, "path")
+def test_path_asks_the_agent_which_creates_the_ca_once(mesh: Mesh) -> None:
+    r = mesh.cli("ca", "path")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"{tmp_path / 'ca' / 'ca.pem'}\n"
-    key = tmp_path / "ca" / "ca-key.pem"
+    assert r.stdout == f"{cert_of(mesh)}\n"
+    assert "Started the devmesh agent" in r.stderr  # the agent owns the CA
+    key = mesh.home / "ca" / "ca-key.pem"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    first = (tmp_path / "ca" / "ca.pem").read_bytes()
-    assert run(tmp_path, "path").returncode == 0
-    assert (tmp_path / "ca" / "ca.pem").read_bytes() == first  # created on first use only
+    first = cert_of(mesh).read_bytes()
+    again = mesh.cli("ca", "path")
+    assert again.returncode == 0 and again.stderr == ""  # the running agent answered
+    assert cert_of(mesh).read_bytes() == first  # created on first use only
     cert = x509.load_pem_x509_certificate(first)
     years = (cert.not_valid_after_utc - cert.not_valid_before_utc).days / 365
-    assert 9.9 < years < 10.1
+    assert round(years) == 10
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 
-def test_export_prints_or_writes_the_pem(tmp_path):
-    r = run(tmp_path, "export")
+def test_export_prints_or_writes_the_pem(mesh: Mesh) -> None:
+    r = mesh.cli("ca", "export")
     assert r.stdout.startswith("-----BEGIN CERTIFICATE-----\n")
-    out = tmp_path / "exported.pem"
-    r = run(tmp_path, "export", "--out", str(out))
+    assert r.stdout == cert_of(mesh).read_text()
+    out = mesh.root / "exported.pem"
+    r = mesh.cli("ca", "export", "--out", str(out))
     assert r.returncode == 0
-    assert out.read_text() == (tmp_path / "ca" / "ca.pem").read_text()
+    assert out.read_text() == cert_of(mesh).read_text()
 
 
-def test_install_into_injected_system_dir_and_nss_db(tmp_path):
-    anchors = tmp_path / "anchors"
+def test_install_into_injected_system_dir_and_existing_nss_db(mesh: Mesh, user: Path) -> None:
+    certutil = certutil_or_skip()
+    anchors = mesh.root / "anchors"
     anchors.mkdir()
-    home = tmp_path / "user"
-    nss = home / ".pki" / "nssdb"
+    nss = user / ".pki" / "nssdb"
     nss.mkdir(parents=True)
-    certutil = shutil.which("certutil")
-    if certutil is None:
-        pytest.skip("certutil (libnss3-tools) not installed")
     subprocess.run(
         [certutil, "-N", "-d", f"sql:{nss}", "--empty-password"],
         check=True,
         capture_output=True,
         timeout=30,
     )
-    r = run(
-        tmp_path / "dm",
-        "install",
-        "--system-dir",
-        str(anchors),
-        "--update-command",
-        "",
-        "--nss-home",
-        str(home),
-    )
+    r = mesh.cli("ca", "install", "--system-dir", str(anchors), "--update-command", "")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.splitlines() == [
         f"ok   system store {anchors}: installed as {anchors / 'devmesh-local-ca.crt'}",
         f"ok   NSS store {nss}: added as 'devmesh local CA'",
+        f"The CA {cert_of(mesh)} is trusted in 2 store(s); restart browsers to pick it up.",
     ]
-    listed = subprocess.run(
-        [certutil, "-L", "-d", f"sql:{nss}"], capture_output=True, text=True, check=True, timeout=30
-    ).stdout
-    assert "devmesh local CA" in listed
+    assert "devmesh local CA" in listed(certutil, nss)
 
 
-def test_install_prints_precise_instructions_when_it_cannot(tmp_path):
-    missing = tmp_path / "no-such-dir"
-    home = tmp_path / "user"
-    (home / ".mozilla" / "firefox" / "abc.default").mkdir(parents=True)
-    (home / ".mozilla" / "firefox" / "abc.default" / "cert9.db").write_bytes(b"")
-    r = run(
-        tmp_path / "dm",
+def test_install_creates_the_nss_store_chromium_reads(mesh: Mesh, user: Path) -> None:
+    """A fresh HOME has no ~/.pki/nssdb: Chromium would never see the CA unless it is made."""
+    certutil = certutil_or_skip()
+    nss = user / ".pki" / "nssdb"
+    r = mesh.cli("ca", "install", "--no-system")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [
+        f"ok   NSS store {nss}: created it and added as 'devmesh local CA'",
+        f"The CA {cert_of(mesh)} is trusted in 1 store(s); restart browsers to pick it up.",
+    ]
+    assert "devmesh local CA" in listed(certutil, nss)
+    assert stat.S_IMODE(nss.stat().st_mode) == 0o700
+    again = mesh.cli("ca", "install", "--no-system")  # the store exists now: added again
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.splitlines()[0] == f"ok   NSS store {nss}: added as 'devmesh local CA'"
+
+
+def test_install_prints_precise_instructions_when_it_cannot(mesh: Mesh, user: Path) -> None:
+    missing = mesh.root / "no-such-dir"
+    profile = user / ".mozilla" / "firefox" / "abc.default"
+    profile.mkdir(parents=True)
+    (profile / "cert9.db").write_bytes(b"")
+    mesh.env["PATH"] = "/nonexistent"  # no certutil to be found
+    r = mesh.cli(
+        "ca",
         "install",
         "--system-dir",
         str(missing),
         "--update-command",
         "update-ca-certificates",
-        "--nss-home",
-        str(home),
-        "--certutil",
-        "",
-        env_extra={"PATH": "/nonexistent"},
     )
     assert r.returncode == 1
-    cert = tmp_path / "dm" / "ca" / "ca.pem"
-    profile = home / ".mozilla" / "firefox" / "abc.default"
+    cert = cert_of(mesh)
+    nss = user / ".pki" / "nssdb"
     assert r.stdout.splitlines() == [
         f"TODO system store {missing}: No such file or directory; run: sudo cp {cert} "
         f"{missing / 'devmesh-local-ca.crt'} && sudo update-ca-certificates",
+        f"TODO NSS store {nss}: certutil not found (Debian package libnss3-tools); run: "
+        f"mkdir -p {nss} && certutil -N --empty-password -d sql:{nss} && "
+        f"certutil -A -d sql:{nss} -t C,, -n 'devmesh local CA' -i {cert}",
         f"TODO NSS store {profile}: certutil not found (Debian package libnss3-tools); run: "
-        f"certutil -A -d sql:{profile} -t C,, -n devmesh local CA -i {cert}",
+        f"certutil -A -d sql:{profile} -t C,, -n 'devmesh local CA' -i {cert}",
     ]
+    assert r.stderr.splitlines()[-1] == (
+        f"devmesh ca: the CA is trusted nowhere yet; not in: system store {missing}; "
+        f"NSS store {nss}; NSS store {profile}; the TODO lines above say how"
+    )
 
 
 def test_world_readable_key_is_refused(tmp_path):

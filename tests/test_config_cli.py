@@ -175,3 +175,22 @@ def test_several_files_as_pre_commit_passes_them(quickstart: Path):
     )
     result = run(["--json", "examples/quickstart/devmesh.yaml", str(cycle)], quickstart)
     assert [r["valid"] for r in json.loads(result.stdout)] == [True, False]
+
+
+def test_global_file_before_the_command(quickstart: Path, tmp_path: Path):
+    file = quickstart / "examples" / "quickstart" / "devmesh.yaml"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVMESH_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    r = subprocess.run(
+        [sys.executable, "-m", "devmesh", "-f", str(file), "validate"],
+        cwd=elsewhere,  # no devmesh.yaml here: the global -f is what names it
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "quickstart" in r.stdout

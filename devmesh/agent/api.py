@@ -10,7 +10,9 @@ Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
   POST /v1/apply                      {document, directory, source, services, base_env, dry_run}
   GET  /v1/wait?project=P&services=a,b    stream: progress, then {"done": true, "ok": ...}
   POST /v1/down                       {project, services}; answers when they are stopped
-  GET  /v1/logs?project=P&services=a,b&tail=N&follow=1   stream
+  GET  /v1/logs?project=P&services=a,b&tail=N|all&since=UNIX_S&follow=1   stream of
+       {service, line, time}; proxy=1 (&format=text) for the access log
+  GET  /v1/ca                         {path, pem} of the local CA (created on first use)
   POST /v1/shutdown
 """
 
@@ -28,6 +30,7 @@ from devmesh.agent import state as state_mod
 from devmesh.agent.engine import Engine
 from devmesh.agent.http_server import ApiError, Request, Response, Router, StreamResponse
 from devmesh.core import desired, model, plan
+from devmesh.proxy import accesslog, ca
 from devmesh.supervisor import ports, process
 
 
@@ -110,10 +113,23 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
     @router.route("GET", "/v1/logs")
     async def get_logs(req: Request) -> StreamResponse:
         q = req.query
-        paths = _log_paths(engine, q.get("project"), q.get("services"), q.get("proxy") == "1")
-        tail = int(q.get("tail", "0") or 0)
+        proxy = q.get("proxy") == "1"
+        paths = _log_paths(engine, q.get("project"), q.get("services"), proxy)
+        tail = None if q.get("tail") == "all" else _number(q, "tail", int, 0)
+        since_s = _number(q, "since", float, None)
         follow = q.get("follow") == "1"
-        return StreamResponse(200, logfeed.feed(paths, tail=tail, follow=follow))
+        items = logfeed.feed(paths, tail=tail, follow=follow, since_s=since_s)
+        if proxy and q.get("format") == "text":
+            items = _access_text(items)
+        return StreamResponse(200, items)
+
+    @router.route("GET", "/v1/ca")
+    async def get_ca(req: Request) -> Response:
+        # The CLI's `ca path|export|install` come here rather than open the proxy's CA
+        # themselves: one owner creates the CA, on first use, the same way every time.
+        local = ca.LocalCA(engine.home.root)
+        pem = local.cert_pem()
+        return Response(200, {"path": str(local.cert_path()), "pem": pem.decode()})
 
     @router.route("POST", "/v1/shutdown")
     async def shutdown(req: Request) -> Response:
@@ -293,6 +309,29 @@ async def _wait_stream(
             yield {"heartbeat": True}  # lets the CLI enforce --wait-timeout
 
 
+def _number(q: dict[str, str], key: str, kind: Any, default: Any) -> Any:
+    raw = q.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ApiError(400, f"query parameter {key}: expected a number, got {raw!r}") from None
+
+
+async def _access_text(items: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """The access log is kept as JSON lines; people read them as text."""
+    import json
+
+    async for item in items:
+        if "line" in item:
+            try:
+                item["line"] = accesslog.format_text(accesslog.Entry(**json.loads(item["line"])))
+            except (ValueError, TypeError):
+                pass  # not an entry (a line of an older format): shown as it is
+        yield item
+
+
 def _log_paths(
     engine: Engine, project: str | None, services: str | None, proxy: bool
 ) -> dict[str, Any]:
@@ -303,6 +342,9 @@ def _log_paths(
     if project and wanted and proj is None:
         # Attached `up` opens its feed before the first apply: name the files up front.
         return {s: engine.home.service_log(project, s) for s in wanted}
+    if project and proj is None:
+        known = ", ".join(sorted(engine.state.projects)) or "none"
+        raise ApiError(404, f"no project {project!r} is applied to this agent (projects: {known})")
     out = {}
     for name, rec in engine.state.projects.items():
         if project is not None and name != project:

@@ -24,6 +24,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from devmesh.agent import logfeed
 from devmesh.agent.api import build_router
 from devmesh.agent.engine import Engine
 from devmesh.agent.http_server import serve_unix
@@ -252,6 +253,9 @@ async def _main(home: Home) -> None:
         engine.proxy = await _start_proxy(tg, home, engine)
         await _start_workers(tg, home, engine, engine.proxy)
         await tg.start(engine.run)
+        tg.start_soon(
+            logfeed.stamp_forever, lambda: [home.service_log(*k) for k in engine.instances]
+        )
         await tg.start(serve_unix, home.socket, build_router(engine, stop.set))
         tg.start_soon(_signals, stop)
         log.info("devmesh agent %d listening on %s", os.getpid(), home.socket)

@@ -142,13 +142,18 @@ def add_project_arg(p: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace) -> Any:
     """Load and validate devmesh.yaml; CommandError with every problem when it is invalid."""
+    return load_file(getattr(args, "file", None) or getattr(args, "project_file", None))
+
+
+def load_file(file: str | None) -> Any:
+    """Load ``file`` ('-' is stdin; None finds devmesh.yaml here or in a parent)."""
     from devmesh.config import loader
 
     try:
-        if args.file == "-":
+        if file == "-":
             loaded = loader.load("-")
         else:
-            path = Path(args.file) if args.file else loader.find_config(Path.cwd())
+            path = Path(file) if file else loader.find_config(Path.cwd())
             loaded = loader.load(path)
     except loader.ConfigNotFound as exc:
         raise CommandError(str(exc)) from exc
@@ -168,6 +173,27 @@ def project_name(args: argparse.Namespace) -> str:
     if getattr(args, "project", None):
         return str(args.project)
     return str(load(args).project.name)
+
+
+def applied_projects(c: Client) -> dict[str, list[str]]:
+    """Each project applied to the agent, with the services it runs or waits for."""
+    data = c.request("GET", "/v1/status")
+    out: dict[str, list[str]] = {p: [] for p in (data.get("agent") or {}).get("projects", [])}
+    for row in data.get("services") or []:
+        out.setdefault(row["project"], []).append(row["name"])
+    return out
+
+
+def unknown_project(project: str, projects: Any) -> CommandError:
+    known = ", ".join(sorted(projects)) or "none"
+    return CommandError(f"no project {project!r} is applied to this agent (projects: {known})")
+
+
+def unknown_services(names: list[str], project: str, known: Any) -> CommandError:
+    listed = ", ".join(sorted(known)) or "none"
+    return CommandError(
+        f"no such service {', '.join(map(repr, names))} in project {project} (services: {listed})"
+    )
 
 
 @contextlib.contextmanager

@@ -1,25 +1,24 @@
 """`devmesh ca path|export|install`: the local CA that signs the HTTPS listener's certificates.
 
 Why a CLI of its own: a browser or a test client must trust the CA before
-``https://NAME.localhost`` works, and that is a one-time, per-machine step. The CA is created
-on first use in ``$DEVMESH_HOME/ca`` (default ``~/.devmesh/ca``), so these commands work
-without a running agent.
+``https://NAME.localhost`` works, and that is a one-time, per-machine step. The agent owns
+the CA (created on first use in ``$DEVMESH_HOME/ca``, default ``~/.devmesh/ca``) and hands
+it out through its control API, so these commands start the agent when none runs, as `up`
+does. Installing it into trust stores happens here, as the user, in ``_trust``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
+
+from devmesh.commands import _common
 
 
-def devmesh_home() -> Path:
-    return Path(os.environ.get("DEVMESH_HOME") or Path.home() / ".devmesh")
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "ca",
         help="the local CA behind https://NAME.localhost",
@@ -29,11 +28,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     sub = parser.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
     p = sub.add_parser("path", help="print the CA certificate's file path")
-    p.set_defaults(func=cmd_path)
+    p.set_defaults(func=lambda a: _common.run_command(cmd_path, a), usage_parser=p)
     p = sub.add_parser("export", help="print the CA certificate (PEM), or write it to --out")
     p.add_argument("--out", type=Path, help="file to write instead of standard output")
-    p.set_defaults(func=cmd_export)
-    p = sub.add_parser("install", help="trust the CA in the system store and NSS databases")
+    p.set_defaults(func=lambda a: _common.run_command(cmd_export, a), usage_parser=p)
+    p = sub.add_parser(
+        "install",
+        help="trust the CA in the system store and the NSS databases (Chromium, Firefox)",
+        description="Trust the CA in the system store and in the NSS databases browsers "
+        "read: ~/.pki/nssdb (created when missing: Chromium reads only it) and each Firefox "
+        "profile. Says where the CA went, and the exact command for each store it could not "
+        "write.",
+    )
     p.add_argument(
         "--system-dir",
         type=Path,
@@ -54,48 +60,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="home directory searched for NSS databases (default: $HOME)",
     )
     p.add_argument("--certutil", default=None, help="certutil program (default: from PATH)")
-    p.set_defaults(func=cmd_install)
+    p.set_defaults(func=lambda a: _common.run_command(cmd_install, a), usage_parser=p)
 
 
-def _ca():  # noqa: ANN202 - the type lives in a module imported lazily
-    from devmesh.proxy import ca
-
-    return ca.LocalCA(devmesh_home())
+def _ca() -> dict[str, Any]:
+    """The agent's answer to ``GET /v1/ca``: the certificate's path and PEM."""
+    h = _common.home()
+    result: dict[str, Any] = _common.ensure_agent(h).request("GET", "/v1/ca")
+    return result
 
 
 def cmd_path(args: argparse.Namespace) -> int:
-    print(_ca().cert_path())
-    return 0
+    print(_ca()["path"])
+    return _common.EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    pem = _ca().cert_pem()
+    pem = str(_ca()["pem"])
     if args.out is None:
-        sys.stdout.write(pem.decode())
+        sys.stdout.write(pem)
     else:
-        args.out.write_bytes(pem)
+        args.out.write_text(pem)
         print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+    return _common.EXIT_OK
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from devmesh.proxy import trust
+    from devmesh.commands import _trust
 
-    cert = _ca().cert_path()
+    cert = Path(_ca()["path"])
     system: tuple[Path, str | None] | None = None
     if not args.no_system:
         if args.system_dir is not None:
             system = (args.system_dir, args.update_command or None)
         else:
-            found = trust.default_system_store()
+            found = _trust.default_system_store()
             if found is not None:
                 command = found[1] if args.update_command is None else args.update_command
                 system = (found[0], command or None)
     certutil = args.certutil or shutil.which("certutil")
-    steps = trust.install(
+    steps = _trust.install(
         cert,
-        system=None if args.no_system else system,
-        home=args.nss_home or trust.home_dir(),
+        system=system,
+        home=args.nss_home or _trust.home_dir(),
         certutil=certutil,
     )
     if args.no_system:
@@ -103,4 +110,12 @@ def cmd_install(args: argparse.Namespace) -> int:
     for step in steps:
         mark = "ok  " if step.done else "TODO"
         print(f"{mark} {step.store}: {step.detail}")
-    return 0 if steps and all(s.done for s in steps) else 1
+    done = [s.store for s in steps if s.done]
+    todo = [s.store for s in steps if not s.done]
+    if todo:
+        where = f"trusted in {len(done)} store(s), " if done else "trusted nowhere yet; "
+        raise _common.CommandError(
+            f"the CA is {where}not in: {'; '.join(todo)}; the TODO lines above say how"
+        )
+    print(f"The CA {cert} is trusted in {len(done)} store(s); restart browsers to pick it up.")
+    return _common.EXIT_OK

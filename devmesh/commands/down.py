@@ -31,19 +31,43 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    project = _common.project_name(args)
+    """Stop a project, or some of its services; exit 1 naming what does not exist.
+
+    A project named with ``-p`` must be applied to a running agent; one read from a file exists
+    by definition (stopping it when nothing runs is fine, as with compose). With no agent
+    running nothing can be checked and nothing runs: exit 0, so cleanup scripts stay simple.
+    Named services must belong to the project: its file when one was read, else what the
+    agent knows of it.
+    """
+    file_services: list[str] | None = None
+    if getattr(args, "project", None):
+        project = str(args.project)
+    else:
+        proj = _common.load(args).project
+        project, file_services = proj.name, list(proj.services)
+    if file_services is not None and args.services:
+        unknown = [s for s in args.services if s not in file_services]
+        if unknown:
+            raise _common.unknown_services(unknown, project, file_services)
     h = _common.home()
     client = _common.client(h, timeout_s=3600)
-    if not _common.agent_running(client):
+    if not _common.agent_running(client):  # nothing runs: stopping is done, whatever it names
         print(f"The devmesh agent is not running: nothing to stop for {project}.", file=sys.stderr)
         return _common.EXIT_OK
+    applied = _common.applied_projects(client)
+    if project not in applied:
+        if file_services is None:
+            raise _common.unknown_project(project, applied)
+        print(f"Project {project} is not applied to this agent; nothing to stop.", file=sys.stderr)
+        return _common.EXIT_OK
+    if file_services is None and args.services:
+        unknown = [s for s in args.services if s not in applied[project]]
+        if unknown:
+            raise _common.unknown_services(unknown, project, applied[project])
     with _common.project_lock(h, project):
         result = client.request(
             "POST", "/v1/down", {"project": project, "services": args.services or None}
         )
-    if not result.get("known"):
-        print(f"Project {project} is not applied to this agent; nothing to stop.", file=sys.stderr)
-        return _common.EXIT_OK
     stopped = result.get("stopped") or []
     what = ", ".join(stopped) if stopped else "nothing was running"
     print(f"Project {project}: stopped {what}.", file=sys.stderr)

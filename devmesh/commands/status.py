@@ -48,6 +48,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     h = _common.home()
+    if getattr(args, "project_file", None) and not args.project:  # `devmesh -f FILE status`
+        args.project = _common.project_name(args)
     query = {"project": args.project} if args.project else None
     try:
         data = _common.client(h, timeout_s=10).request("GET", "/v1/status", query=query)
@@ -58,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"The devmesh agent is not running (no answer on {h.socket}).")
             print("`devmesh up` starts it.")
         return _common.EXIT_OK
+    if args.project and args.project not in (data.get("agent") or {}).get("projects", []):
+        raise _common.unknown_project(args.project, data["agent"]["projects"])
     if args.json:
         print(json.dumps(data, indent=2))
         return _common.EXIT_OK

@@ -1,7 +1,9 @@
 """`devmesh up`: apply devmesh.yaml to the agent and follow the services' logs.
 
 Attached (the default) the command opens the log feed *before* applying, so the first line
-a service prints is shown; Ctrl-C then stops the project gracefully. With ``-d`` it returns
+a service prints is shown; Ctrl-C then stops what it applied gracefully, wherever the
+interrupt lands once the apply is sent (during the request, the readiness wait or the log
+stream), as compose does. With ``-d`` it returns
 once every selected service reached its condition, or exits 1 naming the one that did not,
 with the reason and the last lines of its log.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 import time
@@ -89,45 +92,66 @@ def apply_and_follow(
 ) -> int:
     h = _common.home()
     err = sys.stderr
-    with _common.project_lock(h, project, out=err):
-        client = _common.ensure_agent(h, out=err, agent_env=agent_env)
-        follower = None
-        if not args.detach:
-            follower = _LogFollower(h, project, log_services)
-            follower.start()
-        try:
-            result = client.request(
-                "POST",
-                "/v1/apply",
-                {
-                    "document": document,
-                    "directory": directory,
-                    "source": source,
-                    "services": services,
-                    "base_env": dict(os.environ),
-                },
-            )
-        except _common.ApiError as exc:
-            raise _common.CommandError(f"nothing was applied: {exc.message}") from exc
-        for w in result.get("warnings", []):
-            print(f"warning: {w}", file=err)
-        _print_actions(result, err)
-        ok = _wait(client, project, result["services"], args.wait_timeout, err)
-    if args.detach:
-        return _common.EXIT_OK if ok else _common.EXIT_FAILED
-    assert follower is not None
+    applying = False  # from the moment the apply is sent, Ctrl-C stops what it started
     try:
+        with _common.project_lock(h, project, out=err):
+            client = _common.ensure_agent(h, out=err, agent_env=agent_env)
+            follower = None
+            if not args.detach:
+                follower = _LogFollower(h, project, log_services)
+                follower.start()
+            applying = not args.detach
+            try:
+                result = client.request(
+                    "POST",
+                    "/v1/apply",
+                    {
+                        "document": document,
+                        "directory": directory,
+                        "source": source,
+                        "services": services,
+                        "base_env": dict(os.environ),
+                    },
+                )
+            except _common.ApiError as exc:
+                applying = False  # the agent refused it as a whole: nothing started
+                raise _common.CommandError(f"nothing was applied: {exc.message}") from exc
+            for w in result.get("warnings", []):
+                print(f"warning: {w}", file=err)
+            _print_actions(result, err)
+            ok = _wait(client, project, result["services"], args.wait_timeout, err)
+        if args.detach:
+            return _common.EXIT_OK if ok else _common.EXIT_FAILED
+        assert follower is not None
         while not follower.done.wait(0.25):
             pass
         print("devmesh: the agent closed the log stream", file=err)
         return _common.EXIT_FAILED
     except KeyboardInterrupt:
-        print(f"\nStopping project {project}...", file=err)
-        _common.client(h, timeout_s=600).request(
-            "POST", "/v1/down", {"project": project, "services": services}
-        )
-        print(f"Stopped project {project}.", file=err)
+        if not applying:
+            raise
+        _stop_after_interrupt(h, project, services, err)
         return 130
+
+
+def _stop_after_interrupt(h: Any, project: str, services: list[str] | None, err: Any) -> None:
+    """Stop what this attached `up` applied, as compose does on Ctrl-C.
+
+    Wherever the interrupt landed (during the apply request, the readiness wait or the log
+    stream), the agent may have started services: asking it to stop them is always right,
+    and harmless when it had not. A second Ctrl-C while stopping is ignored, so the project
+    is never left half stopped by an impatient double press.
+    """
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        print(f"\nStopping project {project}...", file=err)
+        with _common.project_lock(h, project, out=err):
+            _common.client(h, timeout_s=600).request(
+                "POST", "/v1/down", {"project": project, "services": services}
+            )
+        print(f"Stopped project {project}.", file=err)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _print_actions(result: dict[str, Any], out: Any) -> None:

@@ -1,21 +1,26 @@
 """Installing the CA certificate into the trust stores a developer's tools read.
 
-Why a separate module: ``devmesh ca install`` touches the machine (system store, browsers' NSS
-databases), so every location and program is a parameter; the tests point them at temporary
+Why it lives with the commands, not with the proxy: trusting a certificate is an act of the
+user on their own machine (their HOME, their browsers, sudo for the system store), not
+something the proxy or the agent does; the agent only hands out the certificate (``GET
+/v1/ca``). Every location and program is a parameter, so the tests point them at temporary
 directories and never modify the real stores. When a store cannot be written (no root, no
-``certutil``), the step is not fatal: it prints the exact command that would do it.
+``certutil``), the step is not fatal: it says the exact command that would do it.
 
 Stores handled:
 
 - System: Debian/Ubuntu (``/usr/local/share/ca-certificates`` + ``update-ca-certificates``),
   Fedora/RHEL (``/etc/pki/ca-trust/source/anchors`` + ``update-ca-trust``).
 - NSS (Chromium, Firefox): ``~/.pki/nssdb`` and every Firefox profile holding ``cert9.db``,
-  including the snap location, through ``certutil`` from libnss3-tools.
+  including the snap location, through ``certutil`` from libnss3-tools. Chromium on Linux
+  reads only ``~/.pki/nssdb``, never the system store, so that database is created (empty
+  password, as Chromium itself would) when it does not exist yet.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -45,10 +50,15 @@ def default_system_store() -> tuple[Path, str] | None:
     return None
 
 
+def shared_nss_database(home: Path) -> Path:
+    """The NSS database Chromium (and Firefox, for some builds) read on Linux."""
+    return home / ".pki" / "nssdb"
+
+
 def nss_databases(home: Path) -> list[Path]:
     """NSS databases under home: the shared one and Firefox profiles (sql format only)."""
     found: list[Path] = []
-    shared = home / ".pki" / "nssdb"
+    shared = shared_nss_database(home)
     if (shared / "cert9.db").exists():
         found.append(shared)
     for base in (home / ".mozilla" / "firefox", home / "snap/firefox/common/.mozilla/firefox"):
@@ -85,26 +95,50 @@ def install_system(cert: Path, directory: Path, update_command: str | None) -> S
     return Step(store=name, done=True, detail=f"installed as {target}")
 
 
-def install_nss(cert: Path, database: Path, certutil: str | None) -> Step:
-    args = ["-A", "-d", f"sql:{database}", "-t", "C,,", "-n", NICKNAME, "-i", str(cert)]
+def _certutil(certutil: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [certutil, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def install_nss(cert: Path, database: Path, certutil: str | None, *, create: bool) -> Step:
+    """Add cert to one NSS database; ``create`` makes the database first (it does not exist)."""
+    add = ["-A", "-d", f"sql:{database}", "-t", "C,,", "-n", NICKNAME, "-i", str(cert)]
+    new = ["-N", "--empty-password", "-d", f"sql:{database}"]
+    manual = shlex.join(["certutil", *add])
+    if create:
+        manual = (
+            f"mkdir -p {shlex.quote(str(database))} && {shlex.join(['certutil', *new])} && "
+            + manual
+        )
     name = f"NSS store {database}"
     if certutil is None:
         return Step(
             store=name,
             done=False,
-            detail="certutil not found (Debian package "
-            f"libnss3-tools); run: certutil {' '.join(args)}",
+            detail=f"certutil not found (Debian package libnss3-tools); run: {manual}",
         )
-    proc = subprocess.run(
-        [certutil, *args], capture_output=True, text=True, timeout=60, check=False
-    )
+    if create:
+        try:
+            database.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            return Step(store=name, done=False, detail=f"{exc.strerror}; run: {manual}")
+        proc = _certutil(certutil, new)
+        if proc.returncode != 0:
+            return Step(
+                store=name,
+                done=False,
+                detail=f"certutil -N failed: {proc.stderr.strip()}; run: {manual}",
+            )
+    proc = _certutil(certutil, add)
     if proc.returncode != 0:
         return Step(
             store=name,
             done=False,
-            detail=f"certutil failed: {proc.stderr.strip()}; run: certutil " + " ".join(args),
+            detail=f"certutil failed: {proc.stderr.strip()}; run: {manual}",
         )
-    return Step(store=name, done=True, detail=f"added as {NICKNAME!r}")
+    made = "created it and " if create else ""
+    return Step(store=name, done=True, detail=f"{made}added as {NICKNAME!r}")
 
 
 def install(
@@ -127,7 +161,11 @@ def install(
                 f"{cert} into your OS's trust settings by hand",
             )
         )
-    steps.extend(install_nss(cert, db, certutil) for db in nss_databases(home))
+    databases = nss_databases(home)
+    shared = shared_nss_database(home)
+    if shared not in databases:  # Chromium reads it and nothing else: make it
+        steps.append(install_nss(cert, shared, certutil, create=True))
+    steps.extend(install_nss(cert, db, certutil, create=False) for db in databases)
     return steps
 
 
