@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import proxykit
 import pytest
 from agentkit import PY, SERVER, Mesh, alive
 
 from devmesh.agent import daemon
-from devmesh.proxy import listeners, server, settings, table, testing, workers
+from devmesh.proxy import listeners, server, settings, table, workers
 
 SHOP = f"""
 version: 1
@@ -310,10 +311,10 @@ def test_worker_joins_each_edge_on_its_exact_port_or_skips_it(tmp_path: Path) ->
 
 
 def test_standalone_workers_share_ports_and_follow_the_routes_file(tmp_path: Path) -> None:
-    with testing.upstream() as up:
+    with proxykit.upstream() as up:
         edge = {"caller_project": "p", "caller_service": "web", "target_service": "api"}
         routes = {"backends": [], "edges": [{**edge, "port": None}]}
-        proc = testing.ProxyProcess(routes, args=("--workers", "2", "--json"))
+        proc = proxykit.ProxyProcess(routes, args=("--workers", "2", "--json"))
         try:
             (edge_port,) = proc.edges.values()
             workers_now = _children_with_flag(proc.pid)

@@ -15,9 +15,8 @@ import threading
 import time
 
 import httpx
+import proxykit
 import pytest
-
-from devmesh.proxy import testing
 
 MIB = 1024 * 1024
 HOST = {"host": "api.localhost"}
@@ -25,13 +24,13 @@ HOST = {"host": "api.localhost"}
 
 @pytest.fixture
 def upstream():
-    with testing.upstream() as server:
+    with proxykit.upstream() as server:
         yield server
 
 
 @pytest.fixture
 def proxy(upstream):
-    p = testing.ProxyProcess(
+    p = proxykit.ProxyProcess(
         {"backends": [{"project": "p", "service": "api", "port": upstream.port}]},
         args=("--idle-timeout", "0.5", "--json"),
     )
@@ -180,7 +179,7 @@ def test_bytes_a_service_sends_on_an_idle_connection_are_not_taken_for_an_answer
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    p = testing.ProxyProcess(
+    p = proxykit.ProxyProcess(
         {"backends": [{"project": "p", "service": "api", "port": listener.getsockname()[1]}]}
     )
     try:

@@ -5,17 +5,16 @@ from __future__ import annotations
 import socket
 
 import httpx
+import proxykit
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devmesh.proxy import testing
-
 
 @pytest.fixture(scope="module")
 def proxy():
-    with testing.upstream() as up:
-        p = testing.ProxyProcess(
+    with proxykit.upstream() as up:
+        p = proxykit.ProxyProcess(
             {"backends": [{"project": "p", "service": "api", "port": up.port}]},
             args=("--max-header", "4096", "--idle-timeout", "2"),
         )

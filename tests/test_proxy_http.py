@@ -10,14 +10,13 @@ import time
 import urllib.request
 
 import httpx
+import proxykit
 import pytest
-
-from devmesh.proxy import testing
 
 
 @pytest.fixture
 def upstream():
-    with testing.upstream() as server:
+    with proxykit.upstream() as server:
         yield server
 
 
@@ -43,7 +42,7 @@ def routes(up_port: int, **extra) -> dict:
 
 @pytest.fixture
 def proxy(upstream):
-    p = testing.ProxyProcess(
+    p = proxykit.ProxyProcess(
         routes(upstream.port), args=("--max-body", "1000000", "--idle-timeout", "0.5")
     )
     yield p
@@ -57,7 +56,7 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=20,
         check=False,
-        env=testing.env_without_proxy(),
+        env=proxykit.env_without_proxy(),
     )
 
 
@@ -149,8 +148,8 @@ def test_stopped_and_crash_looping_services_get_502_naming_them(proxy):
 
 
 def test_connection_refused_gets_502_naming_port(upstream):
-    port = testing.free_port()
-    p = testing.ProxyProcess(
+    port = proxykit.free_port()
+    p = proxykit.ProxyProcess(
         {"backends": [{"project": "shop", "service": "api", "port": port, "state": "starting"}]}
     )
     try:
@@ -192,7 +191,7 @@ def test_connect_timeout_gets_504():
         f.setblocking(False)
         f.connect_ex(("127.0.0.1", port))
         fillers.append(f)
-    p = testing.ProxyProcess(
+    p = proxykit.ProxyProcess(
         {"backends": [{"project": "p", "service": "api", "port": port}]},
         args=("--connect-timeout", "0.3"),
     )
@@ -258,13 +257,46 @@ def test_expect_100_continue(proxy):
         input=body,
         capture_output=True,
         timeout=20,
-        env=testing.env_without_proxy(),
+        env=proxykit.env_without_proxy(),
         check=False,
     )
     assert b"HTTP/1.1 100 Continue" in r.stderr
     doc = json.loads(r.stdout)
     assert doc["body_length"] == len(body)
-    assert "expect" not in {k for k, _ in doc["headers"]}
+    assert hdr(doc, "expect") == ["100-continue"]  # the service's own 100 came through
+
+
+def test_early_answer_to_expect_100_continue_reaches_curl_cleanly(proxy, upstream):
+    """A service that refuses a chunked upload up front (413 instead of 100 Continue) is
+    heard: curl gets the 413, sends no body and exits 0, as through nginx."""
+    r = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-v",
+            "--max-time",
+            "10",
+            "-H",
+            "Expect: 100-continue",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "@-",
+            "-w",
+            "\n%{http_code}",
+            f"http://api.localhost:{proxy.port}/reject-expect",
+        ],
+        input=b"z" * 300_000,
+        capture_output=True,
+        timeout=20,
+        env=proxykit.env_without_proxy(),
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.endswith(b"\n413")
+    assert b"100 Continue" not in r.stderr
+    assert upstream.expect_rejections == 1
+    assert echo(proxy)["method"] == "GET"  # still serving
 
 
 def test_body_over_limit_gets_413(proxy):
@@ -363,8 +395,8 @@ def test_route_changes_apply_without_restart(upstream, proxy):
 
 
 def test_first_listed_project_keeps_the_short_name(upstream):
-    with testing.upstream() as other:
-        p = testing.ProxyProcess(
+    with proxykit.upstream() as other:
+        p = proxykit.ProxyProcess(
             {
                 "backends": [
                     {"project": "one", "service": "api", "port": upstream.port},
@@ -382,7 +414,7 @@ def test_first_listed_project_keeps_the_short_name(upstream):
 
 
 def test_access_log_json_lines(upstream):
-    p = testing.ProxyProcess(routes(upstream.port), args=("--json",))
+    p = proxykit.ProxyProcess(routes(upstream.port), args=("--json",))
     try:
         httpx.post(
             f"http://127.0.0.1:{p.port}/echo?q=1",
@@ -448,7 +480,7 @@ def test_idle_pooled_connection_closed_by_service_is_retried():
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    p = testing.ProxyProcess(
+    p = proxykit.ProxyProcess(
         {"backends": [{"project": "p", "service": "api", "port": listener.getsockname()[1]}]}
     )
     try:

@@ -7,22 +7,21 @@ import socket
 import time
 
 import httpx
+import proxykit
 import pytest
-
-from devmesh.proxy import testing
 
 MIB = 1024 * 1024
 
 
 @pytest.fixture
 def upstream():
-    with testing.upstream() as server:
+    with proxykit.upstream() as server:
         yield server
 
 
 @pytest.fixture
 def proxy(upstream):
-    p = testing.ProxyProcess(
+    p = proxykit.ProxyProcess(
         {"backends": [{"project": "p", "service": "api", "port": upstream.port}]}
     )
     yield p

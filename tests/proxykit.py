@@ -1,8 +1,8 @@
-"""Test and benchmark helpers: the proxy as a real child process, and a real upstream.
+"""Test helpers: the proxy as a real child process, and a real upstream.
 
-Why in the package: the proxy's tests, its benchmark and the agent's integration tests all
-need "a proxy process fed this route table" and "an HTTP service that streams, stalls and
-counts its connections". Both use only the standard library and bind only 127.0.0.1.
+The proxy's tests and the agent's integration tests all need "a proxy process fed this route
+table" and "an HTTP service that streams, stalls and counts its connections". Both use only
+the standard library and bind only 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -166,6 +166,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 total += len(chunk)
         return total, digest.hexdigest()
 
+    def handle_expect_100(self) -> bool:
+        """``/reject-expect`` refuses any body up front, as a service with an upload limit
+        does: a final 413 instead of ``100 Continue``, and the connection closes."""
+        if not self.path.startswith("/reject-expect"):
+            return super().handle_expect_100()
+        with self.server.lock:
+            self.server.expect_rejections += 1
+        self.close_connection = True
+        self._send(413, b"too large for this service\n", "text/plain", (("Connection", "close"),))
+        return False
+
     def do_HEAD(self) -> None:
         self.do_GET()
 
@@ -254,6 +265,7 @@ class UpstreamServer(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.connections = 0
         self.sse_disconnects = 0
+        self.expect_rejections = 0
 
     @property
     def port(self) -> int:
