@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
 
@@ -145,6 +146,78 @@ def test_stopped_and_crash_looping_services_get_502_naming_them(proxy):
     )
     r = httpx.get(f"http://127.0.0.1:{proxy.port}/", headers={"host": "cron.localhost"})
     assert r.text == "502 Bad Gateway: service 'cron' of project 'shop' is stopped\n"
+
+
+def test_restarting_service_gets_502_and_index_line_with_attempt_and_countdown(upstream):
+    """The wait is counted by the proxy's clock from the table's retry_at: checked against
+    the test's clock before and after the request, and never below zero once due."""
+    retry_at = time.time() + 600
+    backends = [
+        {"project": "shop", "service": "api", "port": upstream.port},
+        {
+            "project": "shop",
+            "service": "jobs",
+            "port": upstream.port,
+            "state": "restarting",
+            "reason": "exited with status 3",
+            "attempt": 2,
+            "retry_at": retry_at,
+        },
+        {
+            "project": "shop",
+            "service": "mail",
+            "port": upstream.port,
+            "state": "restarting",
+            "attempt": 7,
+            "retry_at": 1.0,  # long due: the agent is about to start it
+        },
+    ]
+    p = proxykit.ProxyProcess({"backends": backends})
+    try:
+        before = time.time()
+        r = httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "jobs.localhost"})
+        after = time.time()
+        assert r.status_code == 502
+        m = re.fullmatch(
+            r"502 Bad Gateway: service 'jobs' of project 'shop' is restarting, attempt 2,"
+            r" next try in (\d+) s: exited with status 3\n",
+            r.text,
+        )
+        assert m is not None, r.text
+        assert math.ceil(retry_at - after) <= int(m.group(1)) <= math.ceil(retry_at - before)
+        r = httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "mail.localhost"})
+        assert r.text == (
+            "502 Bad Gateway: service 'mail' of project 'shop' is restarting, attempt 7,"
+            " next try in 0 s\n"
+        )
+        index = httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "nope.localhost"})
+        assert index.status_code == 404
+        assert (
+            f"  mail (shop, restarting, attempt 7, next try in 0 s): http://mail.shop.localhost:{p.port}"
+            in index.text.splitlines()
+        )
+        assert "  jobs (shop, restarting, attempt 2, next try in " in index.text
+        assert "stopped" not in index.text
+    finally:
+        assert p.stop() == ""
+
+
+def test_raw_utf8_path_gets_a_400_in_plain_words(proxy):
+    """h11 refuses a request line with raw UTF-8 (a URL must percent-encode it): the answer
+    says which byte and how to write it, not a Python repr of the line."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall("GET /café HTTP/1.1\r\nHost: api.localhost\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert body.decode() == (
+        '400 Bad Request: malformed request: illegal request line "GET /caf\\xc3\\xa9'
+        ' HTTP/1.1": non-ASCII byte at offset 8; a URL carries it percent-encoded, as %C3\n'
+    )
+    r = curl(f"http://api.localhost:{proxy.port}/caf%C3%A9")  # the same path, encoded
+    assert json.loads(r.stdout)["path"] == "/caf%C3%A9"
 
 
 def test_connection_refused_gets_502_naming_port(upstream):
@@ -368,7 +441,8 @@ def test_edge_listener_needs_no_resolver_and_names_the_caller(proxy):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/echo?edge=1", timeout=5) as resp:
         doc = json.loads(resp.read())
     assert doc["path"] == "/echo?edge=1"
-    line = next(ln for ln in proxy.log_lines() if "edge=1" in ln)
+    lines = proxy.wait_log(lambda ls: any("edge=1" in ln for ln in ls), "the edge's line")
+    line = next(ln for ln in lines if "edge=1" in ln)
     assert line.endswith(f"upstream=127.0.0.1:{proxy_up(proxy)} caller=web.shop")
     assert " GET 127.0.0.1:" in line and " 200 in=0 out=" in line
 
@@ -388,8 +462,12 @@ def test_route_changes_apply_without_restart(upstream, proxy):
             ]
         }
     )
-    r = httpx.get(f"http://127.0.0.1:{proxy.port}/", headers={"host": "api.localhost"})
-    assert r.text == (
+
+    def answer() -> str | None:
+        r = httpx.get(f"http://127.0.0.1:{proxy.port}/", headers={"host": "api.localhost"})
+        return r.text if r.status_code == 502 else None
+
+    assert proxykit.wait_for(answer, "the new table") == (
         "502 Bad Gateway: service 'api' of project 'shop' is stopped: stopped by devmesh down\n"
     )
 
@@ -421,7 +499,7 @@ def test_access_log_json_lines(upstream):
             headers={"host": "api.localhost"},
             content=b"12345",
         )
-        entry = json.loads(p.log_lines()[-1])
+        entry = json.loads(p.wait_log(bool, "a log line")[-1])
     finally:
         assert p.stop() == ""
     assert {k: entry[k] for k in ("method", "host", "path", "status", "bytes_in", "upstream")} == {
@@ -449,51 +527,37 @@ def test_ipv6_loopback_listener(proxy):
     assert hdr(doc, "forwarded") == ['for="[::1]";host=api.localhost;proto=http']
 
 
-def test_idle_pooled_connection_closed_by_service_is_retried():
-    """A service that closes kept-alive connections behind the proxy's back (as an idle
-    timeout does) must not turn the next request into an error."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.settimeout(0.05)
-    accepted = []
-    stop = threading.Event()
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"connection": "keep-alive"}],
+    ids=["in-callbacks", "in-a-task"],  # a Connection header takes the request to a task
+)
+def test_idle_pooled_connection_closed_by_service_is_retried(extra):
+    """A service that closes a kept-alive connection as the next request arrives on it (its
+    idle timeout fired at that moment) must not turn that request into an error: the proxy
+    sends it once more on a new connection, whichever way the exchange runs. Each connection
+    here answers one request and closes on the second without a byte, so every request after
+    the first meets that race."""
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            accepted.append(conn)
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                time.sleep(0.05)  # then close, without having said Connection: close
+    def handler(conn: socket.socket, number: int) -> None:
+        proxykit.read_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        proxykit.read_head(conn)  # then close, without having said Connection: close
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    p = proxykit.ProxyProcess(
-        {"backends": [{"project": "p", "service": "api", "port": listener.getsockname()[1]}]}
-    )
-    try:
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{p.port}", headers={"host": "api.localhost"}
-        ) as client:
-            for _ in range(3):
-                r = client.get("/")
-                assert (r.status_code, r.text) == (200, "ok")
-                time.sleep(0.2)
-        assert len(accepted) == 3
-    finally:
-        assert p.stop() == ""
-        stop.set()
-        thread.join(5)
-        listener.close()
+    with proxykit.RawService(handler) as service:
+        p = proxykit.ProxyProcess(
+            {"backends": [{"project": "p", "service": "api", "port": service.port}]},
+            args=("--json",),
+        )
+        try:
+            with httpx.Client(
+                base_url=f"http://127.0.0.1:{p.port}", headers={"host": "api.localhost", **extra}
+            ) as client:
+                for i in range(3):
+                    r = client.get(f"/{i}")
+                    assert (r.status_code, r.text) == (200, "ok")
+            assert service.accepted == 3
+            lines = p.wait_log(lambda ls: len(ls) == 3, "three access log lines")
+            assert [json.loads(ln)["error"] for ln in lines] == [None, None, None]
+        finally:
+            assert p.stop() == ""

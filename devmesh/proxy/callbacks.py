@@ -9,7 +9,7 @@ made up a third of such a request's cost (docs/proxy.md, "Performance").
 
 This is an execution strategy of ``forward``'s one path and makes none of its decisions:
 routing happened before (``Forwarder.route``); error pages come from ``Forwarder.fail``;
-whether a stale connection is retried is ``exchange.may_retry``; the log line is
+whether a stale connection is retried is ``upstream.may_retry``; the log line is
 ``Forwarder.finish``'s. What it cannot do without awaiting, it hands to a task: an answer
 without Content-Length or with a 1xx (``Forwarder.resume``), and the retry of a pooled
 connection found closed (``Forwarder.run`` with ``attempt=1``).
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import h11
 
-from devmesh.proxy import errors, exchange, forward, headers, pool, table
+from devmesh.proxy import errors, exchange, forward, headers, pool, table, upstream
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -93,7 +93,9 @@ def start(
     if type(client.conn.next_event()) is not h11.EndOfMessage:  # no body: never I/O
         raise AssertionError("a request without a body did not end")
     assert ex.request is not None
-    request = exchange.upstream_request(client, ex.request, ex.hdrs, ex.host, None)
+    request = upstream.request_head(
+        ex.request, ex.hdrs, client_ip=client.ip, proto=client.proto, host=ex.host, ws_key=None
+    )
     up.writer.write(up.conn.send(request) + up.conn.send(h11.EndOfMessage()))
     down.current = Run(
         down=down, ex=ex, up=up, backend=backend, forwarder=forwarder, inflight=inflight
@@ -202,7 +204,7 @@ class Run:
                     self._handover(event)  # a streamed answer: watched by a task
                     return
                 result.status = status
-                out.append(cconn.send(exchange.response_head(event, up_hdrs)))
+                out.append(cconn.send(upstream.response_head(event, up_hdrs)))
                 self.head_sent = True
             elif type(event) is h11.InformationalResponse:
                 self._handover(event)
@@ -219,10 +221,10 @@ class Run:
         """The service closed the connection before a byte of its answer."""
         self._detach()
         self.up.close()
-        if exchange.may_retry(self.up, has_body=False, attempt=0):
+        if upstream.may_retry(self.up, has_body=False, attempt=0):
             self.down.run_task(self.forwarder.run(self.ex, self.backend, attempt=1))
             return
-        self._fail(exchange.closed_early(self.backend))
+        self._fail(upstream.closed_early(self.backend))
 
     def _broken(self, out: list[bytes], reason: str) -> None:
         b = self.backend
@@ -233,7 +235,7 @@ class Run:
             return
         if out:
             self.down.write(b"".join(out))
-        self._abort(exchange.broke_off(b, reason))
+        self._abort(upstream.broke_off(b, reason))
 
     def _fail(self, exc: errors.ProxyError) -> None:
         """Answer with the proxy's own error page (nothing was sent yet)."""
@@ -270,8 +272,8 @@ class Run:
 
     def timed_out(self) -> None:
         if self.head_sent:
-            self._abort(exchange.idle_mid_answer(self.backend, self.forwarder.settings))
+            self._abort(upstream.idle_mid_answer(self.backend, self.forwarder.settings))
             return
         self._detach()
         self.up.close()
-        self._fail(exchange.response_timeout(self.backend, self.forwarder.settings))
+        self._fail(upstream.response_timeout(self.backend, self.forwarder.settings))

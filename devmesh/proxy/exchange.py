@@ -20,11 +20,11 @@ its body, the end of message) is collected and written to the client in one ``wr
   client goes away the service's connection is closed at once rather than at the next event.
 - A 101 to a WebSocket request turns the exchange into a byte tunnel (``tunnel.splice``).
 - An idle connection from the pool that turns out closed is retried once on a new one, but
-  only for a request without a body, when nothing of the answer has arrived (``may_retry``,
-  the one rule for both ways an exchange runs).
+  only for a request without a body, when nothing of the answer has arrived
+  (``upstream.may_retry``, the one rule for both ways an exchange runs).
 
-The functions that build an error (``closed_early``, ``response_timeout``, ...) are shared
-with the callback execution (``callbacks``), so both say the same words.
+What the service side needs in both executions (the head sent, the head passed back, the retry
+rule, the words of each error) is ``upstream``'s, shared with ``callbacks``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import asyncio
 
 import h11
 
-from devmesh.proxy import channel, errors, headers, pool, settings, table, tunnel
+from devmesh.proxy import channel, errors, headers, pool, settings, table, tunnel, upstream
 
 CONTINUE_WAIT_S = 1.0
 """How long a client's ``Expect: 100-continue`` waits for the service's own answer before the
@@ -89,46 +89,6 @@ class Client:
             conn.receive_data(data)
 
 
-def may_retry(up: pool.Upstream, *, has_body: bool, attempt: int) -> bool:
-    """Whether a request whose connection closed before a byte of the answer goes out once
-    more on a new connection: only a first attempt, on a connection taken idle from the pool
-    (the service may have closed it meanwhile), for a request without a body (nothing of it
-    is lost, and a body already streamed cannot be sent again)."""
-    return attempt == 0 and up.reused and not has_body
-
-
-def closed_early(backend: table.Backend) -> errors.ProxyError:
-    return errors.UpstreamProtocolError(
-        backend.service, backend.host, backend.port, "connection closed before a response"
-    )
-
-
-def response_timeout(backend: table.Backend, config: settings.Settings) -> errors.ProxyError:
-    return errors.UpstreamTimeoutError(
-        backend.service, backend.host, backend.port, "response", config.idle_timeout_s
-    )
-
-
-def idle_mid_answer(backend: table.Backend, config: settings.Settings) -> str:
-    """The access log's error for a service that went quiet after its answer began."""
-    return f"service {backend.service!r} idle for {config.idle_timeout_s:g} s mid-answer"
-
-
-def broke_off(backend: table.Backend, reason: str) -> str:
-    """The access log's error for an answer that stopped being HTTP after its head."""
-    return f"service {backend.service!r} broke off its answer: {reason}"
-
-
-def response_head(event: h11.Response, up_hdrs: headers.Headers) -> h11.Response:
-    """The client's response head for the service's: hop-by-hop headers gone, Via added."""
-    return h11.Response(
-        status_code=event.status_code,
-        headers=headers.response_headers(up_hdrs),
-        reason=event.reason,
-        _parsed=True,  # parsed by h11 from the service's bytes; see upstream_request()
-    )
-
-
 class Result:
     """What the access log needs to know about an exchange."""
 
@@ -163,7 +123,7 @@ async def _next_upstream(
             async with asyncio.timeout(timeout):
                 data = await up.reader.read(config.read_size)
         except TimeoutError:
-            raise response_timeout(backend, config) from None
+            raise upstream.response_timeout(backend, config) from None
         except OSError:
             data = b""
         stale = conn.their_state is h11.SEND_RESPONSE
@@ -207,22 +167,6 @@ async def _watch_client(client: Client, up: pool.Upstream) -> None:
         client.conn.receive_data(data)  # pipelined bytes, kept for the next cycle
 
 
-def upstream_request(
-    client: Client,
-    request: h11.Request,
-    hdrs: headers.Headers,
-    host: bytes,
-    ws_key: bytes | None,
-) -> h11.Request:
-    out = headers.request_headers(hdrs, client_ip=client.ip, proto=client.proto, host=host)
-    if ws_key is not None:
-        out += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
-    # _parsed=True skips h11's per-header regex checks (a third of h11's cost per request):
-    # every name and value here came out of h11's own parser, or is ASCII we built above.
-    # Framing (Content-Length, Transfer-Encoding) is still normalised and checked.
-    return h11.Request(method=request.method, target=request.target, headers=out, _parsed=True)
-
-
 async def forward(
     client: Client,
     request: h11.Request,
@@ -251,7 +195,9 @@ async def forward(
     if limit is not None and length is not None and int(length) > limit:
         raise errors.BodyTooLargeError(limit)
     has_body = headers.is_chunked(hdrs) or (length is not None and int(length) > 0)
-    up_request = upstream_request(client, request, hdrs, host, ws_key)
+    up_request = upstream.request_head(
+        request, hdrs, client_ip=client.ip, proto=client.proto, host=host, ws_key=ws_key
+    )
 
     pump: asyncio.Task[None] | None = None
     up = await (upstreams.connect(backend) if attempt else upstreams.acquire(backend))
@@ -276,8 +222,8 @@ async def forward(
                 if pump is not None and pump.done() and pump.exception() is not None:
                     raise _pump_error(pump) from None
                 up.close()
-                if not may_retry(up, has_body=has_body, attempt=attempt):
-                    raise closed_early(backend) from None
+                if not upstream.may_retry(up, has_body=has_body, attempt=attempt):
+                    raise upstream.closed_early(backend) from None
                 attempt += 1
                 up = await upstreams.connect(backend)
         await _respond(
@@ -399,7 +345,7 @@ async def _respond(
         )
     result.status = event.status_code
     up_hdrs = list(event.headers)  # once: h11's header sequence is slow to iterate
-    out = [client.conn.send(response_head(event, up_hdrs))]
+    out = [client.conn.send(upstream.response_head(event, up_hdrs))]
     watcher = None
     if headers.get(up_hdrs, b"content-length") is None and (pump is None or pump.done()):
         watcher = asyncio.ensure_future(_watch_client(client, up))
@@ -411,7 +357,7 @@ async def _respond(
             except h11.RemoteProtocolError as exc:
                 if watcher is not None and watcher.done():
                     raise ClientGoneError("the response") from None
-                result.error = broke_off(backend, str(exc))
+                result.error = upstream.broke_off(backend, str(exc))
                 client.writer.transport.abort()
                 return
             if step is h11.NEED_DATA:
@@ -425,7 +371,7 @@ async def _respond(
                     async with asyncio.timeout(config.idle_timeout_s):
                         data = await up.reader.read(config.read_size)
                 except TimeoutError:
-                    result.error = idle_mid_answer(backend, config)
+                    result.error = upstream.idle_mid_answer(backend, config)
                     writer.transport.abort()
                     return
                 except OSError:
