@@ -40,7 +40,7 @@ NEEDS_TASK_HEADERS = frozenset(
 ``Connection`` is here because it may name an upgrade or more hop-by-hop fields."""
 
 
-class Client(Protocol):
+class ClientConnection(Protocol):
     """What a run needs of the client connection (``dispatch.Downstream``)."""
 
     current: Run | None
@@ -78,7 +78,7 @@ def fits(ex: forward.Exchange) -> bool:
 
 
 def start(
-    down: Client,
+    down: ClientConnection,
     ex: forward.Exchange,
     backend: table.Backend,
     forwarder: forward.Forwarder,
@@ -122,7 +122,7 @@ class Run:
     def __init__(
         self,
         *,
-        down: Client,
+        down: ClientConnection,
         ex: forward.Exchange,
         up: pool.Upstream,
         backend: table.Backend,

@@ -152,6 +152,8 @@ class Forwarder:
             )
         except errors.ProxyError as exc:
             self.fail(ex, exc)
+        except h11.RemoteProtocolError as exc:
+            self.fail(ex, bad_request(exc))
         except exchange.ClientGoneError as exc:
             ex.result.error = str(exc)
             ex.client.writer.transport.abort()
