@@ -372,6 +372,44 @@ def test_early_answer_to_expect_100_continue_reaches_curl_cleanly(proxy, upstrea
     assert echo(proxy)["method"] == "GET"  # still serving
 
 
+def test_expect_100_continue_to_a_service_that_ignores_it():
+    """A service that never answers the expectation (it just reads the body) must not leave a
+    client that waits for 100 Continue hanging: after a second the proxy says go on."""
+
+    def handler(conn: socket.socket, number: int) -> None:
+        head = proxykit.read_head(conn)
+        body = head.split(b"\r\n\r\n", 1)[1]
+        while len(body) < 5:
+            body += conn.recv(65536)
+        answer = b"got " + body
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer) + answer)
+        proxykit.read_head(conn)
+
+    with proxykit.RawService(handler) as service:
+        p = proxykit.ProxyProcess(
+            {"backends": [{"project": "p", "service": "api", "port": service.port}]}
+        )
+        try:
+            with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+                s.sendall(
+                    b"POST /up HTTP/1.1\r\nHost: api.localhost\r\nContent-Length: 5\r\n"
+                    b"Expect: 100-continue\r\n\r\n"
+                )
+                data = b""
+                while b"\r\n\r\n" not in data:  # this client sends nothing before a 100
+                    data += s.recv(65536)
+                assert data.startswith(b"HTTP/1.1 100 Continue\r\n"), data
+                s.sendall(b"hello")
+                data = data.split(b"\r\n\r\n", 1)[1]
+                while not data.endswith(b"got hello"):
+                    chunk = s.recv(65536)
+                    assert chunk, data
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+        finally:
+            assert p.stop() == ""
+
+
 def test_body_over_limit_gets_413(proxy):
     r = httpx.post(
         f"http://127.0.0.1:{proxy.port}/echo",
