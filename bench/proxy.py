@@ -1,8 +1,9 @@
 """Benchmark the devmesh proxy against direct, nginx and Caddy, all on 127.0.0.1.
 
 Run: python bench/proxy.py [--duration 5] [--rounds 3]
-Needs the Debian packages nginx-light (or nginx), caddy and wrk. Every server gets a temporary
-config bound to 127.0.0.1 only; every load run is bounded by --duration seconds.
+Needs the Debian packages nginx-light (or nginx) and wrk; caddy is measured when installed.
+Every server gets a temporary config bound to 127.0.0.1 only; every load run is bounded by
+--duration seconds.
 
 Besides the standalone proxy (one process, and two sharing the port), it measures a real
 agent: ``devmesh up -d`` of a project whose service ``api`` is an nginx the agent supervises,
@@ -343,10 +344,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="median of this many runs")
     parser.add_argument("--no-uvloop", action="store_true", help="devmesh without uvloop")
     args = parser.parse_args()
-    for tool in ("wrk", "nginx", "caddy", "curl"):
+    for tool in ("wrk", "nginx", "curl"):
         if shutil.which(tool) is None:
-            print(f"missing {tool}: apt-get install -y wrk nginx-light caddy curl")
+            print(f"missing {tool}: apt-get install -y wrk nginx-light curl (caddy optional)")
             return 2
+    have_caddy = shutil.which("caddy") is not None
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="devmesh-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -383,7 +385,8 @@ def main() -> int:
                 }}""",
                 )
             )
-            procs.append(start_caddy(tmp, cp, up))
+            if have_caddy:
+                procs.append(start_caddy(tmp, cp, up))
             ws = subprocess.Popen(
                 [sys.executable, "-c", WS_SERVER, str(wsp)],
                 stdout=subprocess.PIPE,
@@ -402,17 +405,18 @@ def main() -> int:
                 f" location = /big {{ alias {tmp}/big; }}"
             )
             _, ap, agent_home = start_agent(tmp, big)
-            for port in (up, np_, cp, dp, dp2, ap):
+            for port in (up, np_, dp, dp2, ap) + ((cp,) if have_caddy else ()):
                 wait_port(port)
 
             targets = [
                 ("direct", up, None),
                 ("nginx", np_, None),
-                ("caddy", cp, None),
+                *([("caddy", cp, None)] if have_caddy else []),
                 ("devmesh", dp, "api.localhost"),
                 ("devmesh-2w", dp2, "api.localhost"),
                 ("agent", ap, "api.localhost"),
             ]
+            baselines = ("nginx", "caddy") if have_caddy else ("nginx",)
             base = None
             if args.compare is not None:
                 base, bp = start_devmesh(tmp, up, wsp, src=args.compare.resolve())
@@ -443,16 +447,20 @@ def main() -> int:
                     f" {r[1]['rps']:9.0f} {r[1]['p50']:8.3f} {r[1]['p99']:8.3f}"
                     + (f"  non-2xx={r[32]['non2xx']:.0f}" if r[32]["non2xx"] else "")
                 )
-            ngr, car, dir_ = (results[k] for k in ("nginx", "caddy", "direct"))
+            ngr, dir_ = results["nginx"], results["direct"]
             print()
-            names = [n for n, _, _ in targets[3:]]
+            names = [n for n, _, _ in targets[1 + len(baselines) :]]
             for name in names:
                 r = results[name]
                 print(
                     f"{name}/nginx throughput (c32): {r[32]['rps'] / ngr[32]['rps']:.2f}x"
-                    f"   {name}/caddy: {r[32]['rps'] / car[32]['rps']:.2f}x"
+                    + (
+                        f"   {name}/caddy: {r[32]['rps'] / results['caddy'][32]['rps']:.2f}x"
+                        if have_caddy
+                        else ""
+                    )
                 )
-            for name in ("nginx", "caddy", *names):
+            for name in (*baselines, *names):
                 r = results[name][1]
                 print(
                     f"added latency at c1, {name:10}: p50 {r['p50'] - dir_[1]['p50']:+.3f} ms"

@@ -6,12 +6,13 @@ import socket
 
 import anyio
 import httpx
+import proxykit
 
-from devmesh.proxy import accesslog, ca, server, settings, table, testing
+from devmesh.proxy import accesslog, ca, server, settings, table
 
 
 def test_serve_swap_table_edges_and_shutdown(tmp_path):
-    with testing.upstream() as up:
+    with proxykit.upstream() as up:
         backend = table.Backend(project="shop", service="api", port=up.port)
         current = [table.RouteTable((backend,))]
         proxy = server.ProxyServer(

@@ -15,9 +15,8 @@ import threading
 import time
 
 import httpx
+import proxykit
 import pytest
-
-from devmesh.proxy import testing
 
 MIB = 1024 * 1024
 HOST = {"host": "api.localhost"}
@@ -25,13 +24,13 @@ HOST = {"host": "api.localhost"}
 
 @pytest.fixture
 def upstream():
-    with testing.upstream() as server:
+    with proxykit.upstream() as server:
         yield server
 
 
 @pytest.fixture
 def proxy(upstream):
-    p = testing.ProxyProcess(
+    p = proxykit.ProxyProcess(
         {"backends": [{"project": "p", "service": "api", "port": upstream.port}]},
         args=("--idle-timeout", "0.5", "--json"),
     )
@@ -103,35 +102,38 @@ def test_truncated_answer_on_a_pooled_connection_aborts_the_client(proxy):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200 OK")
     assert data.endswith(b"\r\n\r\nyyyyyyyyyy")
-    errors = [json.loads(line).get("error") for line in proxy.log_lines()]
-    assert any(e and "broke off its answer" in e for e in errors), errors
+    lines = proxy.wait_log(lambda ls: any("/truncated" in ln for ln in ls), "the /truncated line")
+    (entry,) = [json.loads(ln) for ln in lines if "/truncated" in ln]
+    assert entry["error"] == (
+        "service 'api' broke off its answer: peer closed connection without sending complete"
+        " message body (received 10 bytes, expected 1000)"
+    )
 
 
 def test_streamed_answer_is_handed_over_and_flows_event_by_event(proxy, upstream):
+    """The service sends event i+1 only once the client has read event i through the proxy:
+    a proxy that held events back would leave the client waiting until its read timeout."""
     warm(proxy)
-    arrivals = []
-    with httpx.stream(
-        "GET", f"http://127.0.0.1:{proxy.port}/sse?n=4&interval=0.3", headers=HOST, timeout=10
-    ) as r:
-        start = time.monotonic()
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                arrivals.append((line, time.monotonic() - start))
-    assert [a for a, _ in arrivals] == [f"data: event {i}" for i in range(4)]
-    assert arrivals[0][1] < 0.25 < 0.6 < arrivals[-1][1]
+    url = f"http://127.0.0.1:{proxy.port}/sse?n=4&gated=1"
+    with httpx.stream("GET", url, headers=HOST, timeout=10) as r:
+        events = (line for line in r.iter_lines() if line.startswith("data: "))
+        for i in range(4):
+            assert next(events) == f"data: event {i}"
+            upstream.sse_gate.release()
+        assert list(events) == []
 
 
-def test_client_leaving_while_a_pooled_request_waits_is_logged_and_harmless(proxy):
+def test_client_leaving_while_a_pooled_request_waits_is_logged_and_harmless(proxy, upstream):
     warm(proxy)
     s = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-    s.sendall(b"GET /sleep?s=0.3 HTTP/1.1\r\nHost: api.localhost\r\n\r\n")
-    time.sleep(0.1)
+    s.sendall(b"GET /hold HTTP/1.1\r\nHost: api.localhost\r\n\r\n")
+    assert upstream.held.wait(10)  # the request reached the service, which holds its answer
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()  # a reset, as a killed client leaves it
-    time.sleep(0.4)
-    lines = [json.loads(line) for line in proxy.log_lines()]
-    gone = [e for e in lines if e["path"] == "/sleep?s=0.3"]
-    assert gone and gone[0]["error"] == "client closed the connection during the response"
+    lines = proxy.wait_log(lambda ls: any("/hold" in ln for ln in ls), "the /hold line")
+    upstream.release.set()
+    (gone,) = [json.loads(ln) for ln in lines if "/hold" in ln]
+    assert gone["error"] == "client closed the connection during the response"
     r = httpx.get(f"http://127.0.0.1:{proxy.port}/next", headers=HOST)
     assert (r.status_code, json.loads(r.text)["path"]) == (200, "/next")
 
@@ -148,49 +150,38 @@ def test_http10_client_on_a_pooled_connection_is_closed_after_its_answer(proxy):
 
 
 def test_bytes_a_service_sends_on_an_idle_connection_are_not_taken_for_an_answer():
-    """Some servers write a 408 on a kept-alive connection before closing it. The next
+    """Some servers write a 408 on a kept-alive connection (and close it later). The next
     request must go out on a fresh connection, not be answered by that stale 408."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.settimeout(0.05)
-    stop = threading.Event()
+    answered, stray_sent, done = threading.Event(), threading.Event(), threading.Event()
     served = []
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                served.append(data.split(b" ")[1])
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                time.sleep(0.05)
-                conn.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
-                time.sleep(0.5)  # keep it open a while: only the stray bytes say it is dead
+    def handler(conn: socket.socket, number: int) -> None:
+        head = proxykit.read_head(conn)
+        served.append(head.split(b" ")[1])
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        if number == 0:
+            assert answered.wait(10)
+            conn.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+            stray_sent.set()
+        done.wait(10)  # open until the end: only the stray bytes say this one is dead
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    p = testing.ProxyProcess(
-        {"backends": [{"project": "p", "service": "api", "port": listener.getsockname()[1]}]}
-    )
-    try:
-        for path in ("/one", "/two"):
-            r = httpx.get(f"http://127.0.0.1:{p.port}{path}", headers=HOST)
-            assert (r.status_code, r.text) == (200, "ok"), path
-            time.sleep(0.2)  # the 408 arrives while the connection sits in the pool
-        assert served == [b"/one", b"/two"]
-    finally:
-        stop.set()
-        listener.close()
-        thread.join(5)
-        assert p.stop() == ""
+    with proxykit.RawService(handler) as service:
+        p = proxykit.ProxyProcess(
+            {"backends": [{"project": "p", "service": "api", "port": service.port}]}
+        )
+        try:
+            r = httpx.get(f"http://127.0.0.1:{p.port}/one", headers=HOST)
+            assert (r.status_code, r.text) == (200, "ok")
+            answered.set()
+            assert stray_sent.wait(10)
+            # A barrier through the proxy's event loop: the 408 was in its socket before this
+            # request was sent, so the proxy has read it by the time this answer comes back.
+            unknown = httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "x.localhost"})
+            assert unknown.status_code == 404
+            r = httpx.get(f"http://127.0.0.1:{p.port}/two", headers=HOST)
+            assert (r.status_code, r.text) == (200, "ok")
+            assert served == [b"/one", b"/two"]
+            assert service.accepted == 2
+        finally:
+            done.set()
+            assert p.stop() == ""

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
 
 import httpx
+import proxykit
 import pytest
-
-from devmesh.proxy import testing
 
 
 @pytest.fixture
 def upstream():
-    with testing.upstream() as server:
+    with proxykit.upstream() as server:
         yield server
 
 
@@ -43,7 +43,7 @@ def routes(up_port: int, **extra) -> dict:
 
 @pytest.fixture
 def proxy(upstream):
-    p = testing.ProxyProcess(
+    p = proxykit.ProxyProcess(
         routes(upstream.port), args=("--max-body", "1000000", "--idle-timeout", "0.5")
     )
     yield p
@@ -57,7 +57,7 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=20,
         check=False,
-        env=testing.env_without_proxy(),
+        env=proxykit.env_without_proxy(),
     )
 
 
@@ -148,9 +148,81 @@ def test_stopped_and_crash_looping_services_get_502_naming_them(proxy):
     assert r.text == "502 Bad Gateway: service 'cron' of project 'shop' is stopped\n"
 
 
+def test_restarting_service_gets_502_and_index_line_with_attempt_and_countdown(upstream):
+    """The wait is counted by the proxy's clock from the table's retry_at: checked against
+    the test's clock before and after the request, and never below zero once due."""
+    retry_at = time.time() + 600
+    backends = [
+        {"project": "shop", "service": "api", "port": upstream.port},
+        {
+            "project": "shop",
+            "service": "jobs",
+            "port": upstream.port,
+            "state": "restarting",
+            "reason": "exited with status 3",
+            "attempt": 2,
+            "retry_at": retry_at,
+        },
+        {
+            "project": "shop",
+            "service": "mail",
+            "port": upstream.port,
+            "state": "restarting",
+            "attempt": 7,
+            "retry_at": 1.0,  # long due: the agent is about to start it
+        },
+    ]
+    p = proxykit.ProxyProcess({"backends": backends})
+    try:
+        before = time.time()
+        r = httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "jobs.localhost"})
+        after = time.time()
+        assert r.status_code == 502
+        m = re.fullmatch(
+            r"502 Bad Gateway: service 'jobs' of project 'shop' is restarting, attempt 2,"
+            r" next try in (\d+) s: exited with status 3\n",
+            r.text,
+        )
+        assert m is not None, r.text
+        assert math.ceil(retry_at - after) <= int(m.group(1)) <= math.ceil(retry_at - before)
+        r = httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "mail.localhost"})
+        assert r.text == (
+            "502 Bad Gateway: service 'mail' of project 'shop' is restarting, attempt 7,"
+            " next try in 0 s\n"
+        )
+        index = httpx.get(f"http://127.0.0.1:{p.port}/", headers={"host": "nope.localhost"})
+        assert index.status_code == 404
+        assert (
+            f"  mail (shop, restarting, attempt 7, next try in 0 s): http://mail.shop.localhost:{p.port}"
+            in index.text.splitlines()
+        )
+        assert "  jobs (shop, restarting, attempt 2, next try in " in index.text
+        assert "stopped" not in index.text
+    finally:
+        assert p.stop() == ""
+
+
+def test_raw_utf8_path_gets_a_400_in_plain_words(proxy):
+    """h11 refuses a request line with raw UTF-8 (a URL must percent-encode it): the answer
+    says which byte and how to write it, not a Python repr of the line."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall("GET /café HTTP/1.1\r\nHost: api.localhost\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert body.decode() == (
+        '400 Bad Request: malformed request: illegal request line "GET /caf\\xc3\\xa9'
+        ' HTTP/1.1": non-ASCII byte at offset 8; a URL carries it percent-encoded, as %C3\n'
+    )
+    r = curl(f"http://api.localhost:{proxy.port}/caf%C3%A9")  # the same path, encoded
+    assert json.loads(r.stdout)["path"] == "/caf%C3%A9"
+
+
 def test_connection_refused_gets_502_naming_port(upstream):
-    port = testing.free_port()
-    p = testing.ProxyProcess(
+    port = proxykit.free_port()
+    p = proxykit.ProxyProcess(
         {"backends": [{"project": "shop", "service": "api", "port": port, "state": "starting"}]}
     )
     try:
@@ -192,7 +264,7 @@ def test_connect_timeout_gets_504():
         f.setblocking(False)
         f.connect_ex(("127.0.0.1", port))
         fillers.append(f)
-    p = testing.ProxyProcess(
+    p = proxykit.ProxyProcess(
         {"backends": [{"project": "p", "service": "api", "port": port}]},
         args=("--connect-timeout", "0.3"),
     )
@@ -258,13 +330,84 @@ def test_expect_100_continue(proxy):
         input=body,
         capture_output=True,
         timeout=20,
-        env=testing.env_without_proxy(),
+        env=proxykit.env_without_proxy(),
         check=False,
     )
     assert b"HTTP/1.1 100 Continue" in r.stderr
     doc = json.loads(r.stdout)
     assert doc["body_length"] == len(body)
-    assert "expect" not in {k for k, _ in doc["headers"]}
+    assert hdr(doc, "expect") == ["100-continue"]  # the service's own 100 came through
+
+
+def test_early_answer_to_expect_100_continue_reaches_curl_cleanly(proxy, upstream):
+    """A service that refuses a chunked upload up front (413 instead of 100 Continue) is
+    heard: curl gets the 413, sends no body and exits 0, as through nginx."""
+    r = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-v",
+            "--max-time",
+            "10",
+            "-H",
+            "Expect: 100-continue",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "@-",
+            "-w",
+            "\n%{http_code}",
+            f"http://api.localhost:{proxy.port}/reject-expect",
+        ],
+        input=b"z" * 300_000,
+        capture_output=True,
+        timeout=20,
+        env=proxykit.env_without_proxy(),
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.endswith(b"\n413")
+    assert b"100 Continue" not in r.stderr
+    assert upstream.expect_rejections == 1
+    assert echo(proxy)["method"] == "GET"  # still serving
+
+
+def test_expect_100_continue_to_a_service_that_ignores_it():
+    """A service that never answers the expectation (it just reads the body) must not leave a
+    client that waits for 100 Continue hanging: after a second the proxy says go on."""
+
+    def handler(conn: socket.socket, number: int) -> None:
+        head = proxykit.read_head(conn)
+        body = head.split(b"\r\n\r\n", 1)[1]
+        while len(body) < 5:
+            body += conn.recv(65536)
+        answer = b"got " + body
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer) + answer)
+        proxykit.read_head(conn)
+
+    with proxykit.RawService(handler) as service:
+        p = proxykit.ProxyProcess(
+            {"backends": [{"project": "p", "service": "api", "port": service.port}]}
+        )
+        try:
+            with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+                s.sendall(
+                    b"POST /up HTTP/1.1\r\nHost: api.localhost\r\nContent-Length: 5\r\n"
+                    b"Expect: 100-continue\r\n\r\n"
+                )
+                data = b""
+                while b"\r\n\r\n" not in data:  # this client sends nothing before a 100
+                    data += s.recv(65536)
+                assert data.startswith(b"HTTP/1.1 100 Continue\r\n"), data
+                s.sendall(b"hello")
+                data = data.split(b"\r\n\r\n", 1)[1]
+                while not data.endswith(b"got hello"):
+                    chunk = s.recv(65536)
+                    assert chunk, data
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+        finally:
+            assert p.stop() == ""
 
 
 def test_body_over_limit_gets_413(proxy):
@@ -336,7 +479,8 @@ def test_edge_listener_needs_no_resolver_and_names_the_caller(proxy):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/echo?edge=1", timeout=5) as resp:
         doc = json.loads(resp.read())
     assert doc["path"] == "/echo?edge=1"
-    line = next(ln for ln in proxy.log_lines() if "edge=1" in ln)
+    lines = proxy.wait_log(lambda ls: any("edge=1" in ln for ln in ls), "the edge's line")
+    line = next(ln for ln in lines if "edge=1" in ln)
     assert line.endswith(f"upstream=127.0.0.1:{proxy_up(proxy)} caller=web.shop")
     assert " GET 127.0.0.1:" in line and " 200 in=0 out=" in line
 
@@ -356,15 +500,19 @@ def test_route_changes_apply_without_restart(upstream, proxy):
             ]
         }
     )
-    r = httpx.get(f"http://127.0.0.1:{proxy.port}/", headers={"host": "api.localhost"})
-    assert r.text == (
+
+    def answer() -> str | None:
+        r = httpx.get(f"http://127.0.0.1:{proxy.port}/", headers={"host": "api.localhost"})
+        return r.text if r.status_code == 502 else None
+
+    assert proxykit.wait_for(answer, "the new table") == (
         "502 Bad Gateway: service 'api' of project 'shop' is stopped: stopped by devmesh down\n"
     )
 
 
 def test_first_listed_project_keeps_the_short_name(upstream):
-    with testing.upstream() as other:
-        p = testing.ProxyProcess(
+    with proxykit.upstream() as other:
+        p = proxykit.ProxyProcess(
             {
                 "backends": [
                     {"project": "one", "service": "api", "port": upstream.port},
@@ -382,14 +530,14 @@ def test_first_listed_project_keeps_the_short_name(upstream):
 
 
 def test_access_log_json_lines(upstream):
-    p = testing.ProxyProcess(routes(upstream.port), args=("--json",))
+    p = proxykit.ProxyProcess(routes(upstream.port), args=("--json",))
     try:
         httpx.post(
             f"http://127.0.0.1:{p.port}/echo?q=1",
             headers={"host": "api.localhost"},
             content=b"12345",
         )
-        entry = json.loads(p.log_lines()[-1])
+        entry = json.loads(p.wait_log(bool, "a log line")[-1])
     finally:
         assert p.stop() == ""
     assert {k: entry[k] for k in ("method", "host", "path", "status", "bytes_in", "upstream")} == {
@@ -417,51 +565,37 @@ def test_ipv6_loopback_listener(proxy):
     assert hdr(doc, "forwarded") == ['for="[::1]";host=api.localhost;proto=http']
 
 
-def test_idle_pooled_connection_closed_by_service_is_retried():
-    """A service that closes kept-alive connections behind the proxy's back (as an idle
-    timeout does) must not turn the next request into an error."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.settimeout(0.05)
-    accepted = []
-    stop = threading.Event()
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"connection": "keep-alive"}],
+    ids=["in-callbacks", "in-a-task"],  # a Connection header takes the request to a task
+)
+def test_idle_pooled_connection_closed_by_service_is_retried(extra):
+    """A service that closes a kept-alive connection as the next request arrives on it (its
+    idle timeout fired at that moment) must not turn that request into an error: the proxy
+    sends it once more on a new connection, whichever way the exchange runs. Each connection
+    here answers one request and closes on the second without a byte, so every request after
+    the first meets that race."""
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            accepted.append(conn)
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                time.sleep(0.05)  # then close, without having said Connection: close
+    def handler(conn: socket.socket, number: int) -> None:
+        proxykit.read_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        proxykit.read_head(conn)  # then close, without having said Connection: close
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    p = testing.ProxyProcess(
-        {"backends": [{"project": "p", "service": "api", "port": listener.getsockname()[1]}]}
-    )
-    try:
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{p.port}", headers={"host": "api.localhost"}
-        ) as client:
-            for _ in range(3):
-                r = client.get("/")
-                assert (r.status_code, r.text) == (200, "ok")
-                time.sleep(0.2)
-        assert len(accepted) == 3
-    finally:
-        assert p.stop() == ""
-        stop.set()
-        thread.join(5)
-        listener.close()
+    with proxykit.RawService(handler) as service:
+        p = proxykit.ProxyProcess(
+            {"backends": [{"project": "p", "service": "api", "port": service.port}]},
+            args=("--json",),
+        )
+        try:
+            with httpx.Client(
+                base_url=f"http://127.0.0.1:{p.port}", headers={"host": "api.localhost", **extra}
+            ) as client:
+                for i in range(3):
+                    r = client.get(f"/{i}")
+                    assert (r.status_code, r.text) == (200, "ok")
+            assert service.accepted == 3
+            lines = p.wait_log(lambda ls: len(ls) == 3, "three access log lines")
+            assert [json.loads(ln)["error"] for ln in lines] == [None, None, None]
+        finally:
+            assert p.stop() == ""

@@ -26,6 +26,15 @@ def sample() -> tuple[table.RouteTable, dict[table.Edge, int | None]]:
                 state="crash-looping",
                 reason="exited with status 1",
             ),
+            table.Backend(
+                project="shop",
+                service="jobs",
+                port=8081,
+                state="restarting",
+                reason="exited with status 3",
+                attempt=2,
+                retry_at=1767225600.25,
+            ),
         ),
         agent=table.Backend(project="devmesh", service="dashboard", port=7799),
     )
@@ -37,7 +46,7 @@ def test_round_trip_keeps_every_backend_field_the_agent_and_the_edges(tmp_path):
     routes, edges = sample()
     assert routesfile.write(path, routes, edges)
     got, got_edges = routesfile.read(path)
-    assert got.backends == routes.backends  # host, scheme, state and reason included
+    assert got.backends == routes.backends  # host, scheme, state, reason, attempt, retry_at
     assert got.agent == routes.agent
     assert got_edges == edges
     # The table read back routes like the original one.
@@ -104,6 +113,14 @@ def test_stamp_of_a_missing_file_is_none(tmp_path):
         ('{"backends": [{"project": "p", "service": "s"}]}', "port"),
         ('{"backends": [{"project": "p", "service": "s", "port": "80"}]}', "is not a number"),
         ('{"backends": [{"project": "p", "service": "s", "port": 1, "x": 2}]}', "unknown"),
+        (
+            '{"backends": [{"project": "p", "service": "s", "port": 1, "attempt": "2"}]}',
+            "attempt '2' is not a number",
+        ),
+        (
+            '{"backends": [{"project": "p", "service": "s", "port": 1, "retry_at": "soon"}]}',
+            "retry_at 'soon' is not a time in seconds",
+        ),
         ('{"edges": [{"caller_project": "p", "caller_service": "w"}]}', "target_service"),
         (
             '{"edges": [{"caller_project": "p", "caller_service": "w", "target_service": "a",'

@@ -9,22 +9,21 @@ import subprocess
 import threading
 import warnings
 
+import proxykit
 import pytest
 import trustme
 from cryptography import x509
 
-from devmesh.proxy import testing
-
 
 @pytest.fixture
 def upstream():
-    with testing.upstream() as server:
+    with proxykit.upstream() as server:
         yield server
 
 
 @pytest.fixture
 def proxy(upstream):
-    p = testing.ProxyProcess(
+    p = proxykit.ProxyProcess(
         {"backends": [{"project": "shop", "service": "api", "port": upstream.port}]}, https=True
     )
     yield p
@@ -61,7 +60,7 @@ def test_curl_verifies_against_the_exported_ca(proxy):
         capture_output=True,
         text=True,
         timeout=20,
-        env=testing.env_without_proxy(),
+        env=proxykit.env_without_proxy(),
         check=False,
     )
     assert r.returncode == 0, r.stderr
@@ -100,7 +99,7 @@ def test_tls_1_1_is_refused(proxy):
     assert data.startswith(b"HTTP/1.1 200 OK")
 
 
-class _TLSUpstream(testing.UpstreamServer):
+class _TLSUpstream(proxykit.UpstreamServer):
     def __init__(self, ctx: ssl.SSLContext) -> None:
         super().__init__()
         self.ctx = ctx
@@ -121,7 +120,7 @@ def test_https_upstream(tmp_path, verify):
     ca_file = tmp_path / "upstream-ca.pem"
     authority.cert_pem.write_to_path(str(ca_file))
     args = ("--upstream-ca", str(ca_file)) if verify else ()
-    p = testing.ProxyProcess(
+    p = proxykit.ProxyProcess(
         {
             "backends": [
                 {"project": "p", "service": "secure", "port": server.port, "scheme": "https"}
@@ -135,7 +134,7 @@ def test_https_upstream(tmp_path, verify):
             capture_output=True,
             text=True,
             timeout=20,
-            env=testing.env_without_proxy(),
+            env=proxykit.env_without_proxy(),
             check=False,
         )
         assert json.loads(r.stdout)["method"] == "GET"
@@ -154,7 +153,7 @@ def test_https_upstream_with_untrusted_certificate_gets_502(tmp_path):
     thread.start()
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
-    p = testing.ProxyProcess(
+    p = proxykit.ProxyProcess(
         {
             "backends": [
                 {"project": "p", "service": "secure", "port": server.port, "scheme": "https"}
@@ -168,7 +167,7 @@ def test_https_upstream_with_untrusted_certificate_gets_502(tmp_path):
             capture_output=True,
             text=True,
             timeout=20,
-            env=testing.env_without_proxy(),
+            env=proxykit.env_without_proxy(),
             check=False,
         )
         assert r.stdout.startswith(

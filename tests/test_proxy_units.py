@@ -98,7 +98,7 @@ def test_response_headers_rewrite():
 
 def test_pages_plain_and_html():
     rows = pages.service_lines(
-        [table.Backend(project="p", service="a<b", port=1)], port=7700, https_port=None
+        [table.Backend(project="p", service="a<b", port=1)], port=7700, https_port=None, now_s=0
     )
     ctype, body = pages.render(404, "nope", accept=b"*/*", services=rows)
     assert ctype == b"text/plain; charset=utf-8"
@@ -131,3 +131,13 @@ def test_access_log_text_format(tmp_path):
         "1970-01-01T00:00:00.500Z 127.0.0.1:5 GET api.localhost /x 200 in=1 out=2 1.23ms"
         " upstream=127.0.0.1:9 caller=web.shop\n"
     )
+
+
+def test_restarting_state_in_words_counts_down_and_never_goes_negative():
+    b = table.Backend(
+        project="p", service="api", port=1, state="restarting", attempt=3, retry_at=100.0
+    )
+    assert table.state_words(b, 97.5) == "restarting, attempt 3, next try in 3 s"
+    assert table.state_words(b, 100.0) == "restarting, attempt 3, next try in 0 s"
+    assert table.state_words(b, 130.0) == "restarting, attempt 3, next try in 0 s"
+    assert table.state_words(table.Backend(project="p", service="api", port=1), 0) == "running"

@@ -6,12 +6,11 @@ import os
 import socket
 import threading
 
+import proxykit
 import pytest
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
 from websockets.sync.server import ServerConnection, serve
-
-from devmesh.proxy import testing
 
 MIB = 1024 * 1024
 
@@ -39,7 +38,7 @@ def ws_upstream():
 
 @pytest.fixture
 def proxy(ws_upstream):
-    p = testing.ProxyProcess(
+    p = proxykit.ProxyProcess(
         {
             "backends": [{"project": "p", "service": "chat", "port": ws_upstream}],
             "edges": [{"caller_project": "p", "caller_service": "web", "target_service": "chat"}],

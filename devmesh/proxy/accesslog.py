@@ -110,6 +110,8 @@ class AccessLog:
         if self._fd is None:
             return
         if not self._json:
+            # fields holds Entry's fields by contract (see above); the values are typed per field
+            # there, object here, so the check is the dataclass's own.
             self._add(format_text(Entry(**fields)))  # type: ignore[arg-type]
             return
         fields.setdefault("pid", self._pid)

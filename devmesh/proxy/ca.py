@@ -21,7 +21,13 @@ import ssl
 import tempfile
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # cryptography is imported when a certificate is needed: a fast start
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    _CA = tuple[x509.Certificate, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey]
 
 from devmesh.proxy import errors
 
@@ -74,7 +80,7 @@ class LocalCA:
     def __init__(self, home: Path) -> None:
         self.dir = Path(home) / "ca"
         self._lock = threading.Lock()
-        self._ca: tuple[object, object] | None = None  # (certificate, private key)
+        self._ca: _CA | None = None  # (certificate, private key)
         self._leaves: dict[str, tuple[ssl.SSLContext, datetime.datetime]] = {}
 
     # -- the CA itself -------------------------------------------------------------------
@@ -89,15 +95,16 @@ class LocalCA:
     def cert_pem(self) -> bytes:
         return self.cert_path().read_bytes()
 
-    def _load_or_create(self) -> tuple[object, object]:
+    def _load_or_create(self) -> _CA:
         with self._lock:
             if self._ca is None:
                 self._ca = self._load() or self._create()
             return self._ca
 
-    def _load(self) -> tuple[object, object] | None:
+    def _load(self) -> _CA | None:
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
         cert_file, key_file = self.dir / "ca.pem", self.key_path()
         if not cert_file.exists() or not key_file.exists():
@@ -110,9 +117,13 @@ class LocalCA:
             key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
         except (ValueError, TypeError) as exc:
             raise errors.CAError(str(cert_file), f"cannot load the CA: {exc}") from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise errors.CAError(
+                str(key_file), f"a {type(key).__name__} cannot sign certificates (EC or RSA)"
+            )
         return cert, key
 
-    def _create(self) -> tuple[object, object]:
+    def _create(self) -> _CA:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -187,7 +198,7 @@ class LocalCA:
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_cert.subject)  # type: ignore[attr-defined]
+            .issuer_name(ca_cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -195,7 +206,7 @@ class LocalCA:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-            .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+            .sign(ca_key, hashes.SHA256())
         )
         key_pem = key.private_bytes(
             serialization.Encoding.PEM,
@@ -247,7 +258,7 @@ class LocalCA:
         def pick(sslobj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
             sslobj.context = self.leaf_context(server_name)
 
-        ctx.sni_callback = pick  # type: ignore[assignment]
+        ctx.sni_callback = pick
         return ctx
 
 

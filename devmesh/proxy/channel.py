@@ -42,6 +42,8 @@ class Channel(asyncio.Protocol):
     )
 
     def __init__(self, read_size: int) -> None:
+        # None only until connection_made, which asyncio calls before any other method: typed
+        # as always set, so the hot paths need no check.
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.consumer: Callable[[bytes], None] | None = None
         """Takes every chunk as it arrives (b"" at EOF) instead of the buffer."""
@@ -62,6 +64,8 @@ class Channel(asyncio.Protocol):
     # -- protocol callbacks ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Stream sockets (create_server/create_connection) always get a Transport; the
+        # protocol interface types it as the base class.
         self.transport = transport  # type: ignore[assignment]
         self.transport.set_write_buffer_limits(high=self._limit)
         self._tls = transport.get_extra_info("sslcontext") is not None

@@ -1,9 +1,9 @@
 """The proxy's errors: each one names a condition a developer can act on.
 
 Why one base with a status: every failure on the way to an upstream ends as an HTTP answer
-to the client, translated at one place (``server._fail``). The status hint lives on the class,
-the message (service, address, timeout) is built in ``__init__``, so the page, the access log
-and the tests all see the same words.
+to the client, translated at one place (``forward.Forwarder.fail``). The status hint lives on
+the class, the message (service, address, timeout) is built in ``__init__``, so the page, the
+access log and the tests all see the same words.
 """
 
 from __future__ import annotations
@@ -20,13 +20,36 @@ class ProxyError(Exception):
 
 
 class ServiceNotRunningError(ProxyError):
-    """The route table says the service is stopped or crash-looping: no connect attempted."""
+    """The route table says the service is stopped, restarting or crash-looping: no connect
+    attempted. ``state`` is the state in words (``table.state_words``)."""
 
     status = 502
 
     def __init__(self, service: str, project: str, state: str, reason: str | None) -> None:
         detail = f": {reason}" if reason else ""
         super().__init__(f"service {service!r} of project {project!r} is {state}{detail}")
+
+
+class NoRouteError(ProxyError):
+    """An edge listener whose target service is not in the caller's project (any more)."""
+
+    status = 502
+
+    def __init__(self, target: str, project: str, caller: str) -> None:
+        super().__init__(
+            f"service {target!r} is not running in project {project!r} (called by {caller!r})"
+        )
+
+
+class BadRequestError(ProxyError):
+    """The client's bytes are not an HTTP/1.1 request (h11 said where), or its head is too
+    large. The message names the line and the byte at fault in plain words."""
+
+    status = 400
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 class UpstreamConnectError(ProxyError):

@@ -11,13 +11,20 @@ its body, the end of message) is collected and written to the client in one ``wr
 
 - A request body is pumped by a second task while the response is awaited, so a service that
   answers early (a 413 of its own) is not deadlocked against a client still sending.
-- ``Expect: 100-continue`` is answered by the proxy itself once the route is known and the
-  declared length is within the limit; the service never sees the header.
+- ``Expect: 100-continue`` is passed on to the service, and the client gets the service's
+  own ``100 Continue`` (or its early final answer, say a 413, with no body sent): a client
+  told to go on by the proxy would send a body the service already refused and see its
+  connection reset. A service that ignores the expectation is waited for ``CONTINUE_WAIT_S``,
+  as clients do, then the proxy lets the body go.
 - A response without Content-Length (server-sent events, chunked downloads) is watched: if the
   client goes away the service's connection is closed at once rather than at the next event.
 - A 101 to a WebSocket request turns the exchange into a byte tunnel (``tunnel.splice``).
 - An idle connection from the pool that turns out closed is retried once on a new one, but
-  only for a request without a body, when nothing of the answer has arrived.
+  only for a request without a body, when nothing of the answer has arrived
+  (``upstream.may_retry``, the one rule for both ways an exchange runs).
+
+What the service side needs in both executions (the head sent, the head passed back, the retry
+rule, the words of each error) is ``upstream``'s, shared with ``callbacks``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,11 @@ import asyncio
 
 import h11
 
-from devmesh.proxy import errors, headers, pool, settings, table, tunnel
+from devmesh.proxy import channel, errors, headers, pool, settings, table, tunnel, upstream
+
+CONTINUE_WAIT_S = 1.0
+"""How long a client's ``Expect: 100-continue`` waits for the service's own answer before the
+proxy lets the body go (curl waits as long)."""
 
 
 class ClientGoneError(Exception):
@@ -43,24 +54,24 @@ class StaleConnectionError(Exception):
 class Client:
     """The client side of one connection: its h11 server state and where it came from."""
 
-    __slots__ = ("conn", "edge", "ip", "peer", "proto", "reader", "size", "writer")
+    __slots__ = ("conn", "edge", "ip", "max_head", "peer", "proto", "reader", "size", "writer")
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        chan: channel.Channel,
         *,
         proto: str,
         edge: table.Edge | None,
         config: settings.Settings,
     ) -> None:
-        self.reader = reader
-        self.writer = writer
+        self.reader = chan
+        self.writer = chan
         self.proto = proto
         self.edge = edge
         self.size = config.read_size
+        self.max_head = config.max_header_bytes
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
-        peer = writer.get_extra_info("peername") or ("?", 0)
+        peer = chan.get_extra_info("peername") or ("?", 0)
         self.ip = str(peer[0])
         self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in self.ip else f"{peer[0]}:{peer[1]}"
 
@@ -69,8 +80,8 @@ class Client:
         conn = self.conn
         while True:
             event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
+            if isinstance(event, h11.Event) or event is h11.PAUSED:
+                return event
             try:
                 data = await self.reader.read(self.size)
             except OSError:
@@ -91,7 +102,7 @@ class Result:
 
 
 async def _next_upstream(
-    up: pool.Upstream, backend: table.Backend, config: settings.Settings, phase: str
+    up: pool.Upstream, backend: table.Backend, config: settings.Settings
 ) -> h11.Event:
     conn = up.conn
     timeout = config.idle_timeout_s
@@ -102,18 +113,20 @@ async def _next_upstream(
             raise errors.UpstreamProtocolError(
                 backend.service, backend.host, backend.port, str(exc)
             ) from None
-        if event is not h11.NEED_DATA:
-            return event  # type: ignore[return-value]
+        if isinstance(event, h11.Event):
+            return event
+        if event is h11.PAUSED:  # h11 pauses only after a whole answer: not awaited here
+            raise errors.UpstreamProtocolError(
+                backend.service, backend.host, backend.port, "data after the end of an answer"
+            )
         try:
             async with asyncio.timeout(timeout):
                 data = await up.reader.read(config.read_size)
         except TimeoutError:
-            raise errors.UpstreamTimeoutError(
-                backend.service, backend.host, backend.port, phase, timeout
-            ) from None
+            raise upstream.response_timeout(backend, config) from None
         except OSError:
             data = b""
-        stale = phase == "response" and conn.their_state is h11.SEND_RESPONSE
+        stale = conn.their_state is h11.SEND_RESPONSE
         if not data and stale and not conn.trailing_data[0]:
             raise StaleConnectionError
         conn.receive_data(data)
@@ -143,7 +156,7 @@ async def _pump_body(client: Client, up: pool.Upstream, limit: int | None, resul
 
 async def _watch_client(client: Client, up: pool.Upstream) -> None:
     """Close the service side as soon as the client leaves during a streamed answer."""
-    while len(client.conn.trailing_data[0]) < client.conn._max_incomplete_event_size:
+    while len(client.conn.trailing_data[0]) < client.max_head:
         try:
             data = await client.reader.read(client.size)
         except OSError:
@@ -152,24 +165,6 @@ async def _watch_client(client: Client, up: pool.Upstream) -> None:
             up.close()
             return
         client.conn.receive_data(data)  # pipelined bytes, kept for the next cycle
-
-
-def upstream_request(
-    client: Client,
-    request: h11.Request,
-    hdrs: headers.Headers,
-    host: bytes,
-    ws_key: bytes | None,
-) -> h11.Request:
-    out = headers.request_headers(hdrs, client_ip=client.ip, proto=client.proto, host=host)
-    if client.conn.they_are_waiting_for_100_continue:
-        out = [(n, v) for n, v in out if n != b"expect"]
-    if ws_key is not None:
-        out += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
-    # _parsed=True skips h11's per-header regex checks (a third of h11's cost per request):
-    # every name and value here came out of h11's own parser, or is ASCII we built above.
-    # Framing (Content-Length, Transfer-Encoding) is still normalised and checked.
-    return h11.Request(method=request.method, target=request.target, headers=out, _parsed=True)
 
 
 async def forward(
@@ -182,12 +177,15 @@ async def forward(
     upstreams: pool.Pool,
     config: settings.Settings,
     result: Result,
+    attempt: int = 0,
 ) -> None:
     """Run one exchange. Raises ProxyError before the response head reached the client;
     afterwards failures abort the client connection and are recorded in ``result.error``.
 
     ``hdrs`` is ``request.headers`` as a plain list and ``host`` its Host value: the caller
     made them once, because h11's header sequence is slow to iterate again and again.
+    ``attempt`` 1 is the retry of a request whose pooled connection was found closed
+    (``may_retry``): it goes out on a new connection and is not retried again.
     """
     ws_key = None
     if headers.wants_upgrade(hdrs) == b"websocket":
@@ -197,44 +195,37 @@ async def forward(
     if limit is not None and length is not None and int(length) > limit:
         raise errors.BodyTooLargeError(limit)
     has_body = headers.is_chunked(hdrs) or (length is not None and int(length) > 0)
-    up_request = upstream_request(client, request, hdrs, host, ws_key)
+    up_request = upstream.request_head(
+        request, hdrs, client_ip=client.ip, proto=client.proto, host=host, ws_key=ws_key
+    )
 
     pump: asyncio.Task[None] | None = None
-    up = await upstreams.acquire(backend)
+    up = await (upstreams.connect(backend) if attempt else upstreams.acquire(backend))
     try:
-        for attempt in (0, 1):
+        while True:
             head = up.conn.send(up_request)
             if not has_body:
                 if client.conn.their_state is h11.SEND_BODY:
                     await client.next_event()  # the EndOfMessage of an empty body: no I/O
                 head += up.conn.send(h11.EndOfMessage())
             up.writer.write(head)
-            if has_body:
-                if client.conn.they_are_waiting_for_100_continue:
-                    client.writer.write(
-                        client.conn.send(
-                            h11.InformationalResponse(
-                                status_code=100, headers=[], reason=b"Continue"
-                            )
-                        )
-                    )
-                pump = asyncio.ensure_future(_pump_body(client, up, limit, result))
             try:
-                event = await _next_upstream(up, backend, config, "response")
+                event: h11.Event | None = None
+                if has_body and client.conn.they_are_waiting_for_100_continue:
+                    event = await _expect_continue(client, up, backend, config)
+                if has_body and event is None:
+                    pump = asyncio.ensure_future(_pump_body(client, up, limit, result))
+                if event is None:
+                    event = await _next_upstream(up, backend, config)
                 break
             except StaleConnectionError:
                 if pump is not None and pump.done() and pump.exception() is not None:
-                    raise pump.exception() from None  # type: ignore[misc]
+                    raise _pump_error(pump) from None
                 up.close()
-                if attempt == 0 and up.reused and not has_body:
-                    up = await upstreams.connect(backend)
-                    continue
-                raise errors.UpstreamProtocolError(
-                    backend.service,
-                    backend.host,
-                    backend.port,
-                    "connection closed before a response",
-                ) from None
+                if not upstream.may_retry(up, has_body=has_body, attempt=attempt):
+                    raise upstream.closed_early(backend) from None
+                attempt += 1
+                up = await upstreams.connect(backend)
         await _respond(
             client,
             up,
@@ -257,6 +248,37 @@ async def forward(
         if pump is not None and not pump.done():
             pump.cancel()
             await asyncio.wait((pump,))  # it must stop reading the client before we do
+
+
+def _pump_error(pump: asyncio.Task[None]) -> BaseException:
+    exc = pump.exception()
+    assert exc is not None
+    return exc
+
+
+async def _expect_continue(
+    client: Client, up: pool.Upstream, backend: table.Backend, config: settings.Settings
+) -> h11.Event | None:
+    """Wait for the service's word on a client's ``Expect: 100-continue``.
+
+    Returns the service's final answer when it came first (the client then sends no body);
+    None once the client was told ``100 Continue``: by the service, or by the proxy when the
+    service said nothing within CONTINUE_WAIT_S (it may ignore the expectation).
+    """
+    try:
+        async with asyncio.timeout(CONTINUE_WAIT_S):
+            event = await _next_upstream(up, backend, config)
+    except TimeoutError:
+        event = None
+    if type(event) is h11.InformationalResponse and event.status_code == 100:
+        event = None
+    if event is None:
+        client.writer.write(
+            client.conn.send(
+                h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            )
+        )
+    return event
 
 
 async def resume(
@@ -307,7 +329,7 @@ async def _respond(
             tunnel.check_response(event, ws_key)
             await _tunnel(client, up, config, result, event)
             return
-        if event.status_code != 100:  # 100 was already answered by the proxy itself
+        if event.status_code != 100:  # 100 was already passed on (_expect_continue)
             client.writer.write(
                 client.conn.send(
                     h11.InformationalResponse(
@@ -316,23 +338,14 @@ async def _respond(
                     )
                 )
             )
-        event = await _next_upstream(up, backend, config, "response")
+        event = await _next_upstream(up, backend, config)
     if type(event) is not h11.Response:
         raise errors.UpstreamProtocolError(
             backend.service, backend.host, backend.port, f"unexpected {type(event).__name__}"
         )
     result.status = event.status_code
     up_hdrs = list(event.headers)  # once: h11's header sequence is slow to iterate
-    out = [
-        client.conn.send(
-            h11.Response(
-                status_code=event.status_code,
-                headers=headers.response_headers(up_hdrs),
-                reason=event.reason,
-                _parsed=True,  # parsed by h11 from the service's bytes; see upstream_request()
-            )
-        )
-    ]
+    out = [client.conn.send(upstream.response_head(event, up_hdrs))]
     watcher = None
     if headers.get(up_hdrs, b"content-length") is None and (pump is None or pump.done()):
         watcher = asyncio.ensure_future(_watch_client(client, up))
@@ -340,14 +353,14 @@ async def _respond(
     try:
         while True:
             try:
-                event = up.conn.next_event()
+                step = up.conn.next_event()
             except h11.RemoteProtocolError as exc:
                 if watcher is not None and watcher.done():
                     raise ClientGoneError("the response") from None
-                result.error = f"service {backend.service!r} broke off its answer: {exc}"
+                result.error = upstream.broke_off(backend, str(exc))
                 client.writer.transport.abort()
                 return
-            if event is h11.NEED_DATA:
+            if step is h11.NEED_DATA:
                 if out:
                     writer.write(b"".join(out))
                     out.clear()
@@ -358,19 +371,16 @@ async def _respond(
                     async with asyncio.timeout(config.idle_timeout_s):
                         data = await up.reader.read(config.read_size)
                 except TimeoutError:
-                    result.error = (
-                        f"service {backend.service!r} idle for {config.idle_timeout_s:g} s"
-                        " mid-answer"
-                    )
+                    result.error = upstream.idle_mid_answer(backend, config)
                     writer.transport.abort()
                     return
                 except OSError:
                     data = b""
                 up.conn.receive_data(data)
-            elif type(event) is h11.Data:
-                result.bytes_out += len(event.data)
-                out.append(client.conn.send(event))
-            elif type(event) is h11.EndOfMessage:
+            elif type(step) is h11.Data:
+                result.bytes_out += len(step.data)
+                out.append(client.conn.send(step))
+            elif type(step) is h11.EndOfMessage:
                 out.append(client.conn.send(h11.EndOfMessage()))
                 break
             else:

@@ -20,9 +20,11 @@ def _wants_html(accept: bytes | None) -> bool:
 
 
 def service_lines(
-    backends: Sequence[table.Backend], *, port: int, https_port: int | None
+    backends: Sequence[table.Backend], *, port: int, https_port: int | None, now_s: float
 ) -> list[tuple[str, str, str | None]]:
-    """(label, http url, https url) for each known service, sorted by project then name."""
+    """(label, http url, https url) for each known service, sorted by project then name.
+
+    ``now_s`` (Unix seconds) says how long a restarting service still waits."""
     rows = []
     for b in sorted(backends, key=lambda b: (b.project, b.service)):
         http = hostroute.service_url(b.service, b.project, scheme="http", port=port)
@@ -31,7 +33,7 @@ def service_lines(
             if https_port
             else None
         )
-        rows.append((f"{b.service} ({b.project}, {b.state})", http, https))
+        rows.append((f"{b.service} ({b.project}, {table.state_words(b, now_s)})", http, https))
     return rows
 
 

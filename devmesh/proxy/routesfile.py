@@ -9,7 +9,8 @@ quarter second per worker.
 The format is the standalone proxy's (``python -m devmesh.proxy --routes FILE``)::
 
     {"backends": [{"project": "shop", "service": "api", "port": 8080, "host": "127.0.0.1",
-                   "scheme": "http", "state": "running", "reason": null}],
+                   "scheme": "http", "state": "restarting", "reason": "exited with status 1",
+                   "attempt": 2, "retry_at": 1767225600.5}],
      "agent": {...},                                   (optional, where devmesh.localhost goes)
      "edges": [{"caller_project": "shop", "caller_service": "web",
                 "target_service": "api", "port": 41234}]}
@@ -158,4 +159,10 @@ def _backend(doc: Any) -> table.Backend:
     backend = table.Backend(**doc)
     if type(backend.port) is not int:
         raise ValueError(f"backend {backend.label}: port {backend.port!r} is not a number")
+    if backend.attempt is not None and type(backend.attempt) is not int:
+        raise ValueError(f"backend {backend.label}: attempt {backend.attempt!r} is not a number")
+    if backend.retry_at is not None and type(backend.retry_at) not in (int, float):
+        raise ValueError(
+            f"backend {backend.label}: retry_at {backend.retry_at!r} is not a time in seconds"
+        )
     return backend

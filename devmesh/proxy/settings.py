@@ -44,8 +44,3 @@ class Settings:
     whose self-signed certificates no trust store knows."""
     upstream_ca_file: str | None = None
     """CA bundle used when upstream_verify_tls is on; None uses the system store."""
-
-    @classmethod
-    def from_model(cls, proxy: model.ProxySettings, **overrides: object) -> Settings:
-        """Settings for the ports a devmesh.yaml declares, other fields defaulted or overridden."""
-        return cls(port=proxy.port, https_port=proxy.https_port, **overrides)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ silently takes a URL over); ``NAME.PROJECT.localhost`` is always exact.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from devmesh.core import hostroute
@@ -55,6 +56,20 @@ class Backend:
     @property
     def label(self) -> str:
         return f"{self.service}.{self.project}"
+
+
+def state_words(backend: Backend, now_s: float) -> str:
+    """The backend's state as the proxy's pages say it, e.g. "restarting, attempt 2, next try
+    in 3 s". ``now_s`` is the reader's clock in Unix seconds (this module has none): the wait
+    is ``retry_at - now_s`` rounded up, and never negative (a start that is due says 0 s)."""
+    if backend.state != State.RESTARTING.value:
+        return backend.state
+    words = [backend.state]
+    if backend.attempt is not None:
+        words.append(f"attempt {backend.attempt}")
+    if backend.retry_at is not None:
+        words.append(f"next try in {max(0, math.ceil(backend.retry_at - now_s))} s")
+    return ", ".join(words)
 
 
 @dataclass(frozen=True, slots=True)

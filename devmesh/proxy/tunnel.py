@@ -17,7 +17,7 @@ from wsproto import ConnectionType
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
-from devmesh.proxy import errors, headers
+from devmesh.proxy import channel, errors, headers
 
 
 def check_request(request: h11.Request) -> bytes:
@@ -49,9 +49,9 @@ def check_response(response: h11.InformationalResponse, key: bytes) -> None:
 
 
 async def _pipe(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    other: asyncio.StreamWriter,
+    reader: channel.Channel,
+    writer: channel.Channel,
+    other: channel.Channel,
     size: int,
     count: list[int],
 ) -> None:
@@ -73,8 +73,8 @@ async def _pipe(
 
 
 async def splice(
-    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    a: tuple[channel.Channel, channel.Channel],
+    b: tuple[channel.Channel, channel.Channel],
     *,
     size: int,
 ) -> tuple[int, int]:

@@ -1,8 +1,8 @@
-"""Test and benchmark helpers: the proxy as a real child process, and a real upstream.
+"""Test helpers: the proxy as a real child process, and a real upstream.
 
-Why in the package: the proxy's tests, its benchmark and the agent's integration tests all
-need "a proxy process fed this route table" and "an HTTP service that streams, stalls and
-counts its connections". Both use only the standard library and bind only 127.0.0.1.
+The proxy's tests and the agent's integration tests all need "a proxy process fed this route
+table" and "an HTTP service that streams, stalls and counts its connections". Both use only
+the standard library and bind only 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class ProxyProcess:
@@ -72,12 +74,11 @@ class ProxyProcess:
         }
 
     def update_routes(self, routes: dict[str, Any]) -> None:
-        """Replace the table; the proxy picks it up within a second (mtime is checked)."""
-        time.sleep(0.02)  # make sure the mtime moves even on coarse clocks
+        """Replace the table. The proxy polls the file (a new inode is a change even within
+        one mtime tick) and applies it within a second: wait for its effect (``wait_for``)."""
         tmp = self.routes_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(routes))
         tmp.replace(self.routes_path)
-        time.sleep(0.6)
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -86,8 +87,12 @@ class ProxyProcess:
         raise RuntimeError("no VmRSS")
 
     def log_lines(self) -> list[str]:
-        time.sleep(0.4)  # the proxy flushes its access log every 0.25 s
+        """The access log as written so far (the proxy flushes it every 0.25 s)."""
         return self.access_log.read_text().splitlines() if self.access_log.exists() else []
+
+    def wait_log(self, predicate: Callable[[list[str]], bool], what: str) -> list[str]:
+        """The access log's lines once ``predicate`` holds for them (deadline 10 s)."""
+        return wait_for(lambda: (lines := self.log_lines()) and predicate(lines) and lines, what)
 
     def stop(self) -> str:
         """Stop the proxy; its stderr (empty when nothing went wrong)."""
@@ -166,6 +171,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 total += len(chunk)
         return total, digest.hexdigest()
 
+    def handle_expect_100(self) -> bool:
+        """``/reject-expect`` refuses any body up front, as a service with an upload limit
+        does: a final 413 instead of ``100 Continue``, and the connection closes."""
+        if not self.path.startswith("/reject-expect"):
+            return super().handle_expect_100()
+        with self.server.lock:
+            self.server.expect_rejections += 1
+        self.close_connection = True
+        self._send(413, b"too large for this service\n", "text/plain", (("Connection", "close"),))
+        return False
+
     def do_HEAD(self) -> None:
         self.do_GET()
 
@@ -197,7 +213,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 n -= len(block)
             return
         if path == "/sse":
-            self._sse(int(q.get("n", "5")), float(q.get("interval", "0.05")))
+            self._sse(int(q.get("n", "5")), float(q.get("interval", "0.05")), "gated" in q)
+            return
+        if path == "/hold":
+            self.server.held.set()  # the request is here; the answer waits for release
+            self.server.release.wait(10)
+            self._send(200, b"released")
             return
         if path == "/sleep":
             time.sleep(float(q.get("s", "1")))
@@ -226,7 +247,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         ).encode()
         self._send(200, body)
 
-    def _sse(self, n: int, interval: float) -> None:
+    def _sse(self, n: int, interval: float, gated: bool) -> None:
+        """n events, one per ``interval`` or, ``gated``, one per release of ``sse_gate``
+        (the test then knows which events can have been sent)."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -237,7 +260,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             for i in range(n):
                 self.wfile.write(f"id: {i}\ndata: event {i}\n\n".encode())
                 self.wfile.flush()
-                time.sleep(interval)
+                if not gated:
+                    time.sleep(interval)
+                elif i < n - 1 and not self.server.sse_gate.acquire(timeout=10):
+                    return
         except OSError:
             with self.server.lock:
                 self.server.sse_disconnects += 1
@@ -254,6 +280,12 @@ class UpstreamServer(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.connections = 0
         self.sse_disconnects = 0
+        self.expect_rejections = 0
+        self.sse_gate = threading.Semaphore(0)
+        self.held = threading.Event()
+        """Set once a request for /hold arrived."""
+        self.release = threading.Event()
+        """Set to let /hold answer."""
 
     @property
     def port(self) -> int:
@@ -275,11 +307,77 @@ def upstream() -> Iterator[UpstreamServer]:
         thread.join(5)
 
 
+class RawService:
+    """A service written with raw sockets, for behaviour no HTTP library would produce.
+
+    Each accepted connection runs ``handler(conn, number)`` in a thread of its own (numbered
+    from 0); the connection is closed when the handler returns. Use as a context manager.
+    """
+
+    def __init__(self, handler: Callable[[socket.socket, int], None]) -> None:
+        self.handler = handler
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.accepted = 0
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> RawService:
+        self._acceptor.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self._acceptor.join(5)
+        for thread in self._threads:
+            thread.join(5)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            number, self.accepted = self.accepted, self.accepted + 1
+            thread = threading.Thread(target=self._serve, args=(conn, number), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        with conn:
+            self.handler(conn, number)
+
+
+def read_head(conn: socket.socket) -> bytes:
+    """One request head from ``conn`` (b"" when the peer closed first)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+
+
 def free_port() -> int:
     """A port nothing listens on right now (for connection-refused cases)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], T | None], what: str, timeout_s: float = 10) -> T:
+    """``predicate()``'s first truthy value, polled until the deadline (then AssertionError)."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}; last: {last!r}")
 
 
 def env_without_proxy() -> dict[str, str]:

@@ -1,0 +1,199 @@
+"""Client connections: read requests, start each one's exchange, go on to the next.
+
+Why a module of its own: a client connection's life (parse a request, choose how its
+exchange runs, wait for it, then the next request or the end) is the same whatever the
+exchange does, and keeping it apart leaves ``forward`` with only the forwarding decisions.
+
+A ``Downstream`` parses requests in its socket's callbacks. Each request is routed there
+(``Forwarder.route``, which also answers the proxy's own pages at once); its exchange then
+runs in callbacks (``callbacks.start``) when it can, or as a task (``run_task``) that reads
+the client through the channel's stream API. When the exchange ends, parsing goes back to the
+callbacks, and requests the client pipelined meanwhile are served in turn: in a loop, never
+by recursion, so a burst of pipelined requests costs no stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+
+import h11
+
+from devmesh.proxy import callbacks, channel, exchange, forward, table
+
+log = logging.getLogger("devmesh.proxy")
+
+
+class Connections:
+    """What every client connection of one proxy shares, and what the proxy closes at the end:
+    the open connections and their tasks."""
+
+    def __init__(self, forwarder: forward.Forwarder, inflight: callbacks.Inflight) -> None:
+        self.forwarder = forwarder
+        self.inflight = inflight
+        self.open: set[Downstream] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def factory(self, proto: str, edge: table.Edge | None) -> Callable[[], Downstream]:
+        """The protocol factory of a listener speaking ``proto`` (for ``edge``, if any)."""
+        return lambda: Downstream(self, proto, edge)
+
+    def close(self) -> None:
+        """Cancel every exchange task and drop every client connection."""
+        for task in list(self.tasks):
+            task.cancel()
+        for down in list(self.open):
+            down.abort()
+
+
+class Downstream(channel.Channel):
+    """One client connection. Bytes go into its h11 state as they arrive (``feed``)."""
+
+    __slots__ = ("client", "connections", "current", "edge", "held", "proto")
+
+    def __init__(self, connections: Connections, proto: str, edge: table.Edge | None) -> None:
+        super().__init__(connections.forwarder.settings.read_size)
+        self.connections = connections
+        self.proto = proto
+        self.edge = edge
+        self.client: exchange.Client | None = None
+        self.current: callbacks.Run | None = None
+        """The exchange running in callbacks, if one is."""
+        self.held = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.client = exchange.Client(
+            self, proto=self.proto, edge=self.edge, config=self.connections.forwarder.settings
+        )
+        self.consumer = self.feed
+        self.on_lost = self._lost
+        self.on_writable = self._writable
+        self.connections.open.add(self)
+
+    def feed(self, data: bytes) -> None:
+        client = self.client
+        assert client is not None
+        try:
+            conn = client.conn
+            conn.receive_data(data)
+            if self.current is None:
+                self.next_request()
+            elif len(conn.trailing_data[0]) > client.max_head:
+                self.hold(True)  # pipelined requests wait in the socket, not in memory
+        except Exception:
+            # A bug, not a client's doing (those are answered): drop this connection only.
+            log.exception("proxy connection from %s failed", client.peer)
+            self.abort()
+
+    def next_request(self) -> None:
+        """Serve the complete requests in the client's h11 buffer until one must wait."""
+        while self._serve_one():
+            pass
+
+    def _serve_one(self) -> bool:
+        """Start the next request's exchange; True when it was answered at once and the
+        connection can go on with the next one."""
+        client = self.client
+        assert client is not None
+        forwarder = self.connections.forwarder
+        try:
+            event = client.conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            forwarder.reject(client, exc)
+            self.close()
+            return False
+        if event is h11.NEED_DATA:
+            return False
+        if type(event) is not h11.Request:
+            self.close()  # the client closed its side between requests
+            return False
+        ex = forwarder.open(client, event)
+        backend = forwarder.route(ex)
+        if backend is None:  # answered by the proxy itself
+            return self._cycle(forwarder.finish(ex))
+        if callbacks.fits(ex) and callbacks.start(
+            self, ex, backend, forwarder, self.connections.inflight
+        ):
+            return False
+        self.run_task(forwarder.run(ex, backend))
+        return False
+
+    def _cycle(self, keep: bool) -> bool:
+        """After an exchange in callbacks: ready the next cycle, or close; True when ready."""
+        if not keep:
+            self.close()
+            return False
+        assert self.client is not None
+        self.client.conn.start_next_cycle()
+        self.hold(False)
+        return True
+
+    def finished(self, ex: forward.Exchange) -> None:
+        """An exchange run in callbacks ended: log it, then serve the next request or close."""
+        self.current = None
+        if self._cycle(self.connections.forwarder.finish(ex)):
+            assert self.client is not None
+            pending, ended = self.client.conn.trailing_data
+            if pending or ended:  # a pipelined request, or the client's EOF, is already here
+                self.next_request()
+
+    def run_task(self, work: Coroutine[None, None, bool]) -> None:
+        """Run an exchange as a task; ``work`` says whether the connection lives on."""
+        self.consumer = None  # the task reads the client through the channel's buffer,
+        self.hold(False)  # whose own flow control now bounds what a client can send ahead
+        task = asyncio.ensure_future(self._drive(work))
+        self.connections.tasks.add(task)
+        task.add_done_callback(self.connections.tasks.discard)
+
+    async def _drive(self, work: Coroutine[None, None, bool]) -> None:
+        client = self.client
+        assert client is not None
+        try:
+            keep = await work
+        except (OSError, asyncio.CancelledError, exchange.ClientGoneError):
+            self.abort()
+            return
+        except Exception:
+            log.exception("proxy connection from %s failed", client.peer)
+            self.abort()
+            return
+        finally:
+            work.close()  # a task cancelled before its first step never started ``work``
+        if not keep:
+            self.close()
+            return
+        client.conn.start_next_cycle()
+        for chunk in self.take_buffer():
+            client.conn.receive_data(chunk)
+        self.consumer = self.feed
+        self.next_request()
+
+    def hold(self, on: bool) -> None:
+        if on != self.held and not self.transport.is_closing():
+            self.held = on
+            if on:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.consumer = _ignore
+        super().close()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    def _lost(self, exc: BaseException | None) -> None:
+        self.connections.open.discard(self)
+        if self.current is not None:
+            self.current.client_gone()
+
+    def _writable(self, ok: bool) -> None:
+        if self.current is not None:
+            self.current.client_writable(ok)
+
+
+def _ignore(data: bytes) -> None:
+    pass
