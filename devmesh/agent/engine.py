@@ -431,18 +431,27 @@ class Engine:
                 result = await probes.probe(
                     check, port=inst.port, cwd=launch.cwd, env=launch.env, scheme=svc.scheme.value
                 )
-                before = inst.tracker.state
+                before = inst.tracker
                 inst.tracker = health_core.step(
                     inst.tracker, result.ok, self.clock(), result.detail
                 )
-                if inst.tracker.state != before:
+                if inst.tracker.failures > before.failures:
+                    log.info(
+                        "%s: health check failed (%d of %d counted): %s",
+                        plan.key_text(inst.key),
+                        inst.tracker.failures,
+                        inst.tracker.retries,
+                        result.detail,
+                    )
+                if inst.tracker.state != before.state:
                     state = inst.tracker.state.value
                     log.info("%s: %s (%s)", plan.key_text(inst.key), state, result.detail)
                     self.wake()
-                if inst.tracker.state is health_core.HealthState.HEALTHY:
+                if inst.tracker.state is health_core.HealthState.HEALTHY and result.ok:
                     delay = check.interval_s
                 else:
-                    # Probe fast while starting so `up -d` returns soon after readiness.
+                    # Probe fast while not passing, so `up -d` returns soon after readiness;
+                    # the tracker counts failures only at the pace of interval_s.
                     delay = min(check.interval_s, STARTING_PROBE_CAP_S, delay * 1.5)
                 await anyio.sleep(delay)
 

@@ -89,6 +89,8 @@ def rows(engine: Engine, project: str | None = None) -> list[dict[str, Any]]:
             "version": svc.version if svc else None,
             "state": state,
             "health": inst.health().value if inst and inst.phase is plan.Phase.RUNNING else "none",
+            "health_probes": inst.tracker.probes if inst and inst.tracker else 0,
+            "health_failures": inst.tracker.failures if inst and inst.tracker else 0,
             "pid": inst.proc.pid
             if inst and inst.proc and inst.phase is plan.Phase.RUNNING
             else None,
