@@ -524,8 +524,3 @@ def digest(doc: Mapping[str, Any]) -> str:
     """A short stable digest of a JSON-able document (key order does not matter)."""
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def spec_hash(s: Service) -> str:
-    """Digest of ``restart_spec``: equal hashes mean no restart is needed."""
-    return digest(restart_spec(s))
