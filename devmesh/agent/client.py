@@ -21,7 +21,7 @@ import socket
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import h11
 
@@ -203,7 +203,8 @@ class _Exchange:
             except h11.RemoteProtocolError as exc:
                 raise self._unreachable(f"the agent sent malformed HTTP: {exc}") from None
             if event is not h11.NEED_DATA:
-                return event
+                # mypy does not narrow a class object by identity; NEED_DATA is excluded above.
+                return cast("h11.Event | type[h11.PAUSED]", event)
             try:
                 data = self.sock.recv(_READ_SIZE)
             except TimeoutError:

@@ -78,8 +78,8 @@ def run(home: Home) -> int:
             anyio.run(_main, home, backend_options={"use_uvloop": runtime.uvloop_available()})
         except* ProxyStartError as group:
             failures.extend(group.exceptions)
-        for exc in failures:
-            print(f"devmesh agent: {exc}", file=sys.stderr)
+        for failure in failures:
+            print(f"devmesh agent: {failure}", file=sys.stderr)
         if failures:
             return 1
     finally:

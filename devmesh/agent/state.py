@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: processes are identified by psutil's start time (``start_time``), not kernel ticks."""
 
 
 class StateError(Exception):
@@ -55,7 +56,8 @@ class ProcessRecord:
     service: str
     pid: int
     sid: int
-    start_ticks: int
+    start_time: float
+    """The process's start time as psutil reads it (with ``pid``, its identity)."""
     started_at: float
     fingerprint: str
     spec: dict[str, Any]
@@ -67,13 +69,14 @@ class ProcessRecord:
 @dataclass(slots=True, kw_only=True)
 class State:
     projects: dict[str, ProjectRecord] = field(default_factory=dict)
+    """In the order they were first applied (kept in the file): the first keeps NAME.localhost."""
     processes: dict[str, ProcessRecord] = field(default_factory=dict)
     """Keyed by "project/service"."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA_VERSION,
-            "projects": {k: asdict(v) for k, v in sorted(self.projects.items())},
+            "projects": {k: asdict(v) for k, v in self.projects.items()},  # applied order
             "processes": {k: asdict(v) for k, v in sorted(self.processes.items())},
         }
 
