@@ -204,10 +204,12 @@ async def _wait_stream(
     last: dict[str, tuple[str, str | None]] = {}
     while True:
         seen_generation = engine.generation
-        now = views.readiness(engine.snapshot(), project, names)
+        snap = engine.snapshot()
+        now = views.readiness(snap, project, names)
         for n, st in now.items():
             if last.get(n) != st:
-                yield {"service": n, "status": st[0], "reason": st[1]}
+                url = views.url(snap, (project, n)) if st[0] == "ready" else None
+                yield {"service": n, "status": st[0], "reason": st[1], "url": url}
         last = now
         if all(st[0] != "pending" for st in now.values()):
             failures = {n: st[1] for n, st in now.items() if st[0] == "failed"}
