@@ -207,10 +207,8 @@ def test_stop_kills_the_whole_session_including_other_process_groups(tmp_path, p
     escaper_pgrp = os.getpgid(pids[1])
     assert escaper_pgrp == pids[1] != proc.sid
 
-    started = time.monotonic()
     result = anyio.run(lambda: process.stop(proc, grace_s=10))
-    assert time.monotonic() - started < 5
-    assert result == process.Exit(None, signal.SIGTERM)
+    assert result == process.Exit(None, signal.SIGTERM)  # the first signal was enough
     assert process.session_pids(proc.sid) == []
     assert _session_entries(proc.sid) == []  # no zombies either: all reaped
     assert not process.alive(proc)
@@ -230,7 +228,7 @@ def test_stop_sigkills_a_process_that_ignores_sigterm(tmp_path, procs):
     result = anyio.run(lambda: process.stop(proc, grace_s=0.5))
     elapsed = time.monotonic() - started
     assert result == process.Exit(None, signal.SIGKILL)
-    assert 0.5 <= elapsed < 5
+    assert elapsed >= 0.5  # the grace period was given before SIGKILL (a floor, not a speed)
     assert process.session_pids(proc.sid) == []
 
 
@@ -259,7 +257,7 @@ def test_wait_and_stop_concurrently_both_see_the_exit(tmp_path, procs):
         async with anyio.create_task_group() as tg:
             tg.start_soon(waiter, "wait1")
             tg.start_soon(waiter, "wait2")
-            await anyio.sleep(0.1)
+            await anyio.wait_all_tasks_blocked()  # both waiters wait on the process
             results["stop"] = await process.stop(proc, grace_s=5)
 
     anyio.run(main)
@@ -345,7 +343,7 @@ def test_adopt_a_foreign_process_and_notice_its_death(orphan):
                 result.append(await process.wait(proc))
 
             tg.start_soon(waiter)
-            await anyio.sleep(0.1)
+            await anyio.wait_all_tasks_blocked()
             assert result == []
             os.kill(orphan, signal.SIGTERM)
         return result[0]
