@@ -106,8 +106,8 @@ class Engine:
             while True:
                 if self.proxy is not None:
                     await routing.sync_edges(self.proxy, self._applied())
-                self._reconcile()
-                self._publish_routes()
+                wants = self._reconcile()
+                self._publish_routes(wants)
                 self._save()
                 self.generation += 1
                 self._changed.set()
@@ -260,10 +260,12 @@ class Engine:
 
     # ---------------------------------------------------------------- a round
 
-    def _reconcile(self) -> None:
+    def _reconcile(self) -> dict[plan.Key, plan.Want]:
+        """Plan and carry out one round; returns the wants it planned for."""
         wants = self.wants()
         self.last_plan = plan.plan(wants, self.seen(), self.clock())
         self.runner.execute(self.last_plan.actions, self._launch, wants)
+        return wants
 
     def _launch(self, key: plan.Key) -> launch.Launch:
         rec = self.state.projects[key[0]]
@@ -276,9 +278,9 @@ class Engine:
             out.setdefault(a.key, []).append(a)
         return {k: tuple(v) for k, v in out.items()}
 
-    def _publish_routes(self) -> None:
+    def _publish_routes(self, wants: dict[plan.Key, plan.Want]) -> None:
         self.routes = routing.build_table(
-            self._applied(), self.wants(), self.runner.instances, self._actions()
+            self._applied(), wants, self.runner.instances, self._actions()
         )
         self.publish_route_file()
 
