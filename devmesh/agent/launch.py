@@ -30,11 +30,6 @@ class Launch:
     error: str | None = None
     """Why there is no process: a ``${NAME}`` in env or command that has no value."""
 
-    @property
-    def fingerprint(self) -> str:
-        spec = desired.instance_spec(self.service, port=self.port, urls=self.urls)
-        return desired.fingerprint(spec)
-
 
 def port_of(rec: state_mod.ProjectRecord, svc: model.Service) -> int | None:
     """The service's port: its own fixed one, the one the agent picked, or none."""

@@ -75,10 +75,6 @@ def start(health: model.Health, now: float) -> HealthTracker:
     )
 
 
-def in_start_period(tracker: HealthTracker, now: float) -> bool:
-    return not tracker.ever_healthy and now - tracker.started_at < tracker.start_period_s
-
-
 def counts_from(tracker: HealthTracker) -> float:
     """The earliest moment at which a failing probe counts against ``retries``."""
     if tracker.last_counted_at is not None:
