@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import queue
 import signal
 import subprocess
 import threading
@@ -395,12 +397,32 @@ def test_logs_tail_and_follow(mesh: Mesh) -> None:
         text=True,
     )
     try:
-        time.sleep(0.5)
-        log = mesh.home / "logs" / "shop" / "api.log"
-        with log.open("a") as f:
-            f.write("a new line\n")
+        # The follower prints nothing until a line arrives: append numbered lines until one
+        # comes out (that proves it follows), then the next one must come out too.
         assert follow.stdout is not None
-        assert follow.stdout.readline() == "a new line\n"
+        lines: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(
+            target=lambda: [lines.put(line) for line in follow.stdout], daemon=True
+        )
+        reader.start()
+        log = mesh.home / "logs" / "shop" / "api.log"
+        deadline = time.monotonic() + 20
+        first = None
+        n = 0
+        while first is None and time.monotonic() < deadline:
+            n += 1
+            with log.open("a") as f:
+                f.write(f"a new line {n}\n")
+            with contextlib.suppress(queue.Empty):
+                first = lines.get(timeout=0.5)
+        assert first is not None and first.startswith("a new line "), first
+        with log.open("a") as f:
+            f.write("the last line\n")
+        rest = [lines.get(timeout=20)]
+        while rest[-1] != "the last line\n":
+            rest.append(lines.get(timeout=20))
+        numbered = [first, *rest[:-1]]
+        assert numbered == [f"a new line {i}\n" for i in range(int(first.split()[3]), n + 1)]
     finally:
         follow.terminate()
         follow.wait(10)
@@ -455,7 +477,10 @@ services:
     assert r.returncode == 0, r.stderr
     first = mesh.services()["api"]
     assert (first["port"], first["state"]) == (port, "running")
-    time.sleep(1.5)  # several reconcile rounds: none may find the instance "changed"
+    # More reconcile rounds (each `up` plans again): none may find the instance "changed".
+    for _ in range(2):
+        again = mesh.cli("up", "-d", "--wait-timeout", "15", cwd=d, check=True)
+        assert "everything is up to date" in again.stderr, again.stderr
     now = mesh.services()["api"]
     assert (now["pid"], now["restarts"]) == (first["pid"], 0)
     assert "port changed" not in (mesh.home / "agent.log").read_text()

@@ -329,3 +329,45 @@ def test_fixed_port_is_in_the_want_even_when_the_agent_picked_none() -> None:
     wants = _wants(SHOP, {"api": 41000}, enabled=["db", "api"])
     assert wants[("shop", "db")].spec["port"] == 5500
     assert wants[("shop", "api")].spec["port"] == 41000
+
+
+# ------------------------------------------------------------------ who gets a port
+
+
+@pytest.mark.parametrize(
+    ("doc", "wants_port", "health"),
+    [
+        ({"command": "w"}, True, model.HealthKind.TCP),  # no health: checked on its port
+        ({"command": "w", "port": 9000}, True, model.HealthKind.TCP),
+        ({"command": "w", "port": "auto", "health": {"tcp": False}}, True, model.HealthKind.NONE),
+        ({"command": "w", "health": {"http": "/h"}}, True, model.HealthKind.HTTP),
+        ({"command": "w", "health": {"tcp": True}}, True, model.HealthKind.TCP),
+        ({"command": "w", "health": {"tcp": False}}, False, model.HealthKind.NONE),
+        ({"command": "w", "health": {"command": "true"}}, False, model.HealthKind.COMMAND),
+        ({"fallback": "https://x.example"}, False, model.HealthKind.NONE),  # not run here
+    ],
+)
+def test_which_services_get_a_port(doc, wants_port, health) -> None:
+    svc = project({"w": doc}).services["w"]
+    assert (svc.wants_port, svc.effective_health.kind) == (wants_port, health)
+    # the normalised document keeps the meaning
+    again = model.from_document(
+        model.to_document(project({"w": doc})), directory="/srv/shop", default_name="shop"
+    )
+    assert again.services["w"].wants_port == wants_port
+
+
+def test_a_service_without_a_port_gives_no_url_edge_or_port() -> None:
+    proj = project(
+        {
+            "worker": {"command": "w", "health": {"tcp": False}},
+            "api": {"command": "a", "depends_on": ["worker"]},
+        }
+    )
+    ports = {"worker": 7001, "api": 7002}  # a port kept from before the rule changed
+    assert desired.local_edges(proj, ["api", "worker"]) == []
+    assert desired.dependency_urls(proj, proj.services["api"], ports) == {}
+    wants = desired.wants_for(proj, ["api", "worker"], ports, {})
+    assert wants[("shop", "worker")].spec["port"] is None
+    env = desired.launch_env({}, proj, proj.services["worker"], port=None, urls={})
+    assert "PORT" not in env

@@ -347,7 +347,7 @@ def test_crash_waits_until_retry_at_then_starts() -> None:
     world = smap(crashed(failures=2, retry_at=NOW + 2.5))
     p = plan.plan(wants, world, NOW)
     assert table(p) == [
-        ("api", "wait", "restart in 2.5 s after it exited with code 1 (crash 2 in a row)")
+        ("api", "wait", "restarting: attempt 2, next try in 2.5 s (it exited with code 1)")
     ]
     assert p.actions[0].until == NOW + 2.5
     assert p.wake_at == NOW + 2.5
@@ -401,8 +401,8 @@ def test_restart_after_backoff_still_waits_for_dependencies() -> None:
         (
             RestartPolicy.ON_FAILURE,
             True,
-            "killed by SIGKILL",
-            ("start", "restart after it killed by SIGKILL (attempt 1)"),
+            "was killed by SIGKILL",
+            ("start", "restart after it was killed by SIGKILL (attempt 1)"),
         ),
         (
             RestartPolicy.ALWAYS,
@@ -495,3 +495,22 @@ def test_retry_deadline_uses_backoff() -> None:
     assert plan.retry_deadline(exited_at=100.0, failures=1, backoff_s=1.0, jitter=0.0) == 101.0
     assert plan.retry_deadline(exited_at=100.0, failures=3, backoff_s=0.5, jitter=0.0) == 102.0
     assert plan.retry_deadline(exited_at=100.0, failures=1, backoff_s=2.0, jitter=0.5) == 102.25
+
+
+@pytest.mark.parametrize(
+    ("policy", "max_retries", "failures", "exit_failed", "restarting", "gave_up"),
+    [
+        (RestartPolicy.ON_FAILURE, None, 50, True, True, False),  # unlimited: never gives up
+        (RestartPolicy.ALWAYS, None, 9, False, True, False),
+        (RestartPolicy.ON_FAILURE, 2, 2, True, True, False),
+        (RestartPolicy.ON_FAILURE, 2, 3, True, False, True),  # bounded and exhausted
+        (RestartPolicy.NO, 2, 3, True, False, False),  # never restarted: just exited
+        (RestartPolicy.ON_FAILURE, 0, 1, False, False, False),  # a clean exit is not a crash
+    ],
+)
+def test_restarting_versus_gave_up(
+    policy, max_retries, failures, exit_failed, restarting, gave_up
+) -> None:
+    w = want("api", restart=policy, max_retries=max_retries)
+    s = crashed(failures=failures, exit_failed=exit_failed)
+    assert (plan.will_restart(w, s), plan.gave_up(w, s)) == (restarting, gave_up)

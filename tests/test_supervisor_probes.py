@@ -103,9 +103,7 @@ def test_http_503_fails_with_the_status():
 
 
 def test_http_no_answer_times_out():
-    started = time.monotonic()
     result, requests = _http(None, timeout_s=0.3)
-    assert 0.3 <= time.monotonic() - started < 3
     port = int(requests[0].decode().lower().split("host: 127.0.0.1:")[1].split("\r\n")[0])
     assert result == probes.ProbeResult(
         False, f"GET /healthz on 127.0.0.1:{port}: no answer within 0.3 s"
@@ -191,9 +189,7 @@ def test_command_timeout_kills_the_command_and_its_children(tmp_path):
         "open('child', 'w').write(str(p.pid))\n"
         "time.sleep(60)\n"
     )
-    started = time.monotonic()
     result, shown = _command(code, tmp_path, timeout_s=1.0)
-    assert time.monotonic() - started < 5
     assert result == probes.ProbeResult(False, f"{shown} did not finish within 1 s (killed)")
     child = int((tmp_path / "child").read_text())
     deadline = time.monotonic() + 5

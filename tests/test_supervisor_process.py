@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 
 from devmesh.supervisor import process
@@ -157,7 +158,7 @@ def test_wait_reports_the_signal(tmp_path, procs):
     os.kill(proc.pid, signal.SIGKILL)
     result = anyio.run(process.wait, proc)
     assert result == process.Exit(None, signal.SIGKILL)
-    assert result.describe() == "killed by SIGKILL"
+    assert result.describe() == "was killed by SIGKILL"
     assert not process.alive(proc)
     assert not Path(f"/proc/{proc.pid}").exists() or _session_entries(proc.sid) == []
     # A late waiter gets the same recorded status.
@@ -206,10 +207,8 @@ def test_stop_kills_the_whole_session_including_other_process_groups(tmp_path, p
     escaper_pgrp = os.getpgid(pids[1])
     assert escaper_pgrp == pids[1] != proc.sid
 
-    started = time.monotonic()
     result = anyio.run(lambda: process.stop(proc, grace_s=10))
-    assert time.monotonic() - started < 5
-    assert result == process.Exit(None, signal.SIGTERM)
+    assert result == process.Exit(None, signal.SIGTERM)  # the first signal was enough
     assert process.session_pids(proc.sid) == []
     assert _session_entries(proc.sid) == []  # no zombies either: all reaped
     assert not process.alive(proc)
@@ -229,7 +228,7 @@ def test_stop_sigkills_a_process_that_ignores_sigterm(tmp_path, procs):
     result = anyio.run(lambda: process.stop(proc, grace_s=0.5))
     elapsed = time.monotonic() - started
     assert result == process.Exit(None, signal.SIGKILL)
-    assert 0.5 <= elapsed < 5
+    assert elapsed >= 0.5  # the grace period was given before SIGKILL (a floor, not a speed)
     assert process.session_pids(proc.sid) == []
 
 
@@ -258,7 +257,7 @@ def test_wait_and_stop_concurrently_both_see_the_exit(tmp_path, procs):
         async with anyio.create_task_group() as tg:
             tg.start_soon(waiter, "wait1")
             tg.start_soon(waiter, "wait2")
-            await anyio.sleep(0.1)
+            await anyio.wait_all_tasks_blocked()  # both waiters wait on the process
             results["stop"] = await process.stop(proc, grace_s=5)
 
     anyio.run(main)
@@ -322,19 +321,19 @@ def orphan() -> Iterator[int]:
         reaper.wait(timeout=10)
 
 
-def _start_ticks(pid: int) -> int:
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    return int(raw[raw.rfind(")") + 2 :].split()[19])
+def _start_time(pid: int) -> float:
+    return psutil.Process(pid).create_time()
 
 
 def test_adopt_a_foreign_process_and_notice_its_death(orphan):
-    ticks = _start_ticks(orphan)
-    proc = process.adopt(orphan, ticks)
+    started = _start_time(orphan)
+    proc = process.adopt(orphan, started)
     assert proc is not None
-    assert (proc.pid, proc.sid, proc.start_ticks) == (orphan, orphan, ticks)
-    assert abs(proc.started_at - time.time()) < 10
+    assert (proc.pid, proc.sid, proc.start_time) == (orphan, orphan, started)
+    assert proc.started_at == started
     assert process.alive(proc)
-    assert process.adopt(orphan, ticks + 1) is None
+    # the same pid with another start time is another process
+    assert process.adopt(orphan, started + 5) is None
 
     async def main() -> process.Exit:
         async with anyio.create_task_group() as tg:
@@ -344,7 +343,7 @@ def test_adopt_a_foreign_process_and_notice_its_death(orphan):
                 result.append(await process.wait(proc))
 
             tg.start_soon(waiter)
-            await anyio.sleep(0.1)
+            await anyio.wait_all_tasks_blocked()
             assert result == []
             os.kill(orphan, signal.SIGTERM)
         return result[0]
@@ -356,11 +355,11 @@ def test_adopt_a_foreign_process_and_notice_its_death(orphan):
     deadline = time.monotonic() + 10
     while Path(f"/proc/{orphan}").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert process.adopt(orphan, ticks) is None
+    assert process.adopt(orphan, started) is None
 
 
 def test_stop_an_adopted_process(orphan):
-    proc = process.adopt(orphan, _start_ticks(orphan))
+    proc = process.adopt(orphan, _start_time(orphan))
     assert proc is not None
     assert anyio.run(lambda: process.stop(proc, grace_s=5)) is None
     assert not process.alive(proc)
@@ -374,9 +373,8 @@ def test_adopt_a_pid_that_does_not_exist():
 def test_adopting_our_own_child_still_reaps_it_with_its_status(tmp_path, procs):
     proc = process.spawn(_launch(tmp_path, "import sys; sys.stdin.read(); sys.exit(5)"))
     procs.append(proc)
-    adopted = process.adopt(proc.pid, proc.start_ticks)
+    adopted = process.adopt(proc.pid, proc.start_time)
     assert adopted is not None
-    assert (adopted.pid, adopted.sid, adopted.start_ticks) == (proc.pid, proc.sid, proc.start_ticks)
-    assert abs(adopted.started_at - proc.started_at) < 2  # from boot time + clock ticks
+    assert (adopted.pid, adopted.sid, adopted.start_time) == (proc.pid, proc.sid, proc.start_time)
     assert anyio.run(process.wait, adopted) == process.Exit(5, None)
-    assert process.adopt(proc.pid, proc.start_ticks) is None
+    assert process.adopt(proc.pid, proc.start_time) is None

@@ -79,8 +79,8 @@ def run(home: Home) -> int:
             anyio.run(_main, home, backend_options={"use_uvloop": runtime.uvloop_available()})
         except* ProxyStartError as group:
             failures.extend(group.exceptions)
-        for exc in failures:
-            print(f"devmesh agent: {exc}", file=sys.stderr)
+        for failure in failures:
+            print(f"devmesh agent: {failure}", file=sys.stderr)
         if failures:
             return 1
     finally:
@@ -253,9 +253,7 @@ async def _main(home: Home) -> None:
         engine.proxy = await _start_proxy(tg, home, engine)
         await _start_workers(tg, home, engine, engine.proxy)
         await tg.start(engine.run)
-        tg.start_soon(
-            logfeed.stamp_forever, lambda: [home.service_log(*k) for k in engine.instances]
-        )
+        tg.start_soon(logfeed.stamp_forever, engine.service_logs)
         await tg.start(serve_unix, home.socket, build_router(engine, stop.set))
         tg.start_soon(_signals, stop)
         log.info("devmesh agent %d listening on %s", os.getpid(), home.socket)

@@ -400,10 +400,29 @@ async def _pump(
 async def _watch_disconnect(
     conn: h11.Connection, stream: anyio.abc.ByteStream, scope: anyio.CancelScope
 ) -> None:
-    """Cancel the stream when the client hangs up; bytes it sends meanwhile wait in h11."""
+    """Cancel the stream when the client hangs up; bytes it sends meanwhile wait in h11.
+
+    Why it reads the raw socket: this task is cancelled whenever a stream ends normally, and
+    cancelling ``receive()`` of anyio's Unix socket stream races with the event loop's reader
+    callback (the loop may still call ``set_result`` on the cancelled future, logging an
+    ``InvalidStateError`` traceback). ``anyio.wait_readable`` tolerates that race, and the
+    non-blocking ``recv`` that follows it cannot be interrupted half-way.
+    """
+    sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
     try:
         while True:
-            data = await stream.receive(_READ_SIZE)
+            if sock is None:
+                data = await stream.receive(_READ_SIZE)
+            else:
+                await anyio.wait_readable(sock)
+                try:
+                    data = sock.recv(_READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    raise anyio.BrokenResourceError from exc
+                if not data:
+                    raise anyio.EndOfStream
             conn.receive_data(data)
             if len(conn.trailing_data[0]) > _READ_SIZE:
                 await anyio.sleep_forever()

@@ -2,12 +2,14 @@
 
 Why it is persisted at all: an agent that dies (``kill -9``, an OOM, a laptop lid) must come
 back without starting a second copy of every service. The record of each process carries
-its pid *and* its kernel start time, so a recycled pid is never mistaken for ours.
+its pid *and* its start time, so a recycled pid is never mistaken for ours.
 
 Writes are atomic (temp file in the same folder, fsync, rename, fsync of the folder): a
 crash mid-write leaves the previous state, never half a file. A file that cannot be read
 (corrupt, or written by a newer devmesh) is moved aside, not overwritten, and the agent
-starts empty; the message names the file it kept.
+starts empty; the message names the file it kept. A file of the previous schema (1, start
+times in kernel ticks since boot) is converted on reading, so an upgraded agent still
+adopts the services the old one left running.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+import psutil
+
+SCHEMA_VERSION = 2
+"""2: processes are identified by psutil's start time (``start_time``), not kernel ticks."""
 
 
 class StateError(Exception):
@@ -55,7 +60,8 @@ class ProcessRecord:
     service: str
     pid: int
     sid: int
-    start_ticks: int
+    start_time: float
+    """The process's start time as psutil reads it (with ``pid``, its identity)."""
     started_at: float
     fingerprint: str
     spec: dict[str, Any]
@@ -67,13 +73,14 @@ class ProcessRecord:
 @dataclass(slots=True, kw_only=True)
 class State:
     projects: dict[str, ProjectRecord] = field(default_factory=dict)
+    """In the order they were first applied (kept in the file): the first keeps NAME.localhost."""
     processes: dict[str, ProcessRecord] = field(default_factory=dict)
     """Keyed by "project/service"."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA_VERSION,
-            "projects": {k: asdict(v) for k, v in sorted(self.projects.items())},
+            "projects": {k: asdict(v) for k, v in self.projects.items()},  # applied order
             "processes": {k: asdict(v) for k, v in sorted(self.processes.items())},
         }
 
@@ -82,12 +89,26 @@ class State:
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         version = data.get("schema")
-        if version != SCHEMA_VERSION:
+        if version == 1:
+            data = _from_schema_1(data)
+        elif version != SCHEMA_VERSION:
             raise ValueError(f"schema version {version!r}, this devmesh reads {SCHEMA_VERSION}")
         return cls(
             projects={k: ProjectRecord(**v) for k, v in data.get("projects", {}).items()},
             processes={k: ProcessRecord(**v) for k, v in data.get("processes", {}).items()},
         )
+
+
+def _from_schema_1(data: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 recorded kernel ticks since boot; psutil's start time is boot time + ticks."""
+    boot_s = psutil.boot_time()
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+    processes = {}
+    for key, rec in (data.get("processes") or {}).items():
+        rec = dict(rec)
+        rec["start_time"] = boot_s + int(rec.pop("start_ticks")) / ticks_per_s
+        processes[key] = rec
+    return {**data, "processes": processes}
 
 
 def load(path: Path) -> State:

@@ -1,9 +1,9 @@
 """What `devmesh status` and `up -d` see: one row per service, in words a developer reads.
 
-Why separate from the engine: the engine keeps facts for the planner; this module turns
-facts and the last plan into the stable JSON contract documented in docs/cli.md
-(``project, name, version, state, health, pid, port, url, node, restarts``; more keys may be
-added, none of these removed).
+Why separate from the engine: the engine keeps facts for the planner; this module turns a
+frozen snapshot of them (``snapshot.Snapshot``) and the last plan into the stable JSON
+contract documented in docs/cli.md (``project, name, version, state, health, pid, port,
+url, node, restarts``; more keys may be added, none of these removed).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from devmesh.agent.engine import Engine, Instance
+from devmesh.agent.snapshot import InstanceView, Snapshot
 from devmesh.core import model, plan
 from devmesh.supervisor import logs
 
@@ -25,7 +25,9 @@ def _node() -> str:
     return socket.gethostname()
 
 
-def service_state(inst: Instance | None, actions: list[plan.Action]) -> tuple[str, str | None]:
+def service_state(
+    inst: InstanceView | None, actions: tuple[plan.Action, ...], now: float
+) -> tuple[str, str | None]:
     """(state, reason) of one wanted-or-running service."""
     verbs = {a.verb: a for a in actions}
     if inst is None:
@@ -37,99 +39,105 @@ def service_state(inst: Instance | None, actions: list[plan.Action]) -> tuple[st
     if inst.phase is plan.Phase.RUNNING:
         if plan.Verb.STOP in verbs:
             return "stopping", verbs[plan.Verb.STOP].reason
-        h = inst.health()
-        detail = inst.tracker.last_detail if inst.tracker else None
-        if h is plan.Health.STARTING:
-            return "starting", detail
-        if h is plan.Health.UNHEALTHY:
-            return "unhealthy", detail
+        if inst.health is plan.Health.STARTING:
+            return "starting", inst.health_detail
+        if inst.health is plan.Health.UNHEALTHY:
+            return "unhealthy", inst.health_detail
         return "running", None
     if inst.phase is plan.Phase.STOPPING:
         return "stopping", None
     if inst.phase is plan.Phase.FAILED:
         return "failed", inst.reason
-    # EXITED
-    reason = verbs[plan.Verb.WAIT].reason if plan.Verb.WAIT in verbs else None
-    if plan.Verb.HOLD in verbs:
-        reason = verbs[plan.Verb.HOLD].reason
-        return ("crash-looping" if inst.failures > 1 else "exited"), reason
-    if inst.failures > 1:
-        return "crash-looping", reason
-    return "restarting", reason
+    # EXITED: restarting while the policy restarts it; crash-looping only once a bounded
+    # policy gave up; else it simply exited (policy no, or a clean exit under on-failure).
+    if inst.will_restart:
+        if inst.retry_at is not None and inst.retry_at > now:
+            when = f"next try in {inst.retry_at - now:.1f} s"
+        else:
+            when = "starting again now"
+        return "restarting", f"attempt {inst.failures}, {when} (it {inst.exit_text})"
+    reason = verbs[plan.Verb.HOLD].reason if plan.Verb.HOLD in verbs else inst.exit_text
+    return ("crash-looping" if inst.gave_up else "exited"), reason
 
 
-def rows(engine: Engine, project: str | None = None) -> list[dict[str, Any]]:
-    now = engine.clock()
+def rows(snap: Snapshot, project: str | None = None) -> list[dict[str, Any]]:
+    now = snap.now
     node = _node()
     out: list[dict[str, Any]] = []
-    wants = engine.wants()
     keys: list[plan.Key] = []
-    for name, proj in engine.models.items():
-        if project is not None and name != project:
+    for p in snap.projects:
+        if project is not None and p.name != project:
             continue
-        rec = engine.state.projects[name]
         keys.extend(
-            (name, s) for s in proj.services if s in rec.enabled or (name, s) in engine.instances
+            (p.name, s)
+            for s in p.project.services
+            if s in p.enabled or (p.name, s) in snap.instances
         )
-        out.extend(_external_rows(proj, rec.enabled, node))
-    keys.extend(
-        k for k in engine.instances if k not in keys and (project is None or k[0] == project)
-    )
+        out.extend(_external_rows(p.project, p.enabled, node))
+    keys.extend(k for k in snap.instances if k not in keys and (project is None or k[0] == project))
     for key in keys:
-        inst = engine.instances.get(key)
-        if inst is None and key not in wants:
+        inst = snap.instances.get(key)
+        if inst is None and key not in snap.wants:
             continue
-        svc = engine.service_of(key)
-        actions = list(engine.actions_for(key))
-        state, reason = service_state(inst, actions)
-        port = inst.port if inst else _planned_port(engine, key)
+        svc = snap.service(key)
+        state, reason = service_state(inst, snap.actions.get(key, ()), now)
+        port = inst.port if inst else _planned_port(snap, key)
         row: dict[str, Any] = {
             "project": key[0],
             "name": key[1],
             "version": svc.version if svc else None,
             "state": state,
-            "health": inst.health().value if inst and inst.phase is plan.Phase.RUNNING else "none",
-            "pid": inst.proc.pid
-            if inst and inst.proc and inst.phase is plan.Phase.RUNNING
-            else None,
+            "health": inst.health.value if inst and inst.phase is plan.Phase.RUNNING else "none",
+            "health_probes": inst.health_probes if inst else 0,
+            "health_failures": inst.health_failures if inst else 0,
+            "pid": inst.pid if inst else None,
             "port": port,
-            "url": _url(engine, key),
+            "url": url(snap, key),
             "address": f"127.0.0.1:{port}" if port else None,
             "node": node,
             "restarts": inst.restarts if inst else 0,
             "reason": reason,
-            "uptime_s": round(now - inst.proc.started_at, 1)
-            if inst and inst.proc and inst.phase is plan.Phase.RUNNING
+            "uptime_s": round(now - inst.started_at, 1)
+            if inst and inst.started_at is not None
             else None,
-            "last_exit": inst.exit.describe() if inst and inst.exit else None,
-            "log": str(engine.home.service_log(*key)),
+            "last_exit": inst.exit_text if inst else None,
+            "log": str(snap.service_log(key)),
         }
+        if inst is not None and inst.will_restart:
+            row["attempt"] = inst.failures
+            row["retry_at"] = inst.retry_at
         if state in FAILED_STATES:
-            row["last_log"] = logs.tail(engine.home.service_log(*key), 10)
+            row["last_log"] = logs.tail(snap.service_log(key), 10)
         out.append(row)
     out.sort(key=lambda r: (r["project"], r["name"]))
     return out
 
 
-def _url(engine: Engine, key: plan.Key) -> str | None:
-    """The stable address through the proxy: NAME.localhost resolves to loopback by itself."""
-    if engine.proxy is None or engine.proxy.http_port is None:
+def url(snap: Snapshot, key: plan.Key) -> str | None:
+    """The stable address through the proxy: NAME.localhost resolves to loopback by itself.
+
+    The project applied first keeps ``NAME.localhost``; another project's service of the same
+    name answers at ``NAME.PROJECT.localhost``. A service without a port has no address.
+    """
+    host = snap.hosts.get(key)
+    if snap.proxy_port is None or host is None:
         return None
-    clash = any(key[1] in p.services for n, p in engine.models.items() if n != key[0])
-    host = f"{key[1]}.{key[0]}" if clash else key[1]
-    return f"http://{host}.localhost:{engine.proxy.http_port}"
+    return f"http://{host}.localhost:{snap.proxy_port}"
 
 
-def _planned_port(engine: Engine, key: plan.Key) -> int | None:
-    svc = engine.service_of(key)
-    if svc is None:
+def _planned_port(snap: Snapshot, key: plan.Key) -> int | None:
+    svc = snap.service(key)
+    p = snap.project(key[0])
+    if svc is None or p is None or not svc.wants_port:
         return None
     if svc.port is not None:
         return svc.port
-    return engine.state.projects[key[0]].ports.get(key[1])
+    return p.ports.get(key[1])
 
 
-def _external_rows(proj: model.Project, enabled: list[str], node: str) -> list[dict[str, Any]]:
+def _external_rows(
+    proj: model.Project, enabled: tuple[str, ...], node: str
+) -> list[dict[str, Any]]:
     """Dependencies that do not run here: shown so the user sees where calls will go."""
     needed = {d.name for n in enabled for d in proj.services[n].depends_on if n in proj.services}
     out = []
@@ -155,9 +163,9 @@ def _external_rows(proj: model.Project, enabled: list[str], node: str) -> list[d
     return out
 
 
-def readiness(engine: Engine, project: str, names: list[str]) -> dict[str, tuple[str, str | None]]:
+def readiness(snap: Snapshot, project: str, names: list[str]) -> dict[str, tuple[str, str | None]]:
     """Per service: ("ready" | "failed" | "pending", reason) for `up -d`."""
-    by_name = {r["name"]: r for r in rows(engine, project)}
+    by_name = {r["name"]: r for r in rows(snap, project)}
     out: dict[str, tuple[str, str | None]] = {}
     for n in names:
         r = by_name.get(n)
@@ -171,7 +179,8 @@ def readiness(engine: Engine, project: str, names: list[str]) -> dict[str, tuple
         else:
             out[n] = ("pending", r.get("reason"))
     # A service waiting on a failed dependency will not start by itself: report it too.
-    proj = engine.models.get(project)
+    applied = snap.project(project)
+    proj = applied.project if applied else None
     changed = proj is not None
     while changed and proj is not None:
         changed = False
@@ -186,26 +195,28 @@ def readiness(engine: Engine, project: str, names: list[str]) -> dict[str, tuple
     return out
 
 
-def routes(engine: Engine, project: str | None = None) -> list[dict[str, Any]]:
+def routes(snap: Snapshot, project: str | None = None) -> list[dict[str, Any]]:
     """Where each dependency call goes, and why: one entry per caller -> dependency edge."""
     out: list[dict[str, Any]] = []
-    for name, rec in engine.state.projects.items():
-        if project is not None and name != project:
+    for p in snap.projects:
+        if project is not None and p.name != project:
             continue
-        proj = engine.models[name]
-        for caller in sorted(rec.enabled):
+        proj = p.project
+        for caller in sorted(p.enabled):
             svc = proj.services.get(caller)
             if svc is None:
                 continue
-            urls = engine.urls(proj, rec, svc)
+            urls = p.urls.get(caller, {})
             for dep in svc.depends_on:
                 target = proj.services.get(dep.name)
                 if target is None:
                     continue
-                edge_port = rec.edges.get(f"{caller}->{dep.name}")
-                if target.runs_here:
-                    inst = engine.instances.get((name, dep.name))
-                    port = inst.port if inst else _planned_port(engine, (name, dep.name))
+                edge_port = p.edges.get(f"{caller}->{dep.name}")
+                if target.runs_here and not target.wants_port:
+                    via, to, why = "none", None, "runs here but listens on no port"
+                elif target.runs_here:
+                    inst = snap.instances.get((p.name, dep.name))
+                    port = inst.port if inst else _planned_port(snap, (p.name, dep.name))
                     via, to = "local", f"127.0.0.1:{port}" if port else None
                     why = "runs on this machine"
                 elif target.fallback:
@@ -214,7 +225,7 @@ def routes(engine: Engine, project: str | None = None) -> list[dict[str, Any]]:
                     via, to, why = "none", None, "does not run here and has no fallback"
                 out.append(
                     {
-                        "project": name,
+                        "project": p.name,
                         "caller": caller,
                         "service": dep.name,
                         "range": dep.version_range,

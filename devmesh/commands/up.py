@@ -186,7 +186,8 @@ def _wait(client: Any, project: str, services: list[str], timeout_s: float, out:
         if item.get("heartbeat"):
             pass
         elif status == "ready":
-            print(_common.paint(f" + {name}: ready ({elapsed:.1f} s)", "32", colour), file=out)
+            at = f": {item['url']}" if item.get("url") else ""
+            print(_common.paint(f" + {name}: ready ({elapsed:.1f} s){at}", "32", colour), file=out)
         elif status == "pending" and item.get("reason"):
             print(f" . {name}: {item['reason']}", file=out)
         if time.monotonic() > deadline:

@@ -51,7 +51,7 @@ def dependency_urls(
             continue
         if edges and dep.name in edges:
             urls[dep.name] = f"http://127.0.0.1:{edges[dep.name]}"
-        elif target.runs_here and dep.name in ports:
+        elif target.runs_here and target.wants_port and dep.name in ports:
             scheme = target.scheme.value
             urls[dep.name] = f"{scheme}://127.0.0.1:{ports[dep.name]}"
         elif target.fallback:
@@ -72,7 +72,7 @@ def local_edges(project: model.Project, enabled: Iterable[str]) -> list[tuple[st
             continue
         for dep in svc.depends_on:
             target = project.services.get(dep.name)
-            if target is not None and target.runs_here:
+            if target is not None and target.runs_here and target.wants_port:
                 out.append((name, dep.name))
     return out
 
@@ -110,7 +110,7 @@ def wants_for(
         # A fixed port is the service's own; only `port: auto` ones are in ``ports``. (The
         # agent starts with the same rule: a mismatch here restarted fixed-port services in a
         # loop, "port changed".)
-        port = s.port if s.port is not None else ports.get(name)
+        port = None if not s.wants_port else s.port if s.port is not None else ports.get(name)
         spec = instance_spec(s, port=port, urls=urls.get(name, {}))
         deps = tuple(
             ((project.name, d.name), d.condition)
@@ -177,3 +177,17 @@ def launch_argv(
     """The command with ``${PORT}``-style runtime names filled in."""
     runtime = runtime_vars(project, service, port=port, urls=urls)
     return tuple(interpolate.expand(a, runtime.get) for a in service.command or ())
+
+
+def service_from_spec(name: str, spec: Mapping[str, Any], *, directory: str) -> model.Service:
+    """The typed service an ``instance_spec`` describes (what a persisted instance runs).
+
+    The agent persists the spec as JSON; a restarted agent rebuilds the service it started
+    from it, so it stops and probes an adopted process as it was started, not as a newer
+    configuration says. Raises KeyError or ValueError for a spec that is not one.
+    """
+    doc = {k: v for k, v in spec.items() if k not in ("dep_urls",)}
+    project = model.from_document(
+        {"version": 1, "services": {name: doc}}, directory=directory, default_name="adopted"
+    )
+    return project.services[name]

@@ -1,36 +1,13 @@
-"""Dependency graph of a project's services: a stable start order and cycle reporting.
+"""Dependency graph of a project's services: cycle reporting.
 
 Kept apart from the model so the planner and the validator share one definition of
-"dependency order". Edges that point at unknown services are ignored here: reporting them
+"a dependency cycle". Edges that point at unknown services are ignored here: reporting them
 is the validator's job, and the planner only ever sees validated projects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-
-
-def order(deps: Mapping[str, Iterable[str]]) -> list[str]:
-    """Topological order, dependencies first; ties keep the input's order.
-
-    Raises ValueError naming the cycle when there is one.
-    """
-    names = list(deps)
-    known = set(names)
-    edges = {n: [d for d in deps[n] if d in known] for n in names}
-    done: set[str] = set()
-    out: list[str] = []
-    while len(out) < len(names):
-        progressed = False
-        for n in names:
-            if n not in done and all(d in done for d in edges[n]):
-                done.add(n)
-                out.append(n)
-                progressed = True
-        if not progressed:
-            cycle = find_cycle(edges)
-            raise ValueError("dependency cycle: " + " -> ".join(cycle or ()))
-    return out
+from collections.abc import Iterable, Mapping
 
 
 def find_cycle(deps: Mapping[str, Iterable[str]]) -> list[str] | None:
@@ -61,19 +38,3 @@ def find_cycle(deps: Mapping[str, Iterable[str]]) -> list[str] | None:
             if found:
                 return found
     return None
-
-
-def dependents(deps: Mapping[str, Iterable[str]], roots: Sequence[str]) -> set[str]:
-    """Every service that depends, directly or not, on one of ``roots`` (roots excluded)."""
-    reverse: dict[str, set[str]] = {}
-    for n, ds in deps.items():
-        for d in ds:
-            reverse.setdefault(d, set()).add(n)
-    seen: set[str] = set()
-    todo = list(roots)
-    while todo:
-        for n in reverse.get(todo.pop(), ()):
-            if n not in seen:
-                seen.add(n)
-                todo.append(n)
-    return seen - set(roots)

@@ -143,7 +143,9 @@ class Service:
     cwd: str | None = None
     """Absolute working directory; None is the folder of devmesh.yaml."""
     port: int | None = None
-    """Fixed port, or None when the agent picks one (``port: auto`` or no command)."""
+    """Fixed port, or None when the agent picks one (see ``wants_port``) or there is none."""
+    port_auto: bool = False
+    """``port: auto`` was written: the agent picks a port even for a service without checks."""
     scheme: Scheme = Scheme.HTTP
     env: Mapping[str, str] = field(default_factory=dict)
     """The service's own environment: env_file entries overridden by ``env``."""
@@ -174,8 +176,19 @@ class Service:
 
     @property
     def wants_port(self) -> bool:
-        """Every service that runs here gets a port: fixed, or picked by the agent."""
-        return self.runs_here
+        """Whether the agent gives this service a port (PORT, a URL, NAME_URL for callers).
+
+        A service that runs here has one when ``port:`` says so (a number or ``auto``), or
+        when nothing says it listens on none: without ``health:`` it is checked by a TCP
+        connect to its port, and an http or tcp check needs one too. A worker written with
+        ``health: {tcp: false}`` or a command check, and no ``port:``, listens on nothing:
+        it gets no port, no URL and no edge, as a compose service without ``ports:``.
+        """
+        if not self.runs_here:
+            return False
+        if self.port is not None or self.port_auto or self.health is None:
+            return True
+        return self.health.kind in (HealthKind.HTTP, HealthKind.TCP)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -256,19 +269,22 @@ def _argv(value: str | list[str] | None) -> tuple[str, ...] | None:
 def _health(doc: Mapping[str, Any] | None) -> Health | None:
     if doc is None:
         return None
-    common = {
-        "interval_s": float(_opt(doc, "interval_s", 1.0)),
-        "timeout_s": float(_opt(doc, "timeout_s", 2.0)),
-        "retries": int(_opt(doc, "retries", 3)),
-        "start_period_s": float(_opt(doc, "start_period_s", 10.0)),
-    }
+    kind, http_path, command = HealthKind.NONE, None, None
     if "http" in doc:
-        return Health(kind=HealthKind.HTTP, http_path=str(doc["http"]), **common)
-    if "command" in doc:
-        return Health(kind=HealthKind.COMMAND, command=_argv(doc["command"]), **common)
-    if doc.get("tcp"):
-        return Health(kind=HealthKind.TCP, **common)
-    return Health(kind=HealthKind.NONE, **common)
+        kind, http_path = HealthKind.HTTP, str(doc["http"])
+    elif "command" in doc:
+        kind, command = HealthKind.COMMAND, _argv(doc["command"])
+    elif doc.get("tcp"):
+        kind = HealthKind.TCP
+    return Health(
+        kind=kind,
+        http_path=http_path,
+        command=command,
+        interval_s=float(_opt(doc, "interval_s", 1.0)),
+        timeout_s=float(_opt(doc, "timeout_s", 2.0)),
+        retries=int(_opt(doc, "retries", 3)),
+        start_period_s=float(_opt(doc, "start_period_s", 10.0)),
+    )
 
 
 def _dependency(name: str, doc: str | Mapping[str, Any] | None) -> Dependency:
@@ -307,6 +323,7 @@ def _service(name: str, doc: Mapping[str, Any], directory: str) -> Service:
         command=_argv(doc.get("command")),
         cwd=cwd,
         port=port_doc if isinstance(port_doc, int) else None,
+        port_auto=port_doc == "auto",
         scheme=Scheme(_opt(doc, "scheme", "http")),
         env={
             str(k): "" if v is None else _scalar_str(v) for k, v in (doc.get("env") or {}).items()
@@ -427,10 +444,10 @@ def service_document(s: Service) -> dict[str, Any]:
         out["command"] = list(s.command)
     if s.cwd is not None:
         out["cwd"] = s.cwd
-    if s.runs_here:
-        out["port"] = s.port if s.port is not None else "auto"
-    elif s.port is not None:
+    if s.port is not None:
         out["port"] = s.port
+    elif s.port_auto:
+        out["port"] = "auto"
     out["scheme"] = s.scheme.value
     if s.env:
         out["env"] = dict(sorted(s.env.items()))
@@ -526,8 +543,3 @@ def digest(doc: Mapping[str, Any]) -> str:
     """A short stable digest of a JSON-able document (key order does not matter)."""
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def spec_hash(s: Service) -> str:
-    """Digest of ``restart_spec``: equal hashes mean no restart is needed."""
-    return digest(restart_spec(s))

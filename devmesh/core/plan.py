@@ -138,12 +138,35 @@ def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _restart_wanted(want: Want, s: Seen) -> bool:
+def _policy_restarts(want: Want, s: Seen) -> bool:
+    """Whether the restart policy restarts this kind of exit at all (ignoring max_retries)."""
     if want.restart is RestartPolicy.NO:
         return False
-    if want.restart is RestartPolicy.ON_FAILURE and not s.exit_failed:
-        return False
-    return want.max_retries is None or s.failures <= want.max_retries
+    return not (want.restart is RestartPolicy.ON_FAILURE and not s.exit_failed)
+
+
+def _restart_wanted(want: Want, s: Seen) -> bool:
+    return _policy_restarts(want, s) and (
+        want.max_retries is None or s.failures <= want.max_retries
+    )
+
+
+def will_restart(want: Want, s: Seen) -> bool:
+    """An exited instance that the policy starts again (now or after its backoff)."""
+    return s.phase is Phase.EXITED and _restart_wanted(want, s)
+
+
+def gave_up(want: Want, s: Seen) -> bool:
+    """A bounded policy (``max_retries``) stopped restarting an instance that kept crashing.
+
+    Only this is "crash-looping": with unlimited retries a crashing service is restarting.
+    """
+    return (
+        s.phase is Phase.EXITED
+        and _policy_restarts(want, s)
+        and want.max_retries is not None
+        and s.failures > want.max_retries
+    )
 
 
 def _dep_block(want: Want, wants: Mapping[Key, Want], seen: Mapping[Key, Seen]) -> str | None:
@@ -172,13 +195,13 @@ def plan(wants: Mapping[Key, Want], seen: Mapping[Key, Seen], now: float) -> Pla
     wake: list[float] = []
 
     # Stops: instances nobody wants, dependents before their dependencies.
-    unwanted = {k for k, s in seen.items() if k not in wants}
+    unwanted = {k for k in seen if k not in wants}
     for k in sorted(unwanted):
-        s = seen[k]
-        if s.phase in (Phase.EXITED, Phase.FAILED):
+        gone = seen[k]
+        if gone.phase in (Phase.EXITED, Phase.FAILED):
             actions.append(Action(verb=Verb.FORGET, key=k, reason="no longer in the project"))
             continue
-        if s.phase is Phase.STOPPING:
+        if gone.phase is Phase.STOPPING:
             continue
         blockers = [
             o.key[1]
@@ -210,8 +233,8 @@ def plan(wants: Mapping[Key, Want], seen: Mapping[Key, Seen], now: float) -> Pla
                 continue
             if s.retry_at is not None and now < s.retry_at:
                 reason = (
-                    f"restart in {s.retry_at - now:.1f} s after it {s.exit_text} "
-                    f"(crash {s.failures} in a row)"
+                    f"restarting: attempt {s.failures}, next try in {s.retry_at - now:.1f} s "
+                    f"(it {s.exit_text})"
                 )
                 actions.append(Action(verb=Verb.WAIT, key=k, reason=reason, until=s.retry_at))
                 wake.append(s.retry_at)

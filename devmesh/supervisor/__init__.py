@@ -8,7 +8,12 @@ readiness (``probes``), rotates and follows the log files (``logs``) and says wh
 (``ports``). Restart policy, backoff and health bookkeeping live in ``devmesh.core`` (see
 ``devmesh.core.health``), so they can be tested without processes or clocks.
 
-What it does not guarantee: Linux only (``/proc``, ``pidfd_open``). Processes that leave the
+Platforms: process inspection (session members, start times for adoption, port holders) goes
+through psutil (``procinfo``, ``ports``) and POSIX calls, with no hand-parsed ``/proc``. The
+Linux-only pieces are named in ``process``: the child-subreaper ``prctl`` and the pidfd wait
+(which falls back to polling elsewhere). Linux is the supported and tested platform.
+
+What it does not guarantee: processes that leave the
 service's session (``setsid`` in a grandchild, a double-forking daemon) are beyond ``stop``:
 the session is the unit of ownership.
 

@@ -1,9 +1,9 @@
 """Ports: pick a free one, and say who holds a busy one.
 
 Why it exists: "port 8001 is in use" is a dead end; "port 8001 is held by pid 4242 (node)"
-tells the developer which terminal to close. The holder is found the way ``ss -p`` does it:
-the socket's inode from ``/proc/net/tcp`` and ``/proc/net/tcp6``, then the process whose
-``/proc/PID/fd`` links to ``socket:[INODE]``.
+tells the developer which terminal to close. The holder is found through psutil's
+``net_connections`` (the socket table joined with each process's open sockets, as ``ss -p``
+does), so nothing here parses ``/proc``.
 
 What it does not guarantee: a port reported free may be taken a moment later by someone
 else (the agent must still handle the bind failure), and the holder is only visible when it
@@ -17,16 +17,15 @@ from __future__ import annotations
 import errno
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 
-_LISTEN = "0A"
+import psutil
 
 
 @dataclass(frozen=True, slots=True)
 class PortOwner:
     pid: int | None
     name: str | None
-    """The holder's command name (/proc/PID/comm)."""
+    """The holder's process name (psutil's ``name()``)."""
 
     def describe(self) -> str:
         if self.pid is None:
@@ -62,50 +61,28 @@ def check_free(port: int, host: str = "127.0.0.1") -> PortOwner | None:
     return owner(port)
 
 
-def _socket_inodes(port: int) -> list[int]:
-    """Inodes of TCP sockets bound to ``port``; listeners first."""
-    listening: list[int] = []
-    other: list[int] = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            local, state, inode = fields[1], fields[3], int(fields[9])
-            if int(local.rsplit(":", 1)[1], 16) != port or inode == 0:
-                continue
-            (listening if state == _LISTEN else other).append(inode)
-    return listening + other
-
-
 def owner(port: int) -> PortOwner:
-    """Who holds a TCP socket bound to ``port``; ``PortOwner(None, None)`` when not visible."""
-    inodes = _socket_inodes(port)
-    if not inodes:
+    """Who holds a TCP socket bound to ``port``; ``PortOwner(None, None)`` when not visible.
+
+    A listener is preferred over a connection that merely uses the port, and among equals
+    the lowest pid (the parent of forked workers that share a listener).
+    """
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
         return PortOwner(None, None)
-    wanted = {f"socket:[{inode}]": rank for rank, inode in enumerate(inodes)}
     best: tuple[int, int] | None = None
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
+    for c in conns:
+        if not c.laddr or c.laddr.port != port or c.pid is None:
             continue
-        try:
-            fds = list((proc_dir / "fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                rank = wanted.get(str(fd.readlink()))
-            except OSError:
-                continue
-            if rank is not None and (best is None or (rank, int(proc_dir.name)) < best):
-                best = (rank, int(proc_dir.name))
+        rank = (0 if c.status == psutil.CONN_LISTEN else 1, c.pid)
+        if best is None or rank < best:
+            best = rank
     if best is None:
         return PortOwner(None, None)
     pid = best[1]
     try:
-        name: str | None = (Path("/proc") / str(pid) / "comm").read_text().strip()
-    except OSError:
+        name: str | None = psutil.Process(pid).name()
+    except psutil.Error:
         name = None
     return PortOwner(pid, name)

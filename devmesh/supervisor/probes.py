@@ -108,6 +108,7 @@ async def _http(path: str, port: int, timeout_s: float, scheme: str) -> ProbeRes
     )
     try:
         with anyio.fail_after(timeout_s):
+            stream: anyio.abc.ByteStream
             if scheme == "https":
                 stream = await anyio.connect_tcp(
                     HOST, port, tls=True, ssl_context=_tls_context(), tls_standard_compatible=False

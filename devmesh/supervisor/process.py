@@ -3,26 +3,28 @@
 Strategy
 --------
 *Identity.* A pid alone is not an identity: pids are reused. A process is named by
-``(pid, start_ticks)``, where ``start_ticks`` is field 22 of ``/proc/PID/stat`` (the start time
-in clock ticks since boot). Whatever the agent persists (``Proc``) can therefore be checked
-after an agent restart: ``adopt`` returns ``None`` when the pid now belongs to someone else.
+``(pid, start_time)``, where ``start_time`` is psutil's ``create_time()`` (``procinfo``).
+Whatever the agent persists (``Proc``) can therefore be checked after an agent restart:
+``adopt`` returns ``None`` when the pid now belongs to someone else.
 
 *Ownership.* Each service is spawned as the leader of a new session (``setsid``), so every
 process it forks, even one that moves to another process group, carries its session id.
-``stop`` signals the leader's process group *and* every live process of the session found in
-``/proc``, so a child that called ``setpgid(0, 0)`` still gets the signal. Processes that call
+``stop`` signals the leader's process group *and* every live process of the session (found
+through psutil), so a child that called ``setpgid(0, 0)`` still gets the signal. Processes that call
 ``setsid`` themselves (daemons) escape: that is the contract, documented in the package.
 A session id cannot be recycled while any member of the session lives (the kernel keeps the
 pid allocated), so "members of session S" is unambiguous for as long as it matters.
 
 *Reaping exactly once.* Our own children are registered in ``_children`` under
-``(pid, start_ticks)`` with the ``subprocess.Popen`` that made them. Reaping is a synchronous,
+``(pid, start_time)`` with the ``subprocess.Popen`` that made them. Reaping is a synchronous,
 idempotent step (``_reap``): it calls ``waitpid`` only while no exit has been recorded, and
 stores the ``Exit`` in the record. Since the event loop runs one task at a time, two tasks
-cannot both reap: whichever runs ``_reap`` first records the status, the other reads it. Each
-``wait`` opens its *own* pidfd (asyncio allows one reader per fd, so waiters must not share
-one) and opens it only after checking, with no ``await`` in between, that the child is not
-reaped yet; the pid therefore still names our zombie or live child, never a recycled pid.
+cannot both reap: whichever runs ``_reap`` first records the status, the other reads it.
+On Linux each ``wait`` opens its *own* pidfd (asyncio allows one reader per fd, so waiters
+must not share one) and opens it only after checking, with no ``await`` in between, that
+the child is not reaped yet; the pid therefore still names our zombie or live child, never
+a recycled pid.
+Where there are no pidfds (not Linux), ``wait`` polls instead.
 ``stop`` polls with a non-blocking ``_reap``. So ``wait`` and ``stop`` may run concurrently in
 any order and both see the same ``Exit``. No background task is needed, which keeps the module
 usable from any task group the agent chooses.
@@ -30,6 +32,10 @@ usable from any task group the agent chooses.
 *Adopted processes* (not our children, typically left running by a previous agent) cannot be
 reaped by us and their status is unknowable; ``wait`` returns when their pidfd becomes readable
 (the process exited) with ``Exit(None, None)``.
+
+*Platforms.* Process inspection goes through psutil (``procinfo``) and POSIX calls. The
+Linux-only parts are marked where they are: ``set_child_subreaper`` (``prctl``) and the
+pidfd wait, which has a polling fallback.
 
 What it does not guarantee: a child that nobody waits for or stops stays a zombie until then;
 the agent is expected to ``wait`` on everything it spawns.
@@ -42,6 +48,7 @@ import errno
 import os
 import signal as signals
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,9 +56,9 @@ from pathlib import Path
 
 import anyio
 
-from devmesh.supervisor import SupervisorError, procfs
+from devmesh.supervisor import SupervisorError, procinfo
 
-_PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 _POLL_S = 0.02
 _KILL_SWEEP_S = 5.0
 """After SIGKILL, how long to keep sweeping the session for stragglers (forks in flight)."""
@@ -73,10 +80,10 @@ class Launch:
 class Proc:
     pid: int
     sid: int
-    start_ticks: int
-    """Field 22 of /proc/PID/stat; tells this process from a later one with the same pid."""
+    start_time: float
+    """psutil's create_time(); tells this process from a later one with the same pid."""
     started_at: float
-    """Wall clock (time.time()) at spawn, or the estimate made by adopt."""
+    """Wall clock (time.time()) at spawn, or the start time read by adopt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +97,7 @@ class Exit:
                 name = signals.Signals(self.signal).name
             except ValueError:
                 name = f"signal {self.signal}"
-            return f"killed by {name}"
+            return f"was killed by {name}"
         if self.code is not None:
             return f"exited with code {self.code}"
         return "exited (status unknown: adopted process)"
@@ -122,25 +129,34 @@ class _Child:
     exit: Exit | None = None
 
 
-_children: dict[tuple[int, int], _Child] = {}
+_children: dict[tuple[int, float], _Child] = {}
 
 
 # ---------------------------------------------------------------------------------------------
-# /proc
+# sessions
 
 
 def session_pids(sid: int) -> list[int]:
     """Every live (non-zombie) process whose session id is ``sid``, sorted."""
-    return procfs.session_pids(sid)
+    return procinfo.session_pids(sid)
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every live member of session ``sid`` (what a dead service left behind)."""
+    for pid in session_pids(sid):
+        _kill(pid, signals.SIGKILL)
 
 
 def set_child_subreaper(enabled: bool = True) -> None:
     """Adopt orphaned descendants (PR_SET_CHILD_SUBREAPER) instead of leaving them to init.
 
-    Why: when a service's leader dies first, its children are re-parented to pid 1, which in
-    a container may never reap them. As a subreaper, the agent receives them, and ``stop``
-    reaps the dead members of the session it stops. Process-wide; off by default.
+    Linux-only (``prctl``); raises OSError elsewhere. Why: when a service's leader dies
+    first, its children are re-parented to pid 1, which in a container may never reap them.
+    As a subreaper, the agent receives them, and ``stop`` reaps the dead members of the
+    session it stops. Process-wide; off by default.
     """
+    if not sys.platform.startswith("linux"):
+        raise OSError(errno.ENOSYS, "PR_SET_CHILD_SUBREAPER exists on Linux only")
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(enabled), 0, 0, 0) != 0:
         code = ctypes.get_errno()
@@ -218,29 +234,30 @@ def spawn(launch: Launch) -> Proc:
         raise SpawnError(kind, argv0, path, launch.cwd, f"exec failed: {exc.strerror}") from exc
     finally:
         os.close(log_fd)
-    st = procfs.stat(popen.pid)
-    assert st is not None, "an unreaped child always has /proc/PID/stat"
-    proc = Proc(pid=popen.pid, sid=popen.pid, start_ticks=st.start_ticks, started_at=time.time())
-    _children[(proc.pid, proc.start_ticks)] = _Child(popen)
+    got = procinfo.info(popen.pid)
+    assert got is not None, "an unreaped child can always be inspected"
+    proc = Proc(pid=popen.pid, sid=popen.pid, start_time=got.start_time, started_at=time.time())
+    _children[(proc.pid, proc.start_time)] = _Child(popen)
     return proc
 
 
-def adopt(pid: int, start_ticks: int) -> Proc | None:
+def adopt(pid: int, start_time: float) -> Proc | None:
     """Re-attach to a process recorded earlier; None when it is gone, a zombie or another one."""
-    st = procfs.stat(pid)
-    if st is None or st.start_ticks != start_ticks or st.state == "Z":
+    got = procinfo.info(pid)
+    if got is None or got.zombie or not procinfo.same_start(got.start_time, start_time):
         return None
-    child = _children.get((pid, start_ticks))
+    child = _children.get((pid, start_time))
     if child is not None and child.exit is not None:
         return None
-    started_at = procfs.boot_time() + start_ticks / os.sysconf("SC_CLK_TCK")
-    return Proc(pid=pid, sid=st.session, start_ticks=start_ticks, started_at=started_at)
+    return Proc(pid=pid, sid=got.session, start_time=start_time, started_at=got.start_time)
 
 
 def alive(proc: Proc) -> bool:
     """True while the process runs (a zombie or a recycled pid is not alive)."""
-    st = procfs.stat(proc.pid)
-    return st is not None and st.start_ticks == proc.start_ticks and st.state != "Z"
+    got = procinfo.info(proc.pid)
+    return (
+        got is not None and not got.zombie and procinfo.same_start(got.start_time, proc.start_time)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +282,9 @@ def _forget_old() -> None:
 
 
 def _pidfd(pid: int) -> int | None:
+    """A pidfd for ``pid`` (Linux-only); -1 where pidfds do not exist, None if it is gone."""
+    if not hasattr(os, "pidfd_open"):
+        return -1
     try:
         return os.pidfd_open(pid)
     except ProcessLookupError:
@@ -277,19 +297,23 @@ async def wait(proc: Proc) -> Exit:
     For our own children the exit status is collected (reaping the zombie); for adopted
     processes it is unknown and ``Exit(None, None)`` is returned.
     """
-    child = _children.get((proc.pid, proc.start_ticks))
+    child = _children.get((proc.pid, proc.start_time))
     if child is not None and child.exit is not None:
         return child.exit
     # No await since the check above: the pid still names our unreaped child (or, if adopted,
-    # it is verified against start_ticks right after opening the pidfd).
+    # it is verified against its start time right after opening the pidfd).
     fd = _pidfd(proc.pid)
     if fd is None:
         return UNKNOWN
+    if fd == -1:  # no pidfds on this platform: poll
+        while (child is not None and _reap(child, block=False) is None) or (
+            child is None and alive(proc)
+        ):
+            await anyio.sleep(_POLL_S)
+        return child.exit if child is not None and child.exit is not None else UNKNOWN
     try:
-        if child is None:
-            st = procfs.stat(proc.pid)
-            if st is None or st.start_ticks != proc.start_ticks:
-                return UNKNOWN
+        if child is None and not alive(proc):
+            return UNKNOWN
         await anyio.wait_readable(fd)
     finally:
         os.close(fd)
@@ -323,8 +347,8 @@ def _signal_session(proc: Proc, sig: int) -> None:
         os.killpg(proc.sid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-    for pid, st in procfs.members(proc.sid).items():
-        if st.state != "Z" and st.pgrp != proc.sid:
+    for pid, got in procinfo.members(proc.sid).items():
+        if not got.zombie and got.pgrp != proc.sid:
             _kill(pid, sig)
 
 
@@ -332,8 +356,8 @@ def _reap_orphans(sid: int) -> None:
     """Reap dead session members that were re-parented to us (when we are a subreaper)."""
     me = os.getpid()
     registered = {pid for (pid, _), child in _children.items() if child.exit is None}
-    for pid, st in procfs.members(sid).items():
-        if st.state == "Z" and st.ppid == me and pid not in registered:
+    for pid, got in procinfo.members(sid).items():
+        if got.zombie and got.ppid == me and pid not in registered:
             try:
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
@@ -363,7 +387,7 @@ async def stop(proc: Proc, *, signal: str = "SIGTERM", grace_s: float = 10) -> E
     Raises UnknownSignalError for a signal name that does not exist (before sending anything).
     """
     sig = _signal_number(signal)
-    child = _children.get((proc.pid, proc.start_ticks))
+    child = _children.get((proc.pid, proc.start_time))
     if child is not None and child.exit is None:
         _reap(child, block=False)
     if not _gone(proc, child):

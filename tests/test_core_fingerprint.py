@@ -1,4 +1,5 @@
-"""spec_hash: the same for every spelling of one spec, different when a restart is needed."""
+"""The restart fingerprint: the same for every spelling of one spec, different when a restart
+is needed (the agent restarts a running service exactly when it changes)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from devmesh.core import model
+from devmesh.core import desired, model
 
 
 def svc(**doc: Any) -> model.Service:
@@ -19,7 +20,8 @@ def svc(**doc: Any) -> model.Service:
 
 
 def digest(**doc: Any) -> str:
-    return model.spec_hash(svc(**doc))
+    s = svc(**doc)
+    return desired.fingerprint(desired.instance_spec(s, port=s.port, urls={}))
 
 
 def test_stable_across_spellings():
@@ -66,3 +68,11 @@ def test_routing_only_changes_keep_the_hash(change: dict[str, Any]):
 
 def test_env_value_change_changes_the_hash():
     assert digest(env={"A": "1"}) != digest(env={"A": "2"})
+
+
+def test_port_and_dependency_urls_are_part_of_the_fingerprint():
+    s = svc()
+    base = desired.fingerprint(desired.instance_spec(s, port=9000, urls={}))
+    assert base != desired.fingerprint(desired.instance_spec(s, port=9001, urls={}))
+    with_dep = desired.instance_spec(s, port=9000, urls={"db": "http://127.0.0.1:1"})
+    assert base != desired.fingerprint(with_dep)
