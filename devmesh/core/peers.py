@@ -100,7 +100,7 @@ class Seen:
     refused: bool = False
 
 
-def _allowed(allow: tuple[str, ...], name: str, addresses: tuple[str, ...]) -> str | None:
+def allowed(allow: tuple[str, ...], name: str, addresses: tuple[str, ...]) -> str | None:
     """None when allowed, else why not. Names match the node name; a CIDR must contain
     every address the peer is known by (announced and source), so a spoofed source cannot
     borrow an allowed network."""
@@ -182,7 +182,7 @@ class Registry:
             self._peers.pop(msg.node_id, None)
             return Seen(node_id=msg.node_id, gone=old is not None)
         self.accepted[backend] += 1
-        why = _allowed(self.settings.allow, msg.node_name, (msg.address, source))
+        why = allowed(self.settings.allow, msg.node_name, (msg.address, source))
         state = PeerState.REFUSED if why else PeerState.ALIVE
         peer = Peer(
             node_id=msg.node_id,
