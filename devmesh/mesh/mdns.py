@@ -87,7 +87,7 @@ class MdnsBackend:
                 Sighting(
                     backend=self.name,
                     source=addresses[0] if addresses else "",
-                    txt={k: v for k, v in info.properties.items()},
+                    txt=dict[object, object](info.properties.items()),
                 )
             )
 
