@@ -379,7 +379,8 @@ def decode_txt(
     if set(pairs) != {"v", "m", "s", *_FIELDS}:
         return Drop(reason=DropReason.MALFORMED, detail="unexpected or missing keys")
     try:
-        tag = base64.urlsafe_b64decode(pairs["s"] + "=" * (-len(pairs["s"]) % 4))
+        padded = pairs["s"] + "=" * (-len(pairs["s"]) % 4)
+        tag = base64.b64decode(padded, altchars=b"-_", validate=True)
     except ValueError:
         return Drop(reason=DropReason.MALFORMED, detail="signature is not base64")
     expected = hmac.new(keys.txt_key, _txt_canonical(pairs), hashlib.sha256).digest()
