@@ -340,7 +340,11 @@ def decode_bundle(data: bytes, where: str = "bundle") -> Team:
     cert_match = re.search(
         r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", text, re.S
     )
-    key_match = re.search(r"-----BEGIN PRIVATE KEY-----.+?-----END PRIVATE KEY-----\n?", text, re.S)
+    key_match = re.search(
+        r"-----BEGIN ([A-Z]+ )?PRIVATE KEY-----.+?-----END ([A-Z]+ )?PRIVATE KEY-----\n?",
+        text,
+        re.S,
+    )
     if not cert_match or not key_match:
         raise IdentityError(where, "the CA certificate or its key is missing")
     team = Team(
