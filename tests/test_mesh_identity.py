@@ -275,9 +275,10 @@ def test_openssl_rejects_a_leaked_bundle_impersonating_a_real_site(
 
 def test_cli_init_export_join(tmp_path: Path) -> None:
     py = [sys.executable, "-m", "devmesh.mesh"]
-    run = lambda *a: subprocess.run(
-        [*py, *a], capture_output=True, text=True, check=False, timeout=60
-    )  # noqa: E731
+
+    def run(*a):
+        return subprocess.run([*py, *a], capture_output=True, text=True, check=False, timeout=60)
+
     out = run("init", "--home", str(tmp_path / "a"), "--mesh", "team", "--node-name", "alpha")
     assert out.returncode == 0, out.stderr
     secret = (tmp_path / "a" / "mesh" / "secret").read_text().strip()

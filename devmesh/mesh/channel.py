@@ -325,6 +325,10 @@ async def _exchange(
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 data = await reader.read(65536)
+                if not data and status == 0:
+                    raise ChannelError(
+                        who, "connection closed before any answer (our certificate refused?)"
+                    )
                 conn.receive_data(data)
             elif isinstance(event, h11.Response):
                 status = event.status_code
