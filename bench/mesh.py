@@ -29,9 +29,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from netkit import Net, NodeProc, init_team, join_team  # noqa: E402
+from netkit import Net, NodeProc, init_team, join_team
 
-from devmesh.core import catalog, wire  # noqa: E402
+from devmesh.core import catalog, wire
 
 
 def wait(check, timeout_s: float = 60.0) -> float:
@@ -41,6 +41,10 @@ def wait(check, timeout_s: float = 60.0) -> float:
             return time.monotonic()
         time.sleep(0.005)
     raise SystemExit("timed out")
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
 
 
 def bridge_bytes(net: Net) -> int:
@@ -62,9 +66,18 @@ def datagram_size(services: int) -> tuple[int, int]:
         ),
     )
     keys = wire.derive_keys("team", b"s" * 32)
-    msg = wire.Announcement(kind=wire.Kind.HEARTBEAT, node_id="ab" * 16, node_name="n" * 20,
-                            address="10.250.7.10", port=7701, revision=cat.revision,
-                            sent_ms=int(time.time() * 1000), boot_ms=int(time.time() * 1000), seq=12345)  # fmt: skip
+    now_ms = int(time.time() * 1000)
+    msg = wire.Announcement(
+        kind=wire.Kind.HEARTBEAT,
+        node_id="ab" * 16,
+        node_name="n" * 20,
+        address="10.250.7.10",
+        port=7701,
+        revision=cat.revision,
+        sent_ms=now_ms,
+        boot_ms=now_ms,
+        seq=12345,
+    )
     return len(wire.encode(msg, keys)), len(catalog.encode(cat))
 
 
@@ -89,8 +102,9 @@ def main() -> None:
             import threading
 
             def launch(i: int) -> None:
-                nodes.append(NodeProc(tmp / names[i], ["--interfaces", "eth0", "--interval", str(args.interval)],
-                                      net=net, host=i, services=[{"name": "api", "project": "p", "version": "1.0.0", "health": "healthy"}]))  # fmt: skip
+                api = {"name": "api", "project": "p", "version": "1.0.0", "health": "healthy"}
+                argv = ["--interfaces", "eth0", "--interval", str(args.interval)]
+                nodes.append(NodeProc(tmp / names[i], argv, net=net, host=i, services=[api]))
 
             threads = [threading.Thread(target=launch, args=(i,)) for i in range(n)]
             for t in threads:
@@ -100,13 +114,16 @@ def main() -> None:
             procs = nodes
             all_ready = time.monotonic()
             done = wait(lambda: all(len(x.alive_peers()) == n - 1 for x in procs))
-            print(f"convergence: {(done - all_ready) * 1000:.0f} ms after the last node listened "
-                  f"({(done - launched) * 1000:.0f} ms after the first launch, Python start-up included)")  # fmt: skip
+            print(
+                f"convergence: {ms(done - all_ready)} after the last node listened "
+                f"({ms(done - launched)} after the first launch, Python start-up included)"
+            )
             catalogs = wait(
                 lambda: all(all(p["services"] for p in x.status()["peers"]) for x in procs)
             )
             print(
-                f"catalogs: every node holds every catalog {(catalogs - all_ready) * 1000:.0f} ms after the last listened"
+                f"catalogs: every node holds every catalog {ms(catalogs - all_ready)} "
+                "after the last listened"
             )
 
             # Idle cost.
@@ -116,8 +133,11 @@ def main() -> None:
             time.sleep(args.idle)  # measuring a duration, not synchronising
             cpu1 = sum(sum(q.cpu_times()[:2]) for q in ps)
             b1, t1 = bridge_bytes(net), time.monotonic()
-            print(f"idle mesh of {n}, interval {args.interval} s: CPU {100 * (cpu1 - cpu0) / (t1 - t0):.2f}% of one core "
-                  f"for all nodes together; {(b1 - b0) / (t1 - t0):.0f} bytes/s on the bridge")  # fmt: skip
+            cpu = 100 * (cpu1 - cpu0) / (t1 - t0)
+            print(
+                f"idle mesh of {n}, interval {args.interval} s: CPU {cpu:.2f}% of one core for "
+                f"all nodes together; {(b1 - b0) / (t1 - t0):.0f} bytes/s on the bridge"
+            )
 
             ttl = 3 * args.interval
             victim = procs[-1]
@@ -129,23 +149,24 @@ def main() -> None:
                     (x.peer(victim.home.name) or {}).get("state") == "expired" for x in others
                 )
             )
-            print(f"death (SIGKILL): all {n - 1} others expired it after {(gone - killed) * 1000:.0f} ms "
-                  f"(TTL {ttl:.1f} s, goal under {ttl + 1:.1f} s)")  # fmt: skip
+            print(
+                f"death (SIGKILL): all {n - 1} others expired it after {ms(gone - killed)} "
+                f"(TTL {ttl:.1f} s, goal under {ttl + 1:.1f} s)"
+            )
             leaver = procs[-2]
             rest = procs[:-2]
             left = time.monotonic()
             leaver.stop(signal.SIGTERM)
             dropped = wait(lambda: all(x.peer(leaver.home.name) is None for x in rest))
-            print(
-                f"clean stop (goodbye): all {n - 2} others dropped it after {(dropped - left) * 1000:.0f} ms"
-            )
+            print(f"clean stop (goodbye): all {n - 2} others dropped it after {ms(dropped - left)}")
         finally:
             for x in procs:
                 x.stop(signal.SIGKILL)
     for count in (1, 200):
         size, cat_size = datagram_size(count)
         print(
-            f"{count} services: datagram {size} bytes (limit {wire.MAX_DATAGRAM_BYTES}); catalog {cat_size} bytes"
+            f"{count} services: datagram {size} bytes (limit {wire.MAX_DATAGRAM_BYTES}); "
+            f"catalog {cat_size} bytes"
         )
 
 
