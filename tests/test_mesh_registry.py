@@ -72,7 +72,7 @@ def test_an_expired_peer_comes_back_as_new_and_keeps_its_catalog() -> None:
     reg = registry()
     receive(reg, datagram(revision=_rev()))
     [_due] = reg.due_fetches(T0)
-    reg.fetched(B, _catalog())
+    reg.fetched(B, _catalog(), T0)
     reg.tick(T0 + 7)
     seen = receive(reg, datagram(at=T0 + 8, seq=2, revision=_rev()), at=T0 + 8)
     assert seen.new
@@ -169,7 +169,7 @@ def test_catalog_fetch_is_decided_by_revision() -> None:
     [due] = reg.due_fetches(T0)
     assert due.node_id == B and due.fetching
     assert reg.due_fetches(T0) == []  # one fetch in flight per peer
-    reg.fetched(B, _catalog())
+    reg.fetched(B, _catalog(), T0)
     peer = reg.get(B)
     assert peer is not None and not peer.needs_catalog and peer.catalog == _catalog()
     receive(reg, datagram(seq=2, revision=_rev()))
@@ -180,6 +180,21 @@ def test_catalog_fetch_is_decided_by_revision() -> None:
     assert services == [
         {"name": "api", "project": "shop", "version": "2.3.1", "branch": None, "health": "healthy"}
     ]
+
+
+def test_a_revision_announced_during_a_fetch_is_fetched_again() -> None:
+    reg = registry()
+    receive(reg, datagram(revision=_rev()))
+    reg.due_fetches(T0)
+    receive(reg, datagram(seq=2, revision=_rev("2.4.0")))  # changed while in flight
+    reg.fetched(B, _catalog(), T0 + 0.1)  # the old one arrives
+    peer = reg.get(B)
+    assert peer is not None and peer.catalog == _catalog() and peer.needs_catalog
+    assert reg.due_fetches(T0 + 0.2) == []  # a quarter interval first: no loop on a bad peer
+    assert reg.next_deadline_s() == T0 + 0.6  # the driver wakes for the retry
+    assert [p.node_id for p in reg.due_fetches(T0 + 0.6)] == [B]
+    reg.fetched(B, _catalog(version="2.4.0"), T0 + 0.7)
+    assert not reg.get(B).needs_catalog  # type: ignore[union-attr]
 
 
 def test_a_failed_fetch_is_retried_after_one_interval() -> None:

@@ -236,9 +236,14 @@ class Registry:
         return expired
 
     def next_deadline_s(self) -> float | None:
-        """When ``tick`` may next change something (the earliest expiry), for the driver."""
-        alive = [p.last_seen_s for p in self._peers.values() if p.state is PeerState.ALIVE]
-        return min(alive) + self.settings.ttl_s if alive else None
+        """When the driver must look again: the earliest expiry or pending fetch retry."""
+        times = [
+            p.last_seen_s + self.settings.ttl_s
+            for p in self._peers.values()
+            if p.state is PeerState.ALIVE
+        ]
+        times += [p.retry_at_s for p in self._peers.values() if p.needs_catalog and not p.fetching]
+        return min(times) if times else None
 
     # -- catalogs --------------------------------------------------------------------------
 
@@ -251,19 +256,24 @@ class Registry:
                 due.append(self._peers[node_id])
         return due
 
-    def fetched(self, node_id: str, fetched: catalogs.Catalog) -> None:
-        """A catalog arrived and passed ``catalog.decode``."""
+    def fetched(self, node_id: str, fetched: catalogs.Catalog, now_s: float) -> None:
+        """A catalog arrived and passed ``catalog.decode``.
+
+        When its digest is not the revision announced meanwhile (the peer changed while the
+        fetch was in flight, or its revision is not its digest), it is held and fetched
+        again, but not before a quarter interval (1 s at most): a buggy peer cannot make
+        us loop.
+        """
         peer = self._peers.get(node_id)
         if peer is not None:
+            again = fetched.revision != peer.revision
             self._peers[node_id] = dataclasses.replace(
-                peer, catalog=fetched, catalog_revision=fetched.revision, fetching=False
+                peer,
+                catalog=fetched,
+                catalog_revision=fetched.revision,
+                fetching=False,
+                retry_at_s=now_s + min(1.0, self.settings.interval_s / 4) if again else 0.0,
             )
-            if fetched.revision != peer.revision:
-                # Changed again while in flight, or the peer's revision is not its digest:
-                # hold it, but do not ask again before the next interval.
-                self._peers[node_id] = dataclasses.replace(
-                    self._peers[node_id], catalog_revision=peer.revision
-                )
 
     def fetch_failed(self, node_id: str, now_s: float) -> None:
         """A fetch failed for a transient reason: retry after one interval."""

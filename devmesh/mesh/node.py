@@ -263,7 +263,8 @@ class Node:
     # -- housekeeping ----------------------------------------------------------------------
 
     async def _housekeeper(self) -> None:
-        period = min(0.25, self.settings.interval_s / 4)
+        """Expire, fetch and write the status; sleeps until the next expiry is due (or an
+        interval at most, or a sighting wakes it), so an idle node wakes rarely."""
         while True:
             now = self.clock()
             for node_id in self.registry.tick(now):
@@ -271,6 +272,10 @@ class Node:
             for peer in self.registry.due_fetches(now):
                 self._spawn(self._fetch(peer))
             self.write_status()
+            deadline = self.registry.next_deadline_s()
+            period = self.settings.interval_s
+            if deadline is not None:
+                period = min(period, max(0.01, deadline - self.clock() + 0.01))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(period):
                     await self._wake_house.wait()
@@ -293,7 +298,7 @@ class Node:
             else:
                 self.registry.fetch_failed(peer.node_id, self.clock())
         else:
-            self.registry.fetched(peer.node_id, fetched)
+            self.registry.fetched(peer.node_id, fetched, self.clock())
         self._wake_house.set()
 
     # -- status ----------------------------------------------------------------------------
