@@ -169,3 +169,18 @@ def test_namespaces_are_gone_after_close() -> None:
         ["ip", "netns", "list"], capture_output=True, text=True, check=True
     ).stdout
     assert not any(name in listed for name in names)
+
+
+def test_auto_picks_only_the_broadcast_capable_non_loopback_interfaces() -> None:
+    import sys
+
+    probe = (
+        "from devmesh.mesh import discovery; "
+        "print([(i.name, i.address, i.broadcast) for i in discovery.resolve_interfaces(['auto'])])"
+    )
+    with Net(1) as n:
+        # Up, but without an IPv4 address: not a candidate.
+        n.exec(0, ["ip", "link", "add", "xa", "type", "veth", "peer", "name", "xb"])
+        n.exec(0, ["ip", "link", "set", "xa", "up"])
+        out = n.exec(0, [sys.executable, "-c", probe]).stdout.strip()
+    assert out == "[('eth0', '10.250.7.1', '10.250.7.255')]"
