@@ -249,7 +249,10 @@ class Node:
         if seen.new:
             self.log(f"mesh: peer {seen.node_id} seen by {sighting.backend}")
             self._wake_announce.set()
-        self._wake_house.set()
+        peer = self.registry.get(seen.node_id) if seen.node_id else None
+        if seen.new or seen.gone or seen.refused or (peer is not None and peer.needs_catalog):
+            # A plain heartbeat changes nothing the housekeeper acts on: let it sleep.
+            self._wake_house.set()
 
     def _allowed(self, peer: channel.PeerIdentity) -> str | None:
         return peers.allowed(self.settings.allow, peer.node_name, (peer.address,))
