@@ -265,3 +265,37 @@ def test_peer_identity_reads_the_certificate(homes, tmp_path: Path) -> None:
     assert channel.peer_identity(cert, "other") is None
     assert channel.peer_identity({"subjectAltName": (("DNS", "api.localhost"),)}, "team") is None
     assert channel.peer_identity(None, "team") is None
+
+
+def test_connections_are_bounded_and_a_busy_server_is_not_a_refusal(homes) -> None:
+    a, b = homes["a"], homes["b"]
+
+    async def main() -> None:
+        server, port = await serve(a)
+        idle = []
+        try:
+            for _ in range(channel.MAX_CONNECTIONS):  # never start TLS: they sit in the handshake
+                idle.append(await asyncio.open_connection("127.0.0.1", port))
+            for _ in range(500):
+                if len(server._tasks) >= channel.MAX_CONNECTIONS:
+                    break
+                await asyncio.sleep(0.01)  # polling an observable state with a deadline
+            with pytest.raises(channel.ChannelError) as err:
+                await channel.fetch_catalog(
+                    b, node_id=a.node_id, node_name="alpha", address="127.0.0.1", port=port
+                )
+            assert not err.value.refused, err.value.problem
+            for _, writer in idle:
+                writer.close()
+            for _ in range(500):
+                if len(server._tasks) < channel.MAX_CONNECTIONS:
+                    break
+                await asyncio.sleep(0.01)
+            got = await channel.fetch_catalog(
+                b, node_id=a.node_id, node_name="alpha", address="127.0.0.1", port=port
+            )
+            assert got.services == SERVICES
+        finally:
+            await server.close()
+
+    run(main())

@@ -238,9 +238,10 @@ def test_status_view_is_json_ready_and_sorted() -> None:
 def test_tracked_nodes_are_bounded() -> None:
     reg = registry()
     for i in range(peers.MAX_PEERS + 5):
-        receive(reg, datagram(node=f"{i:032x}", boot=i))
+        receive(reg, datagram(node=f"{i:032x}", at=T0 + i), at=T0 + i)
     assert len(reg.peers()) == peers.MAX_PEERS
-    assert reg.get(f"{0:032x}") is None
+    assert reg.get(f"{0:032x}") is None  # the one heard from longest ago made room
+    assert reg.get(f"{peers.MAX_PEERS + 4:032x}") is not None
 
 
 def test_settings_ttl_follows_interval() -> None:

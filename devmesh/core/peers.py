@@ -216,7 +216,9 @@ class Registry:
         return Seen(node_id=msg.node_id, new=new)
 
     def _forget_oldest(self) -> None:
-        oldest = min(self._high_water, key=lambda n: self._high_water[n][0])
+        """Make room: first a node that said goodbye, else the one heard from longest ago."""
+        gone = [n for n in self._high_water if n not in self._peers]
+        oldest = gone[0] if gone else min(self._peers, key=lambda n: self._peers[n].last_seen_s)
         self._high_water.pop(oldest, None)
         self._peers.pop(oldest, None)
 

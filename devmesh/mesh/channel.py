@@ -31,6 +31,9 @@ from devmesh.mesh import identity as ids
 CATALOG_PATH = "/mesh/v1/catalog"
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
 READ_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 64
+"""Concurrent connections the standalone server holds; more are closed at once, so slow
+clients cannot pile up (each one is also bounded by READ_TIMEOUT_S per read)."""
 _NODE_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -178,6 +181,10 @@ class CatalogServer:
             await self._server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._tasks) >= MAX_CONNECTIONS:
+            self.on_refused("server", f"over {MAX_CONNECTIONS} connections")
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -281,6 +288,8 @@ async def fetch_catalog(
                 reader, writer = await asyncio.open_connection(
                     address, port, ssl=ctx, server_hostname=server_name
                 )
+            except ssl.SSLEOFError:
+                raise ChannelError(who, "closed during the TLS handshake (busy?)") from None
             except ssl.SSLError as exc:
                 raise ChannelError(who, f"TLS: {exc.reason or exc}", refused=True) from None
             seen = peer_identity(writer.get_extra_info("peercert"), identity.team.mesh)
