@@ -104,7 +104,12 @@ def test_a_bad_interface_is_named_and_nothing_stays_open(tmp_path: Path) -> None
 
 def test_resolve_interfaces_on_loopback_and_seeds() -> None:
     [lo] = discovery.resolve_interfaces(["lo"])
-    assert (lo.name, lo.address, lo.broadcast) == ("lo", "127.0.0.1", "127.255.255.255")
+    assert (lo.name, lo.address, lo.broadcast, lo.network) == (
+        "lo",
+        "127.0.0.1",
+        "127.255.255.255",
+        "127.0.0.0/8",
+    )
     assert discovery.parse_seed("[fd00::1]:7702") == ("fd00::1", 7702)
     assert discovery.parse_seed("laptop-b.tail1234.ts.net:7702") == (
         "laptop-b.tail1234.ts.net",
@@ -113,3 +118,35 @@ def test_resolve_interfaces_on_loopback_and_seeds() -> None:
     for bad in ("nohost", "host:", "host:0", "host:99999", ":7702"):
         with pytest.raises(discovery.DiscoveryError, match="HOST:PORT"):
             discovery.parse_seed(bad)
+
+
+@pytest.mark.parametrize("pktinfo", [True, False], ids=["pktinfo", "by-source"])
+def test_broadcast_and_unicast_are_told_apart(pktinfo: bool) -> None:
+    """With IP_PKTINFO (Linux) by destination; without it (other systems) by source."""
+    port = free_udp_port()
+    seen: list[discovery.Sighting] = []
+
+    async def main() -> None:
+        udp = discovery.UdpSocket(port)
+        udp.pktinfo = pktinfo
+        bcast = discovery.BroadcastBackend(udp, discovery.resolve_interfaces(["lo"]))
+        seeds = discovery.SeedBackend(udp, [])
+        await bcast.start(seen.append)
+        await seeds.start(seen.append)
+        try:
+            await bcast.announce(lambda address: b"from " + address.encode())
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind(("127.0.0.2", 0))
+                s.sendto(b"unicast", ("127.0.0.1", port))
+            await until("two sightings", lambda: len(seen) >= 2)
+        finally:
+            await bcast.close()
+            await seeds.close()
+            udp.close()
+
+    asyncio.run(main())
+    by_data = {s.data: s.backend for s in seen}
+    assert by_data[b"from 127.0.0.1"] == "broadcast"
+    # Without PKTINFO a unicast from lo's own network reads as broadcast: the attribution is
+    # for display only; both reach the registry.
+    assert by_data[b"unicast"] == ("seeds" if pktinfo else "broadcast")

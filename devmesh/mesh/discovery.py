@@ -9,7 +9,9 @@ Broadcast and seeds share one UDP socket bound to the discovery port (with SO_RE
 so several nodes on one machine can all receive broadcasts on ``lo``). Received datagrams
 are told apart by their destination (IP_PKTINFO): a broadcast arriving on a selected
 interface belongs to the broadcast backend; a unicast datagram to the seeds backend.
-Broadcasts arriving on an interface that was not selected are ignored.
+Broadcasts arriving on an interface that was not selected are ignored. Where IP_PKTINFO
+is not available (it is Linux's), datagrams are told apart by their source instead: from a
+selected interface's network, broadcast; from elsewhere, seeds.
 
 - ``lo`` sends to 127.255.255.255: every node on this machine hears it, nothing leaves it.
 - ``auto`` means every up, broadcast-capable, non-loopback IPv4 interface (netifaces).
@@ -29,6 +31,7 @@ import dataclasses
 import ipaddress
 import socket
 import struct
+import sys
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -89,6 +92,8 @@ class Interface:
     index: int
     address: str
     broadcast: str
+    network: str
+    """The interface's IPv4 network (CIDR), for systems without IP_PKTINFO."""
 
 
 def _ipv4(name: str) -> list[dict[str, str]]:
@@ -121,7 +126,7 @@ def resolve_interfaces(names: list[str]) -> list[Interface]:
         for name in candidates:
             for addr in _ipv4(name):
                 if addr.get("broadcast") and not ipaddress.ip_address(addr["addr"]).is_loopback:
-                    out.append(_iface(name, addr["addr"], addr["broadcast"]))
+                    out.append(_iface(name, addr, addr["broadcast"]))
         return out
     for name in names:
         if name not in netifaces.interfaces():
@@ -133,9 +138,9 @@ def resolve_interfaces(names: list[str]) -> list[Interface]:
             raise DiscoveryError(f"interface {name}", "has no IPv4 address")
         addr = addrs[0]
         if ipaddress.ip_address(addr["addr"]).is_loopback:
-            out.append(_iface(name, addr["addr"], LOOPBACK_BROADCAST))
+            out.append(_iface(name, addr, LOOPBACK_BROADCAST))
         elif addr.get("broadcast"):
-            out.append(_iface(name, addr["addr"], addr["broadcast"]))
+            out.append(_iface(name, addr, addr["broadcast"]))
         else:
             raise DiscoveryError(
                 f"interface {name}", "cannot broadcast (point-to-point?): use seeds"
@@ -143,9 +148,15 @@ def resolve_interfaces(names: list[str]) -> list[Interface]:
     return out
 
 
-def _iface(name: str, address: str, broadcast: str) -> Interface:
+def _iface(name: str, addr: dict[str, str], broadcast: str) -> Interface:
+    mask = addr.get("netmask") or "255.255.255.255"
+    network = ipaddress.ip_network(f"{addr['addr']}/{mask}", strict=False)
     return Interface(
-        name=name, index=socket.if_nametoindex(name), address=address, broadcast=broadcast
+        name=name,
+        index=socket.if_nametoindex(name),
+        address=addr["addr"],
+        broadcast=broadcast,
+        network=str(network),
     )
 
 
@@ -173,6 +184,9 @@ class UdpSocket:
         self.errors = 0
         self.broadcast_addresses: set[str] = set()
         """Destinations that make a datagram a broadcast (set by the broadcast backend)."""
+        self.broadcast_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        """Sources that make a datagram a broadcast where IP_PKTINFO is missing."""
+        self.pktinfo = sys.platform.startswith("linux")
 
     def open(self) -> None:
         if self.sock is not None:
@@ -182,7 +196,8 @@ class UdpSocket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            if self.pktinfo:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             sock.bind((self.bind_host, self.port))
         except OSError as exc:
             sock.close()
@@ -224,7 +239,13 @@ class UdpSocket:
                 if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(payload) >= 12:
                     ifindex = struct.unpack("=i", payload[:4])[0]
                     dst = socket.inet_ntoa(payload[8:12])
-            if dst in self.broadcast_addresses or dst == "255.255.255.255":
+            if not self.pktinfo:
+                ifindex = -1  # unknown: classified by source below
+                src_ip = ipaddress.ip_address(src[0])
+                is_broadcast = any(src_ip in net for net in self.broadcast_networks)
+            else:
+                is_broadcast = dst in self.broadcast_addresses or dst == "255.255.255.255"
+            if is_broadcast:
                 if self.on_broadcast:
                     self.on_broadcast(data, src, ifindex)
             elif self.on_unicast:
@@ -257,11 +278,12 @@ class BroadcastBackend:
 
     async def start(self, report: Report) -> None:
         def on_broadcast(data: bytes, src: tuple[str, int], ifindex: int) -> None:
-            if ifindex in self._indexes:
+            if ifindex in self._indexes or ifindex == -1:
                 report(Sighting(backend=self.name, source=src[0], source_port=src[1], data=data))
 
         self.udp.on_broadcast = on_broadcast
         self.udp.broadcast_addresses.update(i.broadcast for i in self.interfaces)
+        self.udp.broadcast_networks += [ipaddress.ip_network(i.network) for i in self.interfaces]
         self.udp.open()
 
     async def announce(self, make: MakeDatagram) -> None:
