@@ -236,7 +236,8 @@ class NodeProc:
     def alive_peers(self) -> set[str]:
         return {p["name"] for p in self.status().get("peers", []) if p["state"] == "alive"}
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        """Signal the node, wait for it, and return what it wrote on stderr."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -244,6 +245,10 @@ class NodeProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        err = ""
+        if self.proc.stderr and not self.proc.stderr.closed:
+            err = self.proc.stderr.read()
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream:
                 stream.close()
+        return err

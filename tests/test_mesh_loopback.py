@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,3 +121,20 @@ def test_mesh_allow_refuses_peers_outside(nodes) -> None:
     assert "mesh.allow" in a.peer("beta")["reason"]  # type: ignore[index]
     wait_for("alpha to accept gamma", lambda: (a.peer("gamma") or {}).get("services"))
     assert a.status()["drops"]["refused"] >= 1
+
+
+@pytest.mark.slow
+def test_the_secret_never_reaches_the_log(nodes) -> None:
+    tmp, port, started = nodes
+    team(tmp, "alpha", "beta")
+    init_team(tmp / "mallory", "mallory")
+    a = start(tmp, port, started, "alpha", "--verbose", services=[API])
+    start(tmp, port, started, "beta", services=[API])
+    start(tmp, port, started, "mallory")
+    wait_for("alpha to fetch beta", lambda: (a.peer("beta") or {}).get("services"))
+    wait_for("a drop logged", lambda: a.status()["drops"].get("bad-signature"))
+    log = a.stop(signal.SIGTERM)
+    assert "seen by broadcast" in log and "bad-signature" in log
+    raw = base64.b64decode((ids.mesh_dir(tmp / "alpha") / "secret").read_bytes())
+    for form in (raw.hex(), base64.b64encode(raw).decode(), repr(raw)):
+        assert form not in log
