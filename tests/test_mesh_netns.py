@@ -184,3 +184,19 @@ def test_auto_picks_only_the_broadcast_capable_non_loopback_interfaces() -> None
         n.exec(0, ["ip", "link", "set", "xa", "up"])
         out = n.exec(0, [sys.executable, "-c", probe]).stdout.strip()
     assert out == "[('eth0', '10.250.7.1', '10.250.7.255')]"
+
+
+@pytest.mark.parametrize("net", [2], indirect=True)
+def test_a_new_address_is_announced(net) -> None:
+    n, tmp, started = net
+    team(tmp, NAMES[:2])
+    a = start(n, tmp, started, 0, "alpha")
+    start(n, tmp, started, 1, "beta")
+    wait_for("alpha to see beta", lambda: (a.peer("beta") or {}).get("address") == n.address(1))
+    n.exec(1, ["ip", "addr", "del", f"{n.address(1)}/24", "dev", "eth0"])
+    n.exec(1, ["ip", "addr", "add", "10.250.7.9/24", "brd", "+", "dev", "eth0"])
+    wait_for(
+        "alpha to learn beta's new address",
+        lambda: (a.peer("beta") or {}).get("address") == "10.250.7.9",
+    )
+    assert a.peer("beta")["state"] == "alive"  # type: ignore[index]

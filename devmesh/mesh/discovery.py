@@ -270,11 +270,36 @@ class BroadcastBackend:
 
     name = "broadcast"
 
-    def __init__(self, udp: UdpSocket, interfaces: list[Interface]) -> None:
+    def __init__(
+        self, udp: UdpSocket, interfaces: list[Interface], names: list[str] | None = None
+    ) -> None:
         self.udp = udp
+        self.names = names
+        """The configured names (``auto`` or a list): ``refresh`` resolves them again."""
+        self.interfaces: list[Interface] = []
+        self._indexes: set[int] = set()
+        self._use(interfaces)
+        self.sent = 0
+
+    def _use(self, interfaces: list[Interface]) -> None:
         self.interfaces = interfaces
         self._indexes = {i.index for i in interfaces}
-        self.sent = 0
+        self.udp.broadcast_addresses = {i.broadcast for i in interfaces}
+        self.udp.broadcast_networks = [ipaddress.ip_network(i.network) for i in interfaces]
+
+    def refresh(self) -> bool:
+        """Resolve the interfaces again (DHCP renewal, VPN up, Wi-Fi change); True when an
+        address changed, so the node says hello at once. A failure keeps the last list."""
+        if self.names is None:
+            return False
+        try:
+            fresh = resolve_interfaces(self.names)
+        except (DiscoveryError, OSError, ValueError):
+            return False
+        if fresh == self.interfaces:
+            return False
+        self._use(fresh)
+        return True
 
     async def start(self, report: Report) -> None:
         def on_broadcast(data: bytes, src: tuple[str, int], ifindex: int) -> None:
@@ -282,8 +307,6 @@ class BroadcastBackend:
                 report(Sighting(backend=self.name, source=src[0], source_port=src[1], data=data))
 
         self.udp.on_broadcast = on_broadcast
-        self.udp.broadcast_addresses.update(i.broadcast for i in self.interfaces)
-        self.udp.broadcast_networks += [ipaddress.ip_network(i.network) for i in self.interfaces]
         self.udp.open()
 
     async def announce(self, make: MakeDatagram) -> None:

@@ -98,6 +98,7 @@ class Node:
         self.udp = discovery.UdpSocket(settings.discovery_port)
         self.backends: list[discovery.Backend] = []
         self.seeds: discovery.SeedBackend | None = None
+        self.broadcast: discovery.BroadcastBackend | None = None
         self.server = channel.CatalogServer(
             self.identity,
             catalog=lambda: self._catalog_bytes,
@@ -124,7 +125,10 @@ class Node:
             self.channel_port = await self.server.start(s.channel_host, s.channel_port)
             interfaces = discovery.resolve_interfaces(list(s.interfaces)) if s.broadcast else []
             if s.broadcast:
-                self.backends.append(discovery.BroadcastBackend(self.udp, interfaces))
+                self.broadcast = discovery.BroadcastBackend(
+                    self.udp, interfaces, list(s.interfaces)
+                )
+                self.backends.append(self.broadcast)
             if s.seeds or s.broadcast:
                 self.seeds = discovery.SeedBackend(self.udp, list(s.seeds), s.advertise)
                 self.backends.append(self.seeds)
@@ -212,6 +216,9 @@ class Node:
 
     async def _announcer(self) -> None:
         while True:
+            if self.broadcast is not None and self.broadcast.refresh():
+                self.log("mesh: interface addresses changed: hello")
+                self.kind = wire.Kind.HELLO
             await self._announce_all()
             self.kind = wire.Kind.HEARTBEAT
             delay = self.settings.interval_s * self.rng.uniform(*JITTER)
