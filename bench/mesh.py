@@ -1,0 +1,174 @@
+"""Benchmark of discovery: ten nodes in network namespaces (not a test; run as root).
+
+    .venv/bin/python bench/mesh.py [--nodes 10] [--interval 2] [--idle 10]
+
+Prints:
+- convergence: from the moment every node listens (and from the first launch) until every
+  node sees every other alive (goal: under 1 s);
+- death: from SIGKILL of one node until every other marks it expired (goal: TTL + 1 s,
+  TTL = 3 x interval), and from SIGTERM (goodbye) until every other has dropped it;
+- idle cost of the mesh: CPU of all node processes and bytes per second on the bridge;
+- datagram size with 1 and with 200 shared services (services are not in the datagram).
+
+Everything runs inside namespaces the benchmark creates (tests/netkit.py); nothing is sent
+on the machine's real interfaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from netkit import Net, NodeProc, init_team, join_team
+
+from devmesh.core import catalog, wire
+
+
+def wait(check, timeout_s: float = 60.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if check():
+            return time.monotonic()
+        time.sleep(0.005)
+    raise SystemExit("timed out")
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def bridge_bytes(net: Net) -> int:
+    out = subprocess.run(["ip", "-n", net.switch, "-j", "-s", "link", "show"], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    return sum(
+        link["stats64"]["rx"]["bytes"] for link in json.loads(out) if link["ifname"].startswith("v")
+    )
+
+
+def datagram_size(services: int) -> tuple[int, int]:
+    cat = catalog.Catalog(
+        node_id="ab" * 16,
+        services=tuple(
+            catalog.SharedService(
+                name=f"service-{i}", project="project", version="1.2.3", health="healthy"
+            )
+            for i in range(services)
+        ),
+    )
+    keys = wire.derive_keys("team", b"s" * 32)
+    now_ms = int(time.time() * 1000)
+    msg = wire.Announcement(
+        kind=wire.Kind.HEARTBEAT,
+        node_id="ab" * 16,
+        node_name="n" * 20,
+        address="10.250.7.10",
+        port=7701,
+        revision=cat.revision,
+        sent_ms=now_ms,
+        boot_ms=now_ms,
+        seq=12345,
+    )
+    return len(wire.encode(msg, keys)), len(catalog.encode(cat))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--nodes", type=int, default=10)
+    p.add_argument("--interval", type=float, default=2.0)
+    p.add_argument("--idle", type=float, default=10.0)
+    args = p.parse_args()
+    n = args.nodes
+    names = [f"node{i}" for i in range(n)]
+    with tempfile.TemporaryDirectory() as tmp_s, Net(n) as net:
+        tmp = Path(tmp_s)
+        init_team(tmp / names[0], names[0])
+        for name in names[1:]:
+            join_team(tmp / name, tmp / names[0], name)
+        launched = time.monotonic()
+        procs: list[NodeProc] = []
+        try:
+            # Start all processes first, then wait for each "ready" line.
+            nodes = []
+            import threading
+
+            def launch(i: int) -> None:
+                api = {"name": "api", "project": "p", "version": "1.0.0", "health": "healthy"}
+                argv = ["--interfaces", "eth0", "--interval", str(args.interval)]
+                nodes.append(NodeProc(tmp / names[i], argv, net=net, host=i, services=[api]))
+
+            threads = [threading.Thread(target=launch, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            procs = nodes
+            all_ready = time.monotonic()
+            done = wait(lambda: all(len(x.alive_peers()) == n - 1 for x in procs))
+            print(
+                f"convergence: {ms(done - all_ready)} after the last node listened "
+                f"({ms(done - launched)} after the first launch, Python start-up included)"
+            )
+            catalogs = wait(
+                lambda: all(all(p["services"] for p in x.status()["peers"]) for x in procs)
+            )
+            print(
+                f"catalogs: every node holds every catalog {ms(catalogs - all_ready)} "
+                "after the last listened"
+            )
+
+            # Idle cost.
+            ps = [psutil.Process(x.proc.pid) for x in procs]
+            cpu0 = sum(sum(q.cpu_times()[:2]) for q in ps)
+            b0, t0 = bridge_bytes(net), time.monotonic()
+            time.sleep(args.idle)  # measuring a duration, not synchronising
+            cpu1 = sum(sum(q.cpu_times()[:2]) for q in ps)
+            b1, t1 = bridge_bytes(net), time.monotonic()
+            cpu = 100 * (cpu1 - cpu0) / (t1 - t0)
+            print(
+                f"idle mesh of {n}, interval {args.interval} s: CPU {cpu:.2f}% of one core for "
+                f"all nodes together; {(b1 - b0) / (t1 - t0):.0f} bytes/s on the bridge"
+            )
+
+            ttl = 3 * args.interval
+            victim = procs[-1]
+            others = procs[:-1]
+            killed = time.monotonic()
+            victim.stop(signal.SIGKILL)
+            gone = wait(
+                lambda: all(
+                    (x.peer(victim.home.name) or {}).get("state") == "expired" for x in others
+                )
+            )
+            print(
+                f"death (SIGKILL): all {n - 1} others expired it after {ms(gone - killed)} "
+                f"(TTL {ttl:.1f} s, goal under {ttl + 1:.1f} s)"
+            )
+            leaver = procs[-2]
+            rest = procs[:-2]
+            left = time.monotonic()
+            leaver.stop(signal.SIGTERM)
+            dropped = wait(lambda: all(x.peer(leaver.home.name) is None for x in rest))
+            print(f"clean stop (goodbye): all {n - 2} others dropped it after {ms(dropped - left)}")
+        finally:
+            for x in procs:
+                x.stop(signal.SIGKILL)
+    for count in (1, 200):
+        size, cat_size = datagram_size(count)
+        print(
+            f"{count} services: datagram {size} bytes (limit {wire.MAX_DATAGRAM_BYTES}); "
+            f"catalog {cat_size} bytes"
+        )
+
+
+if __name__ == "__main__":
+    main()
