@@ -322,6 +322,7 @@ services:
   api:
     version: 1.0.0
     command: {py} server.py
+    port: auto  # a command check alone says nothing about a port: ask for one
     health: {{command: test -f {flag}, interval_s: 0.2}}
   web:
     version: 1.0.0
