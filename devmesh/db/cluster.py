@@ -40,6 +40,8 @@ from pathlib import Path
 
 import psutil
 import psycopg
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import TupleRow
 
 from devmesh.db import osuser, pgbin
 from devmesh.db.errors import ClusterError, PortTakenError
@@ -86,11 +88,11 @@ def _port_holder(port: int) -> str | None:
             return None
     try:
         for conn in psutil.net_connections(kind="tcp"):
-            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
-                if conn.pid:
-                    with contextlib.suppress(psutil.Error):
-                        return f"held by pid {conn.pid} ({psutil.Process(conn.pid).name()})"
-                    return f"held by pid {conn.pid}"
+            listening = conn.status == psutil.CONN_LISTEN
+            if conn.laddr and conn.laddr.port == port and listening and conn.pid:
+                with contextlib.suppress(psutil.Error):
+                    return f"held by pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+                return f"held by pid {conn.pid}"
     except psutil.Error:
         pass
     return "held by a process we cannot see"
@@ -356,19 +358,21 @@ class Cluster:
 
     # -- connections --------------------------------------------------------------------
 
-    def admin(self, meta: ClusterMeta, dbname: str = "postgres") -> psycopg.Connection[object]:
+    def admin(self, meta: ClusterMeta, dbname: str = "postgres") -> psycopg.Connection[TupleRow]:
         """A superuser connection over the Unix socket, autocommit."""
-        return psycopg.connect(**self.admin_params(meta, dbname), autocommit=True)
+        return psycopg.connect(self.admin_conninfo(meta, dbname), autocommit=True)
 
-    def admin_params(self, meta: ClusterMeta, dbname: str) -> dict[str, str | int]:
-        return {
-            "host": meta.socket_dir,
-            "port": meta.port,
-            "user": SUPERUSER,
-            "password": meta.superuser_password,
-            "dbname": dbname,
-            "connect_timeout": 10,
-        }
+    def admin_conninfo(self, meta: ClusterMeta, dbname: str) -> str:
+        """libpq conninfo of a superuser session over the Unix socket."""
+        return make_conninfo(
+            "",
+            host=meta.socket_dir,
+            port=meta.port,
+            user=SUPERUSER,
+            password=meta.superuser_password,
+            dbname=dbname,
+            connect_timeout=10,
+        )
 
     def with_role(self, meta: ClusterMeta, name: str, password: str) -> ClusterMeta:
         return dataclasses.replace(meta, roles={**meta.roles, name: password})

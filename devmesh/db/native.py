@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import TupleRow
 
 from devmesh.db import snapshots, wiring
 from devmesh.db.cluster import DEFAULT_FALLBACK, Cluster, ClusterMeta
@@ -154,10 +155,9 @@ class NativePostgres:
 
     # -- for sync and snapshots ---------------------------------------------------------
 
-    def admin_params(self, spec: DbSpec) -> dict[str, str | int]:
-        """Superuser connection parameters into the service's database (for a sync)."""
-        meta = self._meta(spec)
-        return self.cluster.admin_params(meta, spec.database)
+    def admin_conninfo(self, spec: DbSpec) -> str:
+        """A superuser conninfo into the service's database (the target of a sync)."""
+        return self.cluster.admin_conninfo(self._running(spec), spec.database)
 
     def snapshot(self, spec: DbSpec, name: str | None = None) -> SnapshotInfo:
         """Copy the service's database; ``name`` defaults to the UTC time."""
@@ -208,7 +208,7 @@ class NativePostgres:
         )
 
 
-def _ensure_role_and_db(conn: psycopg.Connection[object], db: str, password: str) -> None:
+def _ensure_role_and_db(conn: psycopg.Connection[TupleRow], db: str, password: str) -> None:
     """Create the role (login, given password) and its database unless they exist."""
     ident = sql.Identifier(db)
     if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (db,)).fetchone() is None:
@@ -217,6 +217,4 @@ def _ensure_role_and_db(conn: psycopg.Connection[object], db: str, password: str
         )
     if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone() is None:
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(ident, ident))
-        conn.execute(
-            sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(ident)
-        )
+        conn.execute(sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(ident))

@@ -91,7 +91,7 @@ def can_traverse(user: OsUser, path: Path) -> bool:
     """
     if user.is_self or user.uid == 0:
         return True
-    groups = {user.gid, *(g.gr_gid for g in _groups_of(user.name))}
+    groups = {user.gid, *_groups_of(user.name)}
     for parent in [path, *path.parents]:
         try:
             st = parent.stat()
@@ -108,10 +108,10 @@ def can_traverse(user: OsUser, path: Path) -> bool:
     return True
 
 
-def _groups_of(name: str) -> list[object]:
+def _groups_of(name: str) -> list[int]:
     import grp
 
-    return [g for g in grp.getgrall() if name in g.gr_mem]
+    return [g.gr_gid for g in grp.getgrall() if name in g.gr_mem]
 
 
 def chown_tree(path: Path, user: OsUser) -> None:
@@ -132,7 +132,7 @@ def run(
     if not user.is_self:
         kwargs = {"user": user.uid, "group": user.gid, "extra_groups": []}
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C"}
-    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+    return subprocess.run(  # type: ignore[call-overload]
         argv,
         capture_output=True,
         text=True,

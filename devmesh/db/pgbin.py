@@ -71,7 +71,10 @@ def candidates(extra_bindirs: list[Path] | None = None) -> tuple[list[PgBin], li
             dirs.append(Path(out))
     if DEBIAN_ROOT.is_dir():
         dirs.extend(sorted(p / "bin" for p in DEBIAN_ROOT.iterdir()))
-    looked = list(dict.fromkeys(str(d) for d in dirs)) or ["pg_config (not on PATH)", str(DEBIAN_ROOT)]
+    looked = list(dict.fromkeys(str(d) for d in dirs)) or [
+        "pg_config (not on PATH)",
+        str(DEBIAN_ROOT),
+    ]
     found: dict[Path, PgBin] = {}
     for d in dirs:
         real = d.resolve()

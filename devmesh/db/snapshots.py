@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import TupleRow
 
 from devmesh.db.errors import SnapshotError
 
@@ -48,7 +49,7 @@ def snapshot_db(database: str, name: str) -> str:
     return full
 
 
-def _quiesce(conn: psycopg.Connection[object], database: str) -> None:
+def _quiesce(conn: psycopg.Connection[TupleRow], database: str) -> None:
     """Refuse new sessions to ``database`` and end the open ones (not ours)."""
     conn.execute(
         sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(database))
@@ -60,14 +61,14 @@ def _quiesce(conn: psycopg.Connection[object], database: str) -> None:
     )
 
 
-def _reopen(conn: psycopg.Connection[object], database: str) -> None:
+def _reopen(conn: psycopg.Connection[TupleRow], database: str) -> None:
     conn.execute(
         sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(database))
     )
 
 
 def take(
-    conn: psycopg.Connection[object], database: str, name: str, created_at: str
+    conn: psycopg.Connection[TupleRow], database: str, name: str, created_at: str
 ) -> SnapshotInfo:
     """Copy ``database`` into snapshot ``name`` (``conn``: superuser, autocommit)."""
     target = snapshot_db(database, name)
@@ -91,14 +92,12 @@ def take(
     return SnapshotInfo(name=name, created_at=created_at, size_bytes=_size(conn, target))
 
 
-def restore(conn: psycopg.Connection[object], database: str, owner: str, name: str) -> None:
+def restore(conn: psycopg.Connection[TupleRow], database: str, owner: str, name: str) -> None:
     """Make ``database`` a copy of snapshot ``name`` again; on failure it stays as it was."""
     source = snapshot_db(database, name)
     if not _exists(conn, source):
         known = ", ".join(s.name for s in listing(conn, database)) or "none"
-        raise SnapshotError(
-            f"no snapshot {name!r} of database {database!r} (snapshots: {known})"
-        )
+        raise SnapshotError(f"no snapshot {name!r} of database {database!r} (snapshots: {known})")
     fresh, old = f"{database}__restoring", f"{database}__replaced"
     for leftover in (fresh, old):
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(leftover)))
@@ -134,7 +133,7 @@ def restore(conn: psycopg.Connection[object], database: str, owner: str, name: s
     conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(old)))
 
 
-def listing(conn: psycopg.Connection[object], database: str) -> list[SnapshotInfo]:
+def listing(conn: psycopg.Connection[TupleRow], database: str) -> list[SnapshotInfo]:
     """Snapshots of ``database``, oldest first."""
     rows = conn.execute(
         "SELECT datname, shobj_description(oid, 'pg_database'), pg_database_size(oid)"
@@ -150,19 +149,22 @@ def listing(conn: psycopg.Connection[object], database: str) -> list[SnapshotInf
         if meta.get("devmesh_snapshot_of") != database:
             continue
         out.append(
-            SnapshotInfo(name=str(datname)[len(database) + len(SEP) :], created_at=meta["at"],
-                         size_bytes=int(size))
+            SnapshotInfo(
+                name=str(datname)[len(database) + len(SEP) :],
+                created_at=meta["at"],
+                size_bytes=int(size),
+            )
         )
     return sorted(out, key=lambda s: (s.created_at, s.name))
 
 
-def delete(conn: psycopg.Connection[object], database: str, name: str) -> None:
+def delete(conn: psycopg.Connection[TupleRow], database: str, name: str) -> None:
     conn.execute(
         sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(snapshot_db(database, name)))
     )
 
 
-def prune(conn: psycopg.Connection[object], database: str, keep: int) -> list[str]:
+def prune(conn: psycopg.Connection[TupleRow], database: str, keep: int) -> list[str]:
     """Delete all but the newest ``keep`` snapshots; the names deleted."""
     snaps = listing(conn, database)
     doomed = snaps[: max(0, len(snaps) - keep)]
@@ -171,11 +173,11 @@ def prune(conn: psycopg.Connection[object], database: str, keep: int) -> list[st
     return [s.name for s in doomed]
 
 
-def _exists(conn: psycopg.Connection[object], datname: str) -> bool:
+def _exists(conn: psycopg.Connection[TupleRow], datname: str) -> bool:
     row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (datname,)).fetchone()
     return row is not None
 
 
-def _size(conn: psycopg.Connection[object], datname: str) -> int:
+def _size(conn: psycopg.Connection[TupleRow], datname: str) -> int:
     row = conn.execute("SELECT pg_database_size(%s)", (datname,)).fetchone()
     return int(row[0]) if row else 0
