@@ -300,6 +300,7 @@ class Cluster:
         if self.running_pid(meta) is not None:
             return
         data = Path(meta.data_dir)
+        self._await_orphans(data)
         with contextlib.suppress(FileNotFoundError):
             (data / "postmaster.pid").unlink()  # stale: its process is gone (checked above)
         holder = _port_holder(meta.port)
@@ -330,6 +331,22 @@ class Cluster:
                 f"{done.stdout.strip()} {done.stderr.strip()}); server log:\n"
                 f"{_tail(Path(meta.log_file))}"
             )
+
+    def _await_orphans(self, data: Path) -> None:
+        """Wait for the backends of a killed postmaster to exit (they notice its death
+        within moments); while they hold its shared memory, a new postmaster refuses to
+        start. Those still there after the timeout are killed: their postmaster is gone."""
+        real = data.resolve()
+        orphans = []
+        for proc in psutil.process_iter(["name"]):
+            with contextlib.suppress(psutil.Error):
+                if "postgres" in (proc.info["name"] or "") and Path(proc.cwd()) == real:
+                    orphans.append(proc)
+        _, alive = psutil.wait_procs(orphans, timeout=min(10.0, self.start_timeout_s))
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=10)
 
     def stop(self, meta: ClusterMeta) -> None:
         """Stop the server (fast shutdown: sessions end, data kept) when it runs."""

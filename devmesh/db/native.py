@@ -81,6 +81,8 @@ class NativePostgres:
 
     def stop(self, spec: DbSpec | None = None) -> None:
         """Stop the project's cluster (every service's database), keeping the data."""
+        if self.cluster.meta() is None:
+            return
         with self.cluster.locked():
             meta = self.cluster.meta()
             if meta is not None:
@@ -123,6 +125,8 @@ class NativePostgres:
         """Drop the service's database, its snapshots and role; the last one takes the
         cluster with it (its files, its port)."""
         db = spec.database
+        if self.cluster.meta() is None:
+            return
         with self.cluster.locked():
             meta = self.cluster.meta()
             if meta is None:
@@ -150,6 +154,8 @@ class NativePostgres:
 
     def destroy(self) -> None:
         """Delete the whole project cluster, every service's data included."""
+        if not self.cluster.root.exists():
+            return
         with self.cluster.locked():
             self.cluster.destroy()
 
