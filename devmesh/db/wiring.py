@@ -20,7 +20,9 @@ def url(info: ConnInfo) -> str:
     """The full URL, password included (for the service and for ``devmesh db url``)."""
     if info.engine is Engine.SQLITE:
         assert info.path is not None
-        return f"sqlite:///{info.path.resolve().as_posix().lstrip('/')}"
+        # sqlite:/// then the absolute path, so four slashes: what SQLAlchemy and
+        # dj-database-url read as an absolute path (three would be relative to the cwd)
+        return f"sqlite:///{info.path.resolve().as_posix()}"
     user = quote(info.user, safe="")
     password = quote(info.password, safe="")
     auth = f"{user}:{password}@" if password else f"{user}@"
