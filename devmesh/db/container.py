@@ -276,7 +276,10 @@ class DockerPostgres:
             container.reload()
 
     def _conninfo(self, spec: DbSpec, container: Any) -> ConnInfo:
-        env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"] if "=" in item)
+        env: dict[str, str] = {}
+        for item in container.attrs["Config"]["Env"]:
+            key, _, value = str(item).partition("=")
+            env[key] = value
         bindings = container.attrs["HostConfig"]["PortBindings"]["5432/tcp"]
         return ConnInfo(
             engine=Engine.POSTGRES,
