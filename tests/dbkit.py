@@ -178,3 +178,114 @@ def make_staging(home: DbHome) -> str:
     with psycopg.connect(url) as conn:
         conn.execute(STAGING_SCHEMA)  # type: ignore[arg-type]
     return url
+
+
+# -- a local PostgreSQL image, built from this machine's binaries ---------------------------
+# Registries are unreachable here, so the docker provider's tests build an image that keeps
+# the official postgres image's contract (POSTGRES_USER/PASSWORD/DB on first start, data in
+# /var/lib/postgresql/data, pg_isready on the PATH) from the host's own PostgreSQL files and
+# the shared libraries they link (found with ldd). No shell tools beyond dash and coreutils.
+
+ENTRYPOINT = r"""#!/bin/sh
+set -e
+export PGDATA=/var/lib/postgresql/data
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    echo "$POSTGRES_PASSWORD" > /tmp/pwfile
+    initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile=/tmp/pwfile -E UTF8 --locale=C \
+        --auth-local=scram-sha-256 --auth-host=scram-sha-256 --no-instructions
+    rm -f /tmp/pwfile
+    echo "host all all 0.0.0.0/0 scram-sha-256" >> "$PGDATA/pg_hba.conf"
+    pg_ctl -D "$PGDATA" -w start -o "-c listen_addresses='' -k /tmp"
+    if [ "$POSTGRES_DB" != "postgres" ]; then
+        PGPASSWORD="$POSTGRES_PASSWORD" psql -X -h /tmp -U "$POSTGRES_USER" -d postgres \
+            -c "CREATE DATABASE \"$POSTGRES_DB\""
+    fi
+    pg_ctl -D "$PGDATA" -w stop -m fast
+fi
+exec postgres -D "$PGDATA" -c listen_addresses='*' -k /tmp
+"""
+
+
+def _ldd(path: str) -> set[str]:
+    import subprocess
+
+    out = subprocess.run(["ldd", path], capture_output=True, text=True, check=False).stdout
+    libs = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
+            libs.add(parts[2])
+        elif parts and parts[0].startswith("/"):
+            libs.add(parts[0])
+    return libs
+
+
+def build_postgres_image(client, tag: str = "devmesh-test/postgres:local") -> str:
+    """Build (once per engine) ``tag`` from the host's PostgreSQL; the tag."""
+    import io
+    import tarfile
+
+    import docker.errors
+
+    from devmesh.db import pgbin
+
+    try:
+        client.images.get(tag)
+        return tag
+    except docker.errors.ImageNotFound:
+        pass
+    pg = pgbin.find()
+    share = Path(f"/usr/share/postgresql/{pg.major}")
+    libdir = pg.bindir.parent / "lib"
+    tools = ["/bin/sh", "/bin/rm", "/bin/cat", "/bin/mkdir"]
+    binaries = [str(pg.bindir / t) for t in ("postgres", "initdb", "pg_ctl", "pg_isready", "psql")]
+    modules = [str(p) for p in libdir.glob("*.so") if "llvmjit" not in p.name]
+    files: set[str] = set(tools + binaries + modules)
+    for f in list(files):
+        files |= _ldd(f)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", dereference=True) as tar:
+        for f in sorted(files):
+            tar.add(f, arcname=f.lstrip("/"))
+        tar.add(str(share), arcname=str(share).lstrip("/"))
+        if Path("/usr/share/zoneinfo/UTC").exists():
+            tar.add("/usr/share/zoneinfo/UTC", arcname="usr/share/zoneinfo/UTC")
+
+        def text(name: str, body: str, mode: int = 0o644, uid: int = 0) -> None:
+            data = body.encode()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.uid, info.gid = len(data), mode, uid, uid
+            tar.addfile(info, io.BytesIO(data))
+
+        def folder(name: str, uid: int, mode: int = 0o755) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, mode, uid, uid
+            tar.addfile(info)
+
+        text(
+            "etc/passwd",
+            "root:x:0:0::/root:/bin/sh\npostgres:x:999:999::/var/lib/postgresql:/bin/sh\n",
+        )
+        text("etc/group", "root:x:0:\npostgres:x:999:\n")
+        text("usr/local/bin/docker-entrypoint.sh", ENTRYPOINT, 0o755)
+        folder("tmp", 0, 0o1777)
+        folder("var", 0)
+        folder("var/lib", 0)
+        folder("var/lib/postgresql", 999, 0o755)
+        folder("var/lib/postgresql/data", 999, 0o700)
+    rootfs = buf.getvalue()
+    dockerfile = (
+        "FROM scratch\nADD rootfs.tar /\n"
+        f"ENV PATH={pg.bindir}:/usr/local/bin:/bin TZ=UTC LANG=C\n"
+        "USER postgres\nEXPOSE 5432\n"
+        'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]\n'
+    ).encode()
+    ctx = io.BytesIO()
+    with tarfile.open(fileobj=ctx, mode="w") as tar:
+        for name, data in (("Dockerfile", dockerfile), ("rootfs.tar", rootfs)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ctx.seek(0)
+    client.images.build(fileobj=ctx, custom_context=True, tag=tag, rm=True)
+    return tag

@@ -71,10 +71,22 @@ def connect(timeout_s: float = 5.0) -> Any:
     import docker
     import docker.errors
 
+    address = _engine_address()
+    if address.startswith("unix://"):
+        # Probe the socket ourselves: docker-py leaks the socket of a failed connect.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(timeout_s)
+            try:
+                probe.connect(address.removeprefix("unix://"))
+            except OSError as exc:
+                raise DockerUnavailableError(address, exc.strerror or str(exc)) from None
+    client = None
     try:
         client = docker.from_env(timeout=int(max(1, timeout_s)))
         client.ping()
     except (docker.errors.DockerException, OSError) as exc:
+        if client is not None:
+            client.close()
         raise DockerUnavailableError(_engine_address(), str(exc).splitlines()[0]) from None
     return client
 
@@ -118,6 +130,12 @@ class DockerPostgres:
             self._client = connect()
         return self._client
 
+    def close(self) -> None:
+        """Close the engine connection (made lazily; a new one is made when needed)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
     # -- naming -------------------------------------------------------------------------
 
     def image(self, spec: DbSpec) -> str:
@@ -154,9 +172,8 @@ class DockerPostgres:
         container = self.find(spec)
         if container is None:
             image = self._image(spec)
-            password = secrets.token_urlsafe(24)
             db = spec.database
-            self.client.volumes.create(name=self.volume_name(spec), labels=self.labels(spec))
+            password = self._volume_password(spec)
             try:
                 container = self.client.containers.create(
                     image,
@@ -258,6 +275,29 @@ class DockerPostgres:
             except docker.errors.APIError as exc:
                 raise ImageMissingError(image, str(exc.explanation or exc)) from None
         return image
+
+    def _volume_password(self, spec: DbSpec) -> str:
+        """The password the data volume was initialised with; a new volume gets a new one.
+
+        Kept as a label of the volume, so a container removed by hand (``docker rm``) is
+        recreated around its old data with the password that data expects.
+        """
+        import docker.errors
+
+        try:
+            volume = self.client.volumes.get(self.volume_name(spec))
+        except docker.errors.NotFound:
+            password = secrets.token_urlsafe(24)
+            labels = {**self.labels(spec), f"{LABEL}.password": password}
+            self.client.volumes.create(name=self.volume_name(spec), labels=labels)
+            return password
+        stored = (volume.attrs.get("Labels") or {}).get(f"{LABEL}.password")
+        if not stored:
+            raise PermanentDbError(
+                f"volume {volume.name!r} exists but was not made by devmesh (no password "
+                f"label); remove it (`docker volume rm {volume.name}`) or rename the service"
+            )
+        return str(stored)
 
     def _existing(self, spec: DbSpec) -> Any:
         container = self.find(spec)
