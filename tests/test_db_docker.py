@@ -127,3 +127,24 @@ def test_no_engine_is_named(monkeypatch) -> None:
         DockerUnavailableError, match=r"unix:///nonexistent/docker.sock.*docker\.io"
     ):
         DockerPostgres().ensure(DbSpec(project="p", service="api"))
+
+
+def test_a_subset_sync_into_a_container_database(provider) -> None:
+    from dbkit import DbHome, make_staging
+
+    from devmesh.db import sync
+
+    p, spec = provider
+    home = DbHome()
+    try:
+        source = make_staging(home)
+        info = p.ensure(spec)
+        sync.run(
+            sync.SyncSpec(source_url=source, tables={"orders": "id <= 3"}),
+            p.admin_conninfo(spec),
+            info.user,
+        )
+        assert query(wiring.url(info), "SELECT id FROM orders ORDER BY id") == [(1,), (2,), (3,)]
+        assert query(wiring.url(info), "SELECT count(*) > 0 FROM customers") == [(True,)]
+    finally:
+        assert home.close() == []

@@ -108,3 +108,18 @@ def test_names_are_checked() -> None:
     assert DbSpec(project="p", service="Web-App").database == "web_app"
     with pytest.raises(ValueError, match="must be 1-48 characters"):
         _ = DbSpec(project="p", service="x", name="drop table;").database
+
+
+def test_auto_prefers_docker_then_native_then_names_what_is_missing() -> None:
+    from devmesh.db.choose import NoProviderError, choose
+
+    pg = DbSpec(project="p", service="api")
+    ok, no_docker, no_pg = (lambda: None), (lambda: "no engine"), (lambda: "no initdb")
+    assert choose(pg, "auto", docker_probe=ok, native_probe=ok) == "docker"
+    assert choose(pg, "auto", docker_probe=no_docker, native_probe=ok) == "native"
+    assert choose(pg, "native", docker_probe=ok, native_probe=ok) == "native"
+    assert choose(SPEC, "auto", docker_probe=no_docker, native_probe=no_pg) == "sqlite"
+    with pytest.raises(NoProviderError, match="docker: no engine; native: no initdb"):
+        choose(pg, "auto", docker_probe=no_docker, native_probe=no_pg)
+    with pytest.raises(ValueError, match="expected one of auto, native, docker"):
+        choose(pg, "podman", docker_probe=ok, native_probe=ok)

@@ -14,7 +14,9 @@ short or is a long copy that holds no event loop, and the agent runs them in a w
 - ``cluster``   one native PostgreSQL cluster: initdb, start, adopt, stop.
 - ``native``    the native provider: one cluster per project, a database and role per service.
 - ``snapshots`` template-database snapshots for native PostgreSQL.
+- ``container`` the docker provider: a PostgreSQL container per service database.
 - ``sqlite``    the SQLite provider: a file per service.
+- ``choose``    which provider ``auto`` means on this machine.
 - ``subset``    which rows a staging subset holds (chosen rows and their foreign-key closure).
 - ``sync``      copy that subset into a local database, all or nothing.
 """

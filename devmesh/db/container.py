@@ -259,6 +259,10 @@ class DockerPostgres:
         with contextlib.suppress(docker.errors.NotFound):
             self.client.volumes.get(self.volume_name(spec)).remove(force=True)
 
+    def admin_conninfo(self, spec: DbSpec) -> str:
+        """The target of a sync: the image's POSTGRES_USER is the container's superuser."""
+        return wiring.url(self.conninfo(spec))
+
     # -- helpers ------------------------------------------------------------------------
 
     def _image(self, spec: DbSpec) -> str:
