@@ -45,10 +45,21 @@ def postgres_in(paths: list[Path]) -> list[psutil.Process]:
 
 
 def postmasters_in(paths: list[Path]) -> list[psutil.Process]:
-    """Only the postmasters (a postgres whose parent is not a postgres of the same dir)."""
+    """Only the postmasters (a postgres whose parent is not a postgres of the same dir).
+
+    Backends come and go while we look (a client's backend exits when the client dies), so
+    one that vanished mid-look is simply not counted.
+    """
     procs = postgres_in(paths)
     pids = {p.pid for p in procs}
-    return [p for p in procs if p.ppid() not in pids]
+    out = []
+    for p in procs:
+        try:
+            if p.ppid() not in pids:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
 
 
 class DbHome:
