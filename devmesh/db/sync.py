@@ -45,6 +45,7 @@ from devmesh.db import pgbin, subset, wiring
 from devmesh.db.errors import DbError, SyncError, SyncInputError, SyncSourceError
 
 PROGRESS_EVERY_BYTES = 1 << 20
+WRITE_BLOCK_BYTES = 1 << 18
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -341,12 +342,19 @@ def _copy_table(
             ) as sink,
             src.cursor() as cur,
         ):
+            # The server sends one message per row: gather them into blocks so the local
+            # side gets few large writes (and counting rows is one scan per block).
+            block = bytearray()
             for query in queries:
                 with cur.copy(sql.SQL("COPY ({}) TO STDOUT").format(query)) as source:
                     for chunk in source:
-                        sink.write(chunk)
-                        rows += bytes(chunk).count(b"\n")
-                        nbytes += len(chunk)
+                        block += chunk
+                        if len(block) < WRITE_BLOCK_BYTES:
+                            continue
+                        rows += block.count(b"\n")
+                        nbytes += len(block)
+                        sink.write(block)
+                        block = bytearray()
                         if progress and nbytes - reported >= PROGRESS_EVERY_BYTES:
                             reported = nbytes
                             progress(
@@ -358,6 +366,10 @@ def _copy_table(
                                     done=False,
                                 )
                             )
+            if block:
+                rows += block.count(b"\n")
+                nbytes += len(block)
+                sink.write(block)
     if progress:
         progress(
             Progress(table=table.label, rows=rows, bytes=nbytes, rows_total=expected, done=True)
