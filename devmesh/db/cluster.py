@@ -68,6 +68,8 @@ class ClusterMeta:
     log_file: str
     superuser_password: str
     roles: dict[str, str] = field(default_factory=dict)
+    oids: dict[str, int] = field(default_factory=dict)
+    """Database name -> its oid (``base/OID`` on disk): a stopped cluster's size."""
 
 
 def _free_port() -> int:
@@ -395,4 +397,31 @@ class Cluster:
         return dataclasses.replace(meta, roles={**meta.roles, name: password})
 
     def without_role(self, meta: ClusterMeta, name: str) -> ClusterMeta:
-        return dataclasses.replace(meta, roles={k: v for k, v in meta.roles.items() if k != name})
+        return dataclasses.replace(
+            meta,
+            roles={k: v for k, v in meta.roles.items() if k != name},
+            oids={k: v for k, v in meta.oids.items() if k != name},
+        )
+
+    def note_oid(
+        self, meta: ClusterMeta, conn: psycopg.Connection[TupleRow], db: str
+    ) -> ClusterMeta:
+        """Record ``db``'s current oid (it changes when a snapshot is restored)."""
+        row = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (db,)).fetchone()
+        if row is None or meta.oids.get(db) == int(row[0]):
+            return meta
+        meta = dataclasses.replace(meta, oids={**meta.oids, db: int(row[0])})
+        self.save(meta)
+        return meta
+
+    def size_on_disk(self, meta: ClusterMeta, db: str) -> int | None:
+        """Bytes under ``base/OID`` of ``db``, read while the server is stopped."""
+        oid = meta.oids.get(db)
+        if oid is None:
+            return None
+        total = 0
+        for root, _, files in os.walk(Path(meta.data_dir) / "base" / str(oid)):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.stat(os.path.join(root, name)).st_size
+        return total

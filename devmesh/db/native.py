@@ -73,6 +73,7 @@ class NativePostgres:
                 self.cluster.save(meta)  # before CREATE ROLE: a crash never loses a password
             with self.cluster.admin(meta) as conn:
                 _ensure_role_and_db(conn, db, password)
+                meta = self.cluster.note_oid(meta, conn, db)
         return self._conninfo(meta, db)
 
     def start(self, spec: DbSpec) -> None:
@@ -100,7 +101,7 @@ class NativePostgres:
                 size_bytes=None,
                 url="",
             )
-        size: int | None = None
+        size = self.cluster.size_on_disk(meta, db)
         state = DbState.STOPPED
         if self.cluster.running_pid(meta) is not None:
             state = DbState.RUNNING
@@ -173,8 +174,10 @@ class NativePostgres:
             return snapshots.take(conn, spec.database, name, now.isoformat())
 
     def restore(self, spec: DbSpec, name: str) -> None:
-        with self.cluster.admin(self._running(spec)) as conn:
+        meta = self._running(spec)
+        with self.cluster.locked(), self.cluster.admin(meta) as conn:
             snapshots.restore(conn, spec.database, spec.database, name)
+            self.cluster.note_oid(self.cluster.meta() or meta, conn, spec.database)
 
     def snapshots(self, spec: DbSpec) -> list[SnapshotInfo]:
         with self.cluster.admin(self._running(spec)) as conn:
