@@ -256,3 +256,55 @@ def test_a_second_sync_replaces_the_first(env: Env, target) -> None:
     assert ids(url, "SELECT id FROM regions") == {(1,), (2,)}
     run(env, spec, sync.SyncSpec(source_url=env.source, tables={"regions": "id = 5"}))
     assert ids(url, "SELECT id FROM regions") == {(5,)}
+
+
+def test_writes_to_the_source_during_a_sync_do_not_reach_the_subset(env: Env, target) -> None:
+    """The copy reads the snapshot the walk and pg_dump read, whatever staging does meanwhile.
+
+    The progress callback (run between tables, while the copy is under way) commits writes
+    to staging from another session: new rows in three tables, a changed row in a fourth.
+    Whichever table was copied first, the others are copied after those commits.
+    """
+    spec, url = target
+    writes = [
+        "INSERT INTO customers (id, name) VALUES (5000, 'late')",
+        "INSERT INTO orders (id, customer_id, created_at) VALUES (5000, 5000, now())",
+        "INSERT INTO audit VALUES ('late')",
+        "UPDATE regions SET name = 'renamed' WHERE id = 1",
+    ]
+    undo = [
+        "DELETE FROM orders WHERE id = 5000",
+        "DELETE FROM customers WHERE id = 5000",
+        "DELETE FROM audit WHERE msg = 'late'",
+        "UPDATE regions SET name = 'region 1' WHERE id = 1",
+    ]
+    written: list[str] = []
+
+    def meanwhile(p: sync.Progress) -> None:
+        if p.done and not written:
+            written.append(p.table)
+            with psycopg.connect(env.source, autocommit=True) as conn:
+                for statement in writes:
+                    conn.execute(statement)  # type: ignore[arg-type]
+
+    try:
+        run(
+            env,
+            spec,
+            sync.SyncSpec(
+                source_url=env.source,
+                tables={"orders": "true", "audit": "true", "regions": "true"},
+            ),
+            progress=meanwhile,
+        )
+        assert written, "the callback never ran"
+        assert ids(url, "SELECT count(*) FROM orders") == {(1000,)}
+        assert ids(url, "SELECT count(*) FROM customers WHERE id = 5000") == {(0,)}
+        assert ids(url, "SELECT count(*) FROM audit") == {(50,)}
+        assert ids(url, "SELECT name FROM regions WHERE id = 1") == {("region 1",)}
+        # and staging did change meanwhile
+        assert ids(env.source, "SELECT count(*) FROM orders") == {(1001,)}
+    finally:
+        with psycopg.connect(env.source, autocommit=True) as conn:
+            for statement in undo:
+                conn.execute(statement)  # type: ignore[arg-type]
