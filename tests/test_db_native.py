@@ -269,11 +269,24 @@ def test_as_root_the_cluster_runs_unprivileged_and_data_moves_when_home_is_close
         assert Path(meta.data_dir).is_relative_to(home.fallback)
         assert Path(meta.data_dir).stat().st_uid == pwd.getpwnam(user).pw_uid
         assert (provider.cluster.root / "cluster.json").stat().st_mode & 0o777 == 0o600
+        assert provider.cluster.root.stat().st_uid == 0  # the record stays root's
         provider.drop(DbSpec(project="p", service="api"))
         assert list(home.fallback.iterdir()) == []
         assert not provider.cluster.root.exists()
     finally:
         assert home.close() == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root only: the cluster's system user")
+def test_as_root_in_a_reachable_home_the_record_stays_roots(own) -> None:
+    provider = own.native("p")
+    provider.ensure(DbSpec(project="p", service="api"))
+    meta = provider.cluster.meta()
+    root = provider.cluster.root
+    assert Path(meta.data_dir).parent == root  # data in the home: no fallback needed
+    assert root.stat().st_uid == 0 and root.stat().st_mode & 0o777 == 0o711
+    assert (root / "cluster.json").stat().st_uid == 0
+    assert Path(meta.data_dir).stat().st_uid == pwd.getpwnam(meta.os_user).pw_uid
 
 
 def test_drop_of_the_last_database_removes_the_cluster(own) -> None:

@@ -216,7 +216,8 @@ class Cluster:
         password = secrets.token_urlsafe(24)
         made: list[Path] = [p for p in (data.parent, sock) if not p.exists()]
         try:
-            self._make_dir(data.parent, user)
+            if data.parent != self.root:  # the fallback place: all of it is the server's
+                self._make_dir(data.parent, user)
             self._make_dir(data, user)
             self._make_dir(sock, user)
             log_dir = data.parent / "log"
