@@ -340,8 +340,15 @@ def test_attached_up_ctrl_c_stops_what_it_started(mesh: Mesh, moment: str) -> No
     """
     flag = mesh.root / "api-ready.flag"
     d = mesh.project("gated", GATED.format(py=PY, flag=flag), {"server.py": SERVER})
+    # A job started in the background by a non-interactive shell (as CI may run the suite)
+    # inherits SIGINT ignored, and an ignored signal stays ignored across exec: give `up`
+    # the default disposition a terminal user's Ctrl-C meets.
+    sigint_default = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'devmesh', 'up'])"
+    )
     proc = subprocess.Popen(
-        [PY, "-m", "devmesh", "up"],
+        [PY, "-c", sigint_default],
         cwd=d,
         env=mesh.env,
         stdout=subprocess.PIPE,
