@@ -488,3 +488,66 @@ def load(home: Path, *, node_name: str | None = None) -> Identity:
 def export_bundle(home: Path, path: Path) -> None:
     """Write the bundle to ``path`` with mode 0600 (never readable by others)."""
     write_private(Path(path), encode_bundle(_load_team(home)))
+
+
+# -- what `devmesh mesh` needs on top: replace without losing, read a teammate's file -------
+
+TEAM_FILES = ("team.json", "team-ca.pem", "team-ca-key.pem", "secret", "node.pem", "node-key.pem")
+"""The files of a team identity; ``node.json`` (the node id and name) is not one: it stays."""
+
+
+def exists(home: Path) -> bool:
+    return (mesh_dir(home) / "team.json").exists()
+
+
+def fingerprint(cert_pem: bytes) -> str:
+    """SHA-256 of a certificate, as browsers show it (``AB:CD:...``)."""
+    digest = x509.load_pem_x509_certificate(cert_pem).fingerprint(hashes.SHA256())
+    return ":".join(f"{b:02X}" for b in digest)
+
+
+def set_aside(home: Path, *, now: datetime.datetime | None = None) -> Path | None:
+    """Move the current team identity to ``mesh/previous-STAMP/`` and return that folder.
+
+    Why not delete: a team identity is a CA key that browsers may trust; replacing it by
+    mistake must be recoverable. The node id and name stay, so this node remains itself.
+    """
+    d = mesh_dir(home)
+    present = [name for name in TEAM_FILES if (d / name).exists()]
+    if not present:
+        return None
+    stamp = (now or _now()).strftime("%Y%m%dT%H%M%S.%fZ")
+    aside = d / f"previous-{stamp}"
+    aside.mkdir(mode=0o700)
+    # team.json first: without it the folder no longer holds an identity, even if a later
+    # move failed, and nothing ever reads a half-moved one as complete.
+    for name in sorted(present, key=lambda n: n != "team.json"):
+        os.replace(d / name, aside / name)
+    return aside
+
+
+def read_bundle_file(path: Path) -> bytes:
+    """A teammate's bundle file, refused when others can read it (it holds the CA key).
+
+    The error says what is wrong and how to fix it; the content is never echoed.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise IdentityError(str(path), "no such file") from None
+    except OSError as exc:
+        raise IdentityError(str(path), f"cannot read it: {exc.strerror}") from None
+    if not path.is_file():
+        raise IdentityError(str(path), "not a regular file")
+    mode = st.st_mode & 0o777
+    if mode & 0o077:
+        raise IdentityError(
+            str(path),
+            f"mode is {mode:o}: others can read the team CA key and the mesh secret in it; "
+            f"run `chmod 600 {path}` (and ask whoever sent it how it travelled)",
+        )
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise IdentityError(str(path), f"cannot read it: {exc.strerror}") from None
