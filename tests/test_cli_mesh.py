@@ -354,3 +354,23 @@ def test_openssl_rejects_a_real_site_signed_with_the_team_key(mesh: Mesh, tmp_pa
         assert (out.returncode == 0) is verdict, (dns, ips, out.stdout + out.stderr)
         if not verdict:
             assert "subtree violation" in out.stdout + out.stderr
+
+
+def test_proxy_workers_switch_to_the_team_ca_too() -> None:
+    """Worker processes share the HTTPS port: every one must sign with the team CA after join,
+    without a restart (the kernel spreads connections over them)."""
+    m = Mesh(proxy_workers=2)
+    try:
+        machine_ca = Path(ok(m, "ca", "path").stdout.strip())
+        m.wait_for(lambda: len(m.leftovers()) >= 3, what="the agent and its two proxy workers")
+        for _ in range(6):
+            leaf(m.https_port, "api.localhost", machine_ca)
+        pids = sorted(m.leftovers())
+        ok(m, "mesh", "init", "shop")
+        team_ca = m.home / "mesh" / "team-ca.pem"
+        for i in range(30):  # bounded: enough connections to reach every worker
+            # api.localhost was cached with the machine CA in each worker that served it.
+            leaf(m.https_port, "api.localhost" if i % 2 else f"s{i % 5}.localhost", team_ca)
+        assert sorted(m.leftovers()) == pids  # same processes: nothing restarted
+    finally:
+        m.close()
