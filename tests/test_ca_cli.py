@@ -198,3 +198,25 @@ def test_install_replaces_the_machine_ca_by_the_team_ca_in_nss(mesh: Mesh, user:
 def _pem_blocks(text: str) -> list[bytes]:
     end = "-----END CERTIFICATE-----"
     return [(b + end).strip().encode() for b in text.split(end) if "BEGIN" in b]
+
+
+def test_an_unconstrained_ca_is_replaced_and_the_agent_log_says_where_it_went(
+    mesh: Mesh,
+) -> None:
+    import trustme
+
+    (mesh.home / "ca").mkdir(parents=True, mode=0o700)
+    old = trustme.CA()  # a CA that can sign any name, as earlier versions made
+    cert_of(mesh).write_bytes(old.cert_pem.bytes())
+    key = mesh.home / "ca" / "ca-key.pem"
+    key.write_bytes(old.private_key_pem.bytes())
+    key.chmod(0o600)
+    r = mesh.cli("ca", "export", check=True)
+    assert r.stdout != old.cert_pem.bytes().decode()
+    x509.load_pem_x509_certificate(r.stdout.encode()).extensions.get_extension_for_class(
+        x509.NameConstraints
+    )
+    (aside,) = (mesh.home / "ca").glob("unconstrained-*")
+    assert (aside / "ca.pem").read_bytes() == old.cert_pem.bytes()
+    log = (mesh.home / "agent.log").read_text()
+    assert f"replaced the local CA {cert_of(mesh)}" in log and str(aside) in log
