@@ -204,7 +204,10 @@ def test_init_takes_the_mesh_name_from_devmesh_yaml_or_asks_for_one(mesh: Mesh) 
             version: 1.0.0
         """,
     )
-    r = mesh.cli("mesh", "init", cwd=proj)
+    r = mesh.cli("-f", str(proj / "devmesh.yaml"), "mesh", "init", cwd=bare)
+    assert r.returncode == 0, r.stderr
+    assert show(mesh)["mesh"] == "kitchen"
+    r = mesh.cli("mesh", "init", "--force", cwd=proj)
     assert r.returncode == 0, r.stderr
     assert show(mesh)["mesh"] == "kitchen"
 

@@ -50,6 +50,12 @@ def register(subparsers: Any) -> None:
         metavar="NAME",
         help="mesh name, a DNS label (default: mesh.name of the devmesh.yaml found here)",
     )
+    p.add_argument(
+        "-f",
+        "--file",
+        metavar="FILE",
+        help="devmesh.yaml to take mesh.name from (default: found in this folder or a parent)",
+    )
     _node_name_arg(p)
     p.add_argument("--force", action="store_true", help="replace an existing team identity")
     p.set_defaults(func=lambda a: _common.run_command(cmd_init, a), usage_parser=p)
@@ -99,7 +105,7 @@ def _agent() -> _common.Client:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    name = args.name or _mesh_name_from_config()
+    name = args.name or _mesh_name_from_config(args.file)
     body = {"mesh": name, "node_name": args.node_name, "force": args.force}
     result = _agent().request("POST", "/v1/mesh/init", body)
     ident = result["identity"]
@@ -177,13 +183,13 @@ def _said_aside(result: dict[str, Any]) -> None:
         print(f"The previous team identity is kept in {result['set_aside']}.")
 
 
-def _mesh_name_from_config() -> str:
-    """``mesh.name`` of the devmesh.yaml found here or above; a clear error otherwise."""
+def _mesh_name_from_config(file: str | None) -> str:
+    """``mesh.name`` of ``file`` (or the devmesh.yaml found here or above); else a clear error."""
     from devmesh.config import loader
 
     hint = "name the mesh: `devmesh mesh init NAME` (a DNS label, e.g. shop)"
     try:
-        loaded = loader.load(loader.find_config(Path.cwd()))
+        loaded = loader.load(Path(file) if file else loader.find_config(Path.cwd()))
     except loader.ConfigNotFound:
         raise _common.CommandError(f"no devmesh.yaml here to take mesh.name from; {hint}") from None
     except loader.ConfigError as exc:
