@@ -377,3 +377,40 @@ def test_proxy_workers_switch_to_the_team_ca_too() -> None:
         assert sorted(m.leftovers()) == pids  # same processes: nothing restarted
     finally:
         m.close()
+
+
+def test_a_failed_replacement_brings_the_old_identity_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write failing half-way (disk full, I/O error) cannot be produced for real here (the
+    tests may run as root, whom permissions do not stop), so the failure is injected into
+    the certificate issue step: everything around it is the real code on real files."""
+    from devmesh.agent import identity_api
+
+    home = tmp_path / "home"
+    old = ids.init(home, "garage", node_name="beta")
+    before = {p.name: p.read_bytes() for p in (home / "mesh").iterdir() if p.is_file()}
+    bundle = tmp_path / "shop.bundle"
+    ids.write_private(bundle, ids.encode_bundle(ids.create_team("shop")))
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ids, "issue_leaf", disk_full)
+    for attempt in (
+        lambda: identity_api._init(home, "shop", None, True),
+        lambda: identity_api._join(home, bundle, None, True),
+    ):
+        with pytest.raises(OSError, match="No space left"):
+            attempt()
+        after = {p.name: p.read_bytes() for p in (home / "mesh").iterdir() if p.is_file()}
+        assert after == before
+        assert not list((home / "mesh").glob("previous-*"))
+    # A node that had no identity keeps none, rather than half of one.
+    fresh = tmp_path / "fresh"
+    with pytest.raises(OSError):
+        identity_api._join(fresh, bundle, None, False)
+    assert not ids.exists(fresh)
+    assert sorted(p.name for p in (fresh / "mesh").iterdir()) == ["node.json"]
+    monkeypatch.undo()
+    assert ids.load(home).team.ca_cert_pem == old.team.ca_cert_pem

@@ -19,8 +19,9 @@ The secret is never logged: log lines name the mesh, the node and the CA fingerp
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,10 @@ def _init(home: Path, mesh: str, node_name: str | None, force: bool) -> dict[str
     identity.check_label("mesh name", mesh)
     if node_name is not None:
         identity.check_label("node name", node_name)
+    fresh = not identity.exists(home)
     aside = _make_room(home, force, "devmesh mesh init --force")
-    ident = identity.init(home, mesh, node_name=node_name)
+    with _restored_on_failure(home, aside, fresh):
+        ident = identity.init(home, mesh, node_name=node_name)
     _log_installed("created", ident, aside)
     return {"identity": _describe(home, ident), "set_aside": _str(aside)}
 
@@ -104,11 +107,27 @@ def _join(home: Path, path: Path, node_name: str | None, force: bool) -> dict[st
     if node_name is not None:
         identity.check_label("node name", node_name)
     aside = None
-    if identity.exists(home) and not _same_team(home, team):
+    fresh = not identity.exists(home)
+    if not fresh and not _same_team(home, team):
         aside = _make_room(home, force, f"devmesh mesh join --force {path}")
-    ident = identity.join(home, data, node_name=node_name, where=str(path))
+    with _restored_on_failure(home, aside, fresh):
+        ident = identity.join(home, data, node_name=node_name, where=str(path))
     _log_installed("joined", ident, aside)
     return {"identity": _describe(home, ident), "set_aside": _str(aside)}
+
+
+@contextlib.contextmanager
+def _restored_on_failure(home: Path, aside: Path | None, fresh: bool) -> Iterator[None]:
+    """No half-written identity: when writing the new one fails, the old one comes back (or,
+    on a node that had none, the new one's files go)."""
+    try:
+        yield
+    except BaseException:
+        if aside is not None:
+            identity.restore_aside(home, aside)
+        elif fresh:
+            identity.remove_team_files(home)
+        raise
 
 
 def _make_room(home: Path, force: bool, command: str) -> Path | None:

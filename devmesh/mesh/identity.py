@@ -551,3 +551,23 @@ def read_bundle_file(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise IdentityError(str(path), f"cannot read it: {exc.strerror}") from None
+
+
+def remove_team_files(home: Path) -> None:
+    """Remove a half-written team identity (team.json first: then it is no identity)."""
+    d = mesh_dir(home)
+    for name in TEAM_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (d / name).unlink()
+
+
+def restore_aside(home: Path, aside: Path) -> None:
+    """Undo ``set_aside`` after a replacement failed half-way: the old identity comes back."""
+    d = mesh_dir(home)
+    remove_team_files(home)
+    # team.json last: the folder holds an identity again only once every file is back.
+    for name in sorted(TEAM_FILES, key=lambda n: n == "team.json"):
+        if (aside / name).exists():
+            os.replace(aside / name, d / name)
+    with contextlib.suppress(OSError):
+        aside.rmdir()
