@@ -17,7 +17,9 @@ Files (``DEVMESH_HOME/mesh/``; keys and the secret mode 0600, written atomically
 (node id and name), ``node.pem``, ``node-key.pem``.
 
 The bundle (``export``/``join``) is one text file: a header, the mesh name, the secret in
-base64, the CA certificate and the CA key in PEM. It is written with mode 0600.
+base64, the CA certificate and the CA key in PEM. It is written with mode 0600, and a bundle
+file readable by others is refused (``read_bundle_file``). A replaced identity is never
+deleted: ``set_aside`` moves it to ``mesh/previous-STAMP/`` (the node id stays).
 
 The secret never appears in a repr, a str or a log line: it is held in ``Secret``, whose
 only way out is ``reveal()``.
