@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import trustme
 from agentkit import Mesh
@@ -119,6 +120,15 @@ def test_init_export_join_one_team_ca_for_both_agents(mesh: Mesh, teammate: Mesh
             leaf(m.https_port, name, team_ca)
             r = curl(m.https_port, name, team_ca)
             assert r.returncode == 0, (m.home, name, r.stderr)
+        # httpx too; *.localhost may not resolve here, so it dials 127.0.0.1 and sends SNI.
+        ctx = ssl.create_default_context(cafile=str(team_ca))
+        with httpx.Client(verify=ctx, trust_env=False) as client:
+            answer = client.get(
+                f"https://127.0.0.1:{m.https_port}/",
+                headers={"Host": "api.localhost"},
+                extensions={"sni_hostname": "api.localhost"},
+            )
+            assert answer.status_code == 404  # verified TLS; no route is applied
     with pytest.raises(ssl.SSLCertVerificationError):  # the old machine CA no longer works
         leaf(teammate.https_port, "web.localhost", machine_ca)
 
