@@ -24,6 +24,7 @@ COMMANDS: tuple[str, ...] = (
     "validate",
     "agent",
     "ca",
+    "mesh",
 )
 
 EXIT_OK = 0

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from agentkit import Mesh
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from devmesh.proxy import ca, errors
 
@@ -59,6 +60,9 @@ def test_path_asks_the_agent_which_creates_the_ca_once(mesh: Mesh) -> None:
     years = (cert.not_valid_after_utc - cert.not_valid_before_utc).days / 365
     assert round(years) == 10
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    # It can vouch for localhost names and loopback only, never for a real site.
+    constraints = cert.extensions.get_extension_for_class(x509.NameConstraints)
+    assert constraints.critical
 
 
 def test_export_prints_or_writes_the_pem(mesh: Mesh) -> None:
@@ -151,3 +155,68 @@ def test_world_readable_key_is_refused(tmp_path):
     assert str(info.value) == (
         f"{tmp_path / 'ca' / 'ca-key.pem'}: key file mode is 644, expected 600"
     )
+
+
+def test_with_a_team_identity_the_ca_commands_give_the_team_ca(mesh: Mesh) -> None:
+    machine = mesh.cli("ca", "export", check=True).stdout
+    mesh.cli("mesh", "init", "shop", check=True)
+    team_ca = mesh.home / "mesh" / "team-ca.pem"
+    assert mesh.cli("ca", "path", check=True).stdout == f"{team_ca}\n"
+    exported = mesh.cli("ca", "export", check=True).stdout
+    assert exported == team_ca.read_text() != machine
+    cert = x509.load_pem_x509_certificate(exported.encode())
+    assert "devmesh team CA shop" in cert.subject.rfc4514_string()
+
+
+def test_install_replaces_the_machine_ca_by_the_team_ca_in_nss(mesh: Mesh, user: Path) -> None:
+    """NSS keeps one certificate per nickname: the team CA must replace the machine CA."""
+    certutil = certutil_or_skip()
+    nss = user / ".pki" / "nssdb"
+    r = mesh.cli("ca", "install", "--no-system")
+    assert r.returncode == 0, r.stdout + r.stderr
+    mesh.cli("mesh", "init", "shop", check=True)
+    r = mesh.cli("ca", "install", "--no-system")
+    assert r.returncode == 0, r.stdout + r.stderr
+    team_ca = mesh.home / "mesh" / "team-ca.pem"
+    assert r.stdout.splitlines() == [
+        f"ok   NSS store {nss}: added as 'devmesh local CA'",
+        f"The CA {team_ca} is trusted in 1 store(s); restart browsers to pick it up.",
+    ]
+    held = subprocess.run(
+        [certutil, "-L", "-d", f"sql:{nss}", "-n", "devmesh local CA", "-a"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    certs = [x509.load_pem_x509_certificate(b) for b in _pem_blocks(held)]
+    assert [c.fingerprint(hashes.SHA256()) for c in certs] == [
+        x509.load_pem_x509_certificate(team_ca.read_bytes()).fingerprint(hashes.SHA256())
+    ]
+
+
+def _pem_blocks(text: str) -> list[bytes]:
+    end = "-----END CERTIFICATE-----"
+    return [(b + end).strip().encode() for b in text.split(end) if "BEGIN" in b]
+
+
+def test_an_unconstrained_ca_is_replaced_and_the_agent_log_says_where_it_went(
+    mesh: Mesh,
+) -> None:
+    import trustme
+
+    (mesh.home / "ca").mkdir(parents=True, mode=0o700)
+    old = trustme.CA()  # a CA that can sign any name, as earlier versions made
+    cert_of(mesh).write_bytes(old.cert_pem.bytes())
+    key = mesh.home / "ca" / "ca-key.pem"
+    key.write_bytes(old.private_key_pem.bytes())
+    key.chmod(0o600)
+    r = mesh.cli("ca", "export", check=True)
+    assert r.stdout != old.cert_pem.bytes().decode()
+    x509.load_pem_x509_certificate(r.stdout.encode()).extensions.get_extension_for_class(
+        x509.NameConstraints
+    )
+    (aside,) = (mesh.home / "ca").glob("unconstrained-*")
+    assert (aside / "ca.pem").read_bytes() == old.cert_pem.bytes()
+    log = (mesh.home / "agent.log").read_text()
+    assert f"replaced the local CA {cert_of(mesh)}" in log and str(aside) in log

@@ -12,7 +12,8 @@ Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
   POST /v1/down                       {project, services}; answers when they are stopped
   GET  /v1/logs?project=P&services=a,b&tail=N|all&since=UNIX_S&follow=1   stream of
        {service, line, time}; proxy=1 (&format=text) for the access log
-  GET  /v1/ca                         {path, pem} of the local CA (created on first use)
+  GET  /v1/ca                         {path, pem} of the CA signing HTTPS leaves (team or local)
+  GET|POST /v1/mesh/...               the team identity: see identity_api
   POST /v1/shutdown
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 import anyio
 
 from devmesh import __version__
-from devmesh.agent import logfeed, preflight, snapshot, views
+from devmesh.agent import identity_api, logfeed, preflight, snapshot, views
 from devmesh.agent import state as state_mod
 from devmesh.agent.engine import Engine
 from devmesh.agent.http_server import ApiError, Request, Response, Router, StreamResponse
@@ -34,6 +35,7 @@ from devmesh.core import desired, model, plan
 
 def build_router(engine: Engine, on_shutdown: Any) -> Router:
     router = Router()
+    identity_api.register(router, engine.home.root)  # /v1/mesh/*: `devmesh mesh ...`
 
     @router.route("GET", "/v1/status")
     async def status(req: Request) -> Response:

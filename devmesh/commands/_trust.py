@@ -130,6 +130,12 @@ def install_nss(cert: Path, database: Path, certutil: str | None, *, create: boo
                 done=False,
                 detail=f"certutil -N failed: {proc.stderr.strip()}; run: {manual}",
             )
+    # NSS refuses a second certificate under one nickname: the CA installed now (the team
+    # CA, or a name-constrained machine CA) replaces the devmesh CA installed before.
+    drop = ["-D", "-d", f"sql:{database}", "-n", NICKNAME]
+    for _ in range(8) if not create else ():
+        if _certutil(certutil, drop).returncode != 0:
+            break
     proc = _certutil(certutil, add)
     if proc.returncode != 0:
         return Step(

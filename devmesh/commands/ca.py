@@ -1,10 +1,13 @@
-"""`devmesh ca path|export|install`: the local CA that signs the HTTPS listener's certificates.
+"""`devmesh ca path|export|install`: the CA that signs the HTTPS listener's certificates.
 
 Why a CLI of its own: a browser or a test client must trust the CA before
-``https://NAME.localhost`` works, and that is a one-time, per-machine step. The agent owns
-the CA (created on first use in ``$DEVMESH_HOME/ca``, default ``~/.devmesh/ca``) and hands
-it out through its control API, so these commands start the agent when none runs, as `up`
-does. Installing it into trust stores happens here, as the user, in ``_trust``.
+``https://NAME.localhost`` works, and that is a one-time, per-machine step. Once this node
+has a team identity (`devmesh mesh init|join`) the CA is the team CA, so trusting it once
+trusts every teammate's services; before, it is this machine's CA (created on first use in
+``$DEVMESH_HOME/ca``, default ``~/.devmesh/ca``). Both are name-constrained to localhost
+names and loopback. The agent owns the CA and hands it out through its control API, so
+these commands start the agent when none runs, as `up` does. Installing it into trust
+stores happens here, as the user, in ``_trust``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from devmesh.commands import _common
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "ca",
-        help="the local CA behind https://NAME.localhost",
+        help="the CA behind https://NAME.localhost (the team CA once there is one)",
         description=__doc__,
         epilog='Example: curl --cacert "$(devmesh ca path)" https://api.localhost:7743/',
         formatter_class=argparse.RawDescriptionHelpFormatter,

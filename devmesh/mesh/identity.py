@@ -17,7 +17,9 @@ Files (``DEVMESH_HOME/mesh/``; keys and the secret mode 0600, written atomically
 (node id and name), ``node.pem``, ``node-key.pem``.
 
 The bundle (``export``/``join``) is one text file: a header, the mesh name, the secret in
-base64, the CA certificate and the CA key in PEM. It is written with mode 0600.
+base64, the CA certificate and the CA key in PEM. It is written with mode 0600, and a bundle
+file readable by others is refused (``read_bundle_file``). A replaced identity is never
+deleted: ``set_aside`` moves it to ``mesh/previous-STAMP/`` (the node id stays).
 
 The secret never appears in a repr, a str or a log line: it is held in ``Secret``, whose
 only way out is ``reveal()``.
@@ -488,3 +490,86 @@ def load(home: Path, *, node_name: str | None = None) -> Identity:
 def export_bundle(home: Path, path: Path) -> None:
     """Write the bundle to ``path`` with mode 0600 (never readable by others)."""
     write_private(Path(path), encode_bundle(_load_team(home)))
+
+
+# -- what `devmesh mesh` needs on top: replace without losing, read a teammate's file -------
+
+TEAM_FILES = ("team.json", "team-ca.pem", "team-ca-key.pem", "secret", "node.pem", "node-key.pem")
+"""The files of a team identity; ``node.json`` (the node id and name) is not one: it stays."""
+
+
+def exists(home: Path) -> bool:
+    return (mesh_dir(home) / "team.json").exists()
+
+
+def fingerprint(cert_pem: bytes) -> str:
+    """SHA-256 of a certificate, as browsers show it (``AB:CD:...``)."""
+    digest = x509.load_pem_x509_certificate(cert_pem).fingerprint(hashes.SHA256())
+    return ":".join(f"{b:02X}" for b in digest)
+
+
+def set_aside(home: Path, *, now: datetime.datetime | None = None) -> Path | None:
+    """Move the current team identity to ``mesh/previous-STAMP/`` and return that folder.
+
+    Why not delete: a team identity is a CA key that browsers may trust; replacing it by
+    mistake must be recoverable. The node id and name stay, so this node remains itself.
+    """
+    d = mesh_dir(home)
+    present = [name for name in TEAM_FILES if (d / name).exists()]
+    if not present:
+        return None
+    stamp = (now or _now()).strftime("%Y%m%dT%H%M%S.%fZ")
+    aside = d / f"previous-{stamp}"
+    aside.mkdir(mode=0o700)
+    # team.json first: without it the folder no longer holds an identity, even if a later
+    # move failed, and nothing ever reads a half-moved one as complete.
+    for name in sorted(present, key=lambda n: n != "team.json"):
+        os.replace(d / name, aside / name)
+    return aside
+
+
+def read_bundle_file(path: Path) -> bytes:
+    """A teammate's bundle file, refused when others can read it (it holds the CA key).
+
+    The error says what is wrong and how to fix it; the content is never echoed.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise IdentityError(str(path), "no such file") from None
+    except OSError as exc:
+        raise IdentityError(str(path), f"cannot read it: {exc.strerror}") from None
+    if not path.is_file():
+        raise IdentityError(str(path), "not a regular file")
+    mode = st.st_mode & 0o777
+    if mode & 0o077:
+        raise IdentityError(
+            str(path),
+            f"mode is {mode:o}: others can read the team CA key and the mesh secret in it; "
+            f"run `chmod 600 {path}` (and ask whoever sent it how it travelled)",
+        )
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise IdentityError(str(path), f"cannot read it: {exc.strerror}") from None
+
+
+def remove_team_files(home: Path) -> None:
+    """Remove a half-written team identity (team.json first: then it is no identity)."""
+    d = mesh_dir(home)
+    for name in TEAM_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (d / name).unlink()
+
+
+def restore_aside(home: Path, aside: Path) -> None:
+    """Undo ``set_aside`` after a replacement failed half-way: the old identity comes back."""
+    d = mesh_dir(home)
+    remove_team_files(home)
+    # team.json last: the folder holds an identity again only once every file is back.
+    for name in sorted(TEAM_FILES, key=lambda n: n == "team.json"):
+        if (aside / name).exists():
+            os.replace(aside / name, d / name)
+    with contextlib.suppress(OSError):
+        aside.rmdir()
