@@ -88,10 +88,12 @@ def test_logs_interleave_services_in_time_order_with_timestamps(chat: tuple[Mesh
 
 def test_logs_since_filters_by_the_time_lines_were_written(chat: tuple[Mesh, Path]) -> None:
     mesh, d = chat
-    rows = _stamped(mesh.cli("logs", "-t", cwd=d, check=True).stdout)
+    shown = mesh.cli("logs", "-t", cwd=d, check=True).stdout
+    rows = _stamped(shown)
     when = next(t for _, t, text in rows if text == "one 2")
     out = mesh.cli("logs", "--since", when, cwd=d, check=True).stdout
-    assert out.splitlines() == ["one | one 2", "one | one 3", "two | two 3"]
+    again = mesh.cli("logs", "-t", cwd=d, check=True).stdout
+    assert out.splitlines() == ["one | one 2", "one | one 3", "two | two 3"], (shown, again)
     whole = mesh.cli("logs", "--since", "1h", "two", cwd=d, check=True).stdout
     assert whole.splitlines() == ["two up", "two 1", "two 2", "two 3"]
     tail = mesh.cli("logs", "--since", when, "--tail", "1", cwd=d, check=True).stdout

@@ -339,3 +339,19 @@ def test_time_index_reads_only_what_was_appended(tmp_path):
     logs.times_path(log).unlink()
     index.refresh()
     assert index.sizes == [] and index.time_at(2) is None
+
+
+def test_a_time_shown_by_logs_t_is_never_later_than_the_lines(tmp_path):
+    """`logs -t` floors to the millisecond, and `--since` of a shown time includes its line,
+    also where rounding to the microsecond would carry a time into the next millisecond."""
+    from devmesh.commands.logs import format_time, parse_since
+
+    when = 1_796_281_200.1239996  # fromtimestamp() rounds this to .124000
+    assert format_time(when) == "2026-12-03T07:00:00.123Z"
+    log = tmp_path / "svc.log"
+    _written_at(log, "early\n", when - 1)
+    assert logs.stamp(log)
+    _written_at(log, "line\n", when)
+    assert logs.stamp(log)
+    since = parse_since("2026-12-03T07:00:00.124Z", 0.0)  # what rounding used to show
+    assert [ln.text for ln in logs.timed_lines(log, since_s=since)] == ["line"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import re
 import sys
 import time
@@ -72,8 +73,11 @@ def format_time(time_s: float | None) -> str:
     """RFC 3339 in UTC to the millisecond, as precise as the times are (docs/cli.md)."""
     if time_s is None:
         return "-" * 24
-    moment = datetime.datetime.fromtimestamp(time_s, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    # Floor to the millisecond in integers: fromtimestamp rounds to the microsecond, which can
+    # carry X.1239996 into .124 and show a time later than the line's.
+    whole_ms = math.floor(time_s * 1000)
+    moment = datetime.datetime.fromtimestamp(whole_ms // 1000, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{whole_ms % 1000:03d}Z"
 
 
 def register(sub: Any) -> None:

@@ -294,6 +294,11 @@ def _start_of_tail(f: BinaryIO, end: int, lines: int) -> int:
     return pos + cut + 1
 
 
+SINCE_SLACK_S = 0.0005
+"""Half the millisecond that `logs -t` shows: a time copied from its output into `--since`
+includes that line even when rounding to the microsecond carried it into the next millisecond."""
+
+
 def timed_lines(
     path: Path, *, tail: int | None = None, since_s: float | None = None
 ) -> list[TimedLine]:
@@ -319,7 +324,7 @@ def timed_lines(
         pos += len(raw) + 1
         line_end = min(pos, end)
         when = index.time_at(line_end)
-        if since_s is not None and when is not None and when < since_s:
+        if since_s is not None and when is not None and when < since_s - SINCE_SLACK_S:
             continue
         out.append(TimedLine(text=raw.decode("utf-8", "replace"), time_s=when, end=line_end))
     return out
