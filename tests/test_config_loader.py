@@ -265,8 +265,7 @@ def test_unset_variable_is_an_empty_string_never_null(tmp_path: Path):
             7,
             14,
             "services.api.env.TOKEN",
-            "variable API_TOKEN is not set (in the environment or .env); "
-            "using an empty string",
+            "variable API_TOKEN is not set (in the environment or .env); using an empty string",
         )
     ]
 
