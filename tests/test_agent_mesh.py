@@ -222,16 +222,21 @@ def test_a_peer_outside_mesh_allow_is_refused_and_counted(team: Team) -> None:
     ben.wait_for(lambda: services_of(ben, "ana"), what="ben (allowed) to get ana's catalog")
 
     def refused() -> dict[str, Any] | None:
-        p = next((p for p in eve.peers()["peers"] if p["name"] == "ana"), None)
+        p = next((p for p in ana.peers()["peers"] if p["name"] == "eve"), None)
         return p if p and p["state"] == "refused" else None
 
-    row = eve.wait_for(refused, what="eve to be refused by ana")
-    assert row["services"] == [] and row["reason"]
-    counted = ana.wait_for(
-        lambda: ana.peers()["drops"].get("channel-refused", 0) > 0, what="ana counts it"
+    row = ana.wait_for(refused, what="ana to refuse eve")
+    assert "not in mesh.allow" in row["reason"]
+    drops = ana.peers()["drops"]
+    assert drops.get("refused", 0) > 0, drops
+    assert "ben" in ana.alive_peers()
+    # eve never gets ana's catalog: the channel refuses it and counts it.
+    ana.wait_for(
+        lambda: any("eve" in line for line in ana.peers()["channel_refused"]),
+        what="ana's channel to refuse eve's fetch",
     )
-    assert counted
-    assert any("eve" in line for line in ana.peers()["channel_refused"])
+    assert ana.peers()["drops"].get("channel-refused", 0) > 0
+    assert services_of(eve, "ana") == []
 
 
 @pytest.mark.slow
