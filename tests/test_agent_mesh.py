@@ -4,6 +4,8 @@ machine. Driven through the real CLI (`up`, `status --json`, `peers --json`)."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -272,3 +274,26 @@ def test_the_secret_is_never_printed_or_logged(team: Team) -> None:
     for text in texts:
         assert secret not in text
         assert raw.hex() not in text
+
+
+@pytest.mark.slow
+def test_a_restarted_agent_rejoins_the_mesh_of_its_restored_projects(team: Team) -> None:
+    ana = team.add("ana")
+    ben = team.add("ben", team_of=ana)
+    assert team.up(ana, "shop", shared={"api": "1.0.0"}).returncode == 0
+    assert team.up(ben, "front", shared={}).returncode == 0
+    ben.wait_for(lambda: services_of(ben, "ana"), what="ana's api in ben's status")
+    pid = ana.agent_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert ana.agent is not None
+    ana.agent.wait(10)
+    ben.wait_for(
+        lambda: (peer(ben, "ana") or {}).get("state") == "expired", what="ana expired on ben"
+    )
+    ana.start_agent()  # adopts shop's services and starts shop's mesh again
+    ben.wait_for(
+        lambda: [s["name"] for s in services_of(ben, "ana")] == ["api"],
+        what="ana back, with its api, on ben",
+    )
+    assert ana.peers()["project"] == "shop"
