@@ -23,10 +23,10 @@ INTERVAL_S = 0.3  # TTL 0.9 s
 NAMES = ["alpha", "beta", "gamma", "delta"]
 
 
-def project_yaml(name: str, *, discovery: str, shared: str) -> str:
+def project_yaml(name: str, *, discovery: str, shared: str, allow: str = "") -> str:
     return (
         f"version: 1\nproject: {name}\n"
-        "mesh:\n  name: team\n"
+        f"mesh:\n  name: team\n{allow}"
         f"  discovery:\n    interval_s: {INTERVAL_S}\n{discovery}"
         "services:\n"
         f"  {shared}:\n    version: 1.0.0\n    command: {PY} server.py\n    share: true\n"
@@ -51,13 +51,13 @@ class Hosts:
         for i in others:
             self.agents[i].mesh_join(self.agents[first], NAMES[i])
 
-    def up(self, i: int, discovery: str = "    interfaces: [eth0]\n") -> None:
+    def up(self, i: int, discovery: str = "    interfaces: [eth0]\n", allow: str = "") -> None:
         m = self.agents[i]
         if m.agent is None:
             m.start_agent()
         d = m.project(
             f"p{i}",
-            project_yaml(f"p{i}", discovery=discovery, shared=f"svc-{NAMES[i]}"),
+            project_yaml(f"p{i}", discovery=discovery, shared=f"svc-{NAMES[i]}", allow=allow),
             {"server.py": SERVER},
         )
         m.cli("up", "-d", cwd=d, timeout=90, check=True)
@@ -195,3 +195,23 @@ def test_a_certificate_of_another_ca_is_refused_and_counted(hosts: Hosts) -> Non
     assert a.peers()["drops"]["refused"] >= 1
     text = a.cli("peers", check=True).stdout
     assert "mallory" in text and "refused (tls:" in text
+
+
+def test_an_agent_outside_mesh_allow_is_refused_and_counted(hosts: Hosts) -> None:
+    hosts.team(0, 1, 2)
+    hosts.up(0, allow=f"  allow: ['{hosts.net.address(1)}/32']\n")  # beta's address only
+    hosts.up(1)
+    hosts.up(2)
+    a = hosts.agents[0]
+    a.wait_for(lambda: "beta" in hosts.alive(0), what="beta alive on alpha")
+    gamma = a.wait_for(
+        lambda: (hosts.peer(0, "gamma") or {}).get("state") == "refused" and hosts.peer(0, "gamma"),
+        what="gamma refused on alpha",
+    )
+    assert "not in mesh.allow" in gamma["reason"] and gamma["services"] == []
+    assert a.peers()["drops"]["refused"] >= 1
+    hosts.agents[1].wait_for(
+        lambda: (hosts.peer(1, "alpha") or {}).get("services"), what="alpha's catalog on beta"
+    )
+    a.wait_for(lambda: a.peers()["drops"].get("channel-refused"), what="gamma's fetch refused")
+    assert not (hosts.peer(2, "alpha") or {}).get("services")
