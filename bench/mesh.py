@@ -124,6 +124,14 @@ def run_agents(n: int, interval: float, idle_s: float) -> None:
             for t in threads:
                 t.join()
             clients = [Client(m.home / "agent.sock", timeout_s=10) for m in agents]
+            bare = [psutil.Process(m.agent_pid()) for m in agents]
+            cpu0, t0 = sum(sum(q.cpu_times()[:2]) for q in bare), time.monotonic()
+            time.sleep(idle_s)  # measuring a duration, not synchronising
+            cpu1, t1 = sum(sum(q.cpu_times()[:2]) for q in bare), time.monotonic()
+            print(
+                f"agents: idle, {n} agents with nothing applied: CPU "
+                f"{100 * (cpu1 - cpu0) / (t1 - t0):.2f}% of one core (the baseline)"
+            )
 
             def alive(c: Client) -> set[str]:
                 peers = c.request("GET", "/v1/status")["peers"]
