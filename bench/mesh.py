@@ -1,6 +1,12 @@
 """Benchmark of discovery: ten nodes in network namespaces (not a test; run as root).
 
-    .venv/bin/python bench/mesh.py [--nodes 10] [--interval 2] [--idle 10]
+    .venv/bin/python bench/mesh.py [--nodes 10] [--interval 2] [--idle 10] [--agents]
+
+``--agents`` runs real devmesh agents instead of standalone nodes: one agent per namespace,
+each applied a project with a ``mesh:`` section (discovery on the host's eth0) and one
+shared service, read through each agent's control socket. It prints the time from the last
+apply until every agent sees every other, from an agent's SIGKILL until all others expired
+it, and the idle CPU of the agent processes (their services excluded).
 
 Prints:
 - convergence: from the moment every node listens (and from the first launch) until every
@@ -81,13 +87,124 @@ def datagram_size(services: int) -> tuple[int, int]:
     return len(wire.encode(msg, keys)), len(catalog.encode(cat))
 
 
+AGENT_PROJECT = """\
+version: 1
+project: bench{i}
+mesh:
+  name: team
+  discovery:
+    interfaces: [eth0]
+    interval_s: {interval}
+services:
+  idle:
+    version: 1.0.0
+    command: {py} -c "import time; time.sleep(3600)"
+    health: {{tcp: false}}
+    share: true
+"""
+
+
+def run_agents(n: int, interval: float, idle_s: float) -> None:
+    """Ten real agents, one per namespace (see the module docstring)."""
+    import threading
+
+    from agentkit import Mesh
+
+    from devmesh.agent.client import Client
+
+    with Net(n) as net:
+        agents = [Mesh(netns=net.hosts[i]) for i in range(n)]
+        try:
+            agents[0].mesh_init("agent0")
+            for i in range(1, n):
+                agents[i].mesh_join(agents[0], f"agent{i}")
+            threads = [threading.Thread(target=m.start_agent) for m in agents]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            clients = [Client(m.home / "agent.sock", timeout_s=10) for m in agents]
+            bare = [psutil.Process(m.agent_pid()) for m in agents]
+            cpu0, t0 = sum(sum(q.cpu_times()[:2]) for q in bare), time.monotonic()
+            time.sleep(idle_s)  # measuring a duration, not synchronising
+            cpu1, t1 = sum(sum(q.cpu_times()[:2]) for q in bare), time.monotonic()
+            print(
+                f"agents: idle, {n} agents with nothing applied: CPU "
+                f"{100 * (cpu1 - cpu0) / (t1 - t0):.2f}% of one core (the baseline)"
+            )
+
+            def alive(c: Client) -> set[str]:
+                peers = c.request("GET", "/v1/status")["peers"]
+                return {p["name"] for p in peers if p["state"] == "alive"}
+
+            def up(i: int) -> None:
+                m = agents[i]
+                text = AGENT_PROJECT.format(i=i, interval=interval, py=sys.executable)
+                m.cli("up", "-d", cwd=m.project(f"bench{i}", text), timeout=120, check=True)
+
+            launched = time.monotonic()
+            threads = [threading.Thread(target=up, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            applied = time.monotonic()
+            done = wait(lambda: all(len(alive(c)) == n - 1 for c in clients))
+            print(
+                f"agents: every agent sees every other {ms(done - applied)} after the last "
+                f"apply returned ({ms(done - launched)} after the first `up -d` began)"
+            )
+            catalogs = wait(
+                lambda: all(
+                    all(p["services"] for p in c.request("GET", "/v1/status")["peers"])
+                    for c in clients
+                )
+            )
+            print(f"agents: every agent holds every catalog {ms(catalogs - applied)} after it")
+
+            ps = [psutil.Process(m.agent_pid()) for m in agents]
+            cpu0 = sum(sum(q.cpu_times()[:2]) for q in ps)
+            b0, t0 = bridge_bytes(net), time.monotonic()
+            time.sleep(idle_s)  # measuring a duration, not synchronising
+            cpu1 = sum(sum(q.cpu_times()[:2]) for q in ps)
+            b1, t1 = bridge_bytes(net), time.monotonic()
+            print(
+                f"agents: idle, {n} agents together: CPU {100 * (cpu1 - cpu0) / (t1 - t0):.2f}% "
+                f"of one core; {(b1 - b0) / (t1 - t0):.0f} bytes/s on the bridge"
+            )
+
+            ttl = 3 * interval
+            victim = agents[-1]
+            pid = victim.agent_pid()
+            assert pid is not None
+            killed = time.monotonic()
+            psutil.Process(pid).kill()
+
+            def expired(c: Client) -> bool:
+                peers = c.request("GET", "/v1/status")["peers"]
+                return any(p["name"] == f"agent{n - 1}" and p["state"] == "expired" for p in peers)
+
+            gone = wait(lambda: all(expired(c) for c in clients[:-1]))
+            print(
+                f"agents: SIGKILL of an agent: all {n - 1} others expired it after "
+                f"{ms(gone - killed)} (TTL {ttl:.1f} s, goal under {ttl + 1:.1f} s)"
+            )
+        finally:
+            for m in agents:
+                m.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--nodes", type=int, default=10)
     p.add_argument("--interval", type=float, default=2.0)
     p.add_argument("--idle", type=float, default=10.0)
+    p.add_argument("--agents", action="store_true", help="real agents instead of nodes")
     args = p.parse_args()
     n = args.nodes
+    if args.agents:
+        run_agents(n, args.interval, args.idle)
+        return
     names = [f"node{i}" for i in range(n)]
     with tempfile.TemporaryDirectory() as tmp_s, Net(n) as net:
         tmp = Path(tmp_s)

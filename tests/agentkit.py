@@ -29,7 +29,7 @@ PY = sys.executable
 
 
 class Mesh:
-    def __init__(self, *, proxy_workers: int = 0) -> None:
+    def __init__(self, *, proxy_workers: int = 0, netns: str | None = None) -> None:
         # Short path: a Unix socket path must fit in ~100 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="dmt-", dir="/tmp"))
         self.home = self.root / "home"
@@ -44,6 +44,9 @@ class Mesh:
         }
         self.env.pop("DEVMESH_SECRET", None)
         self.agent: subprocess.Popen[bytes] | None = None
+        self.netns = netns
+        """Network namespace the agent (and so its services) runs in; the CLI talks to it
+        over its Unix socket from anywhere."""
 
     # ---------------------------------------------------------------- files
 
@@ -100,8 +103,9 @@ class Mesh:
     def start_agent(self) -> subprocess.Popen[bytes]:
         self.home.mkdir(exist_ok=True, mode=0o700)
         log = open(self.root / "agent-fg.log", "ab")  # noqa: SIM115
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.agent = subprocess.Popen(
-            [PY, "-m", "devmesh", "agent"],
+            [*prefix, PY, "-m", "devmesh", "agent"],
             env=self.env,
             stdout=log,
             stderr=log,
@@ -116,6 +120,38 @@ class Mesh:
             return int((self.home / "agent.pid").read_text())
         except (OSError, ValueError):
             return None
+
+    def agent_log(self) -> str:
+        """What the agent wrote (its stderr and stdout)."""
+        try:
+            return (self.root / "agent-fg.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # ---------------------------------------------------------------- mesh
+
+    def mesh_init(self, node_name: str, mesh: str = "team") -> None:
+        """Create a team identity in this home (what `devmesh mesh init` does)."""
+        self.home.mkdir(exist_ok=True, mode=0o700)
+        _mesh_cli("init", "--home", str(self.home), "--mesh", mesh, "--node-name", node_name)
+
+    def mesh_join(self, teammate: Mesh, node_name: str) -> None:
+        """Install ``teammate``'s team bundle in this home (what `devmesh mesh join` does)."""
+        self.home.mkdir(exist_ok=True, mode=0o700)
+        bundle = self.root / "team.bundle"
+        _mesh_cli("export", "--home", str(teammate.home), str(bundle))
+        _mesh_cli("join", "--home", str(self.home), str(bundle), "--node-name", node_name)
+        bundle.unlink()
+
+    def secret(self) -> str:
+        """The team secret as it is stored (base64), to check it never shows anywhere."""
+        return (self.home / "mesh" / "secret").read_text().strip()
+
+    def peers(self) -> dict[str, Any]:
+        return json.loads(self.cli("peers", "--json", check=True).stdout)
+
+    def alive_peers(self) -> set[str]:
+        return {p["name"] for p in self.status().get("peers", []) if p["state"] == "alive"}
 
     # ---------------------------------------------------------------- processes
 
@@ -149,6 +185,10 @@ class Mesh:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.agent.wait(5)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _mesh_cli(*args: str) -> None:
+    subprocess.run([PY, "-m", "devmesh.mesh", *args], check=True, capture_output=True, timeout=60)
 
 
 def free_port() -> int:

@@ -100,7 +100,7 @@ def test_usage_error_exits_2(tmp_path: Path):
 
 
 def test_json_valid_with_warning(tmp_path: Path):
-    (tmp_path / "devmesh.yaml").write_text("version: 1\nproject: p\nmesh: {secret: hunter2}\n")
+    (tmp_path / "devmesh.yaml").write_text("version: 1\nproject: p\npolicy: {balance: first}\n")
     result = run(["--json"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
@@ -110,20 +110,10 @@ def test_json_valid_with_warning(tmp_path: Path):
             {
                 "file": "devmesh.yaml",
                 "line": 3,
-                "column": 1,
-                "path": "mesh",
-                "message": "not built yet: peer discovery and the peer channel; the mesh "
-                "settings (name, secret, port, discovery, allow) are accepted but have no "
-                "effect: no peer is found and no peer can call this machine",
-                "severity": "warning",
-            },
-            {
-                "file": "devmesh.yaml",
-                "line": 3,
-                "column": 16,
-                "path": "mesh.secret",
-                "message": "mesh.secret is a literal; use ${DEVMESH_SECRET} and keep the value "
-                "out of the repo",
+                "column": 10,
+                "path": "policy.balance",
+                "message": "not built yet: load balancing; each dependency has one candidate "
+                "(the local instance or the fallback), so balance has no effect",
                 "severity": "warning",
             },
         ],

@@ -49,16 +49,16 @@ def test_every_schema_key_appears_with_a_comment():
         )
 
 
-def test_example_reads_its_optional_env_file_and_the_secret(
+def test_example_reads_its_optional_env_file_and_the_mesh(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     shutil.copy(EXAMPLE, tmp_path / "devmesh.yaml")
     (tmp_path / "api.env").write_text("FROM_FILE=1\nLOG_LEVEL=info\n")
     monkeypatch.chdir(tmp_path)
-    loaded = loader.load("devmesh.yaml", environ={"DEVMESH_SECRET": "test-secret"})
+    loaded = loader.load("devmesh.yaml", environ={})
     assert {p.message.split(":")[0] for p in loaded.warnings} == {"not built yet"}
     assert list(loaded.project.services) == ["api", "worker", "db", "auth"]
-    assert loaded.project.mesh is not None and loaded.project.mesh.secret == "test-secret"
+    assert loaded.project.mesh is not None and loaded.project.mesh.node_name == "ana-laptop"
     api = loaded.project.service("api")
     assert api.env_file == ("api.env",)
     assert api.env["FROM_FILE"] == "1" and api.env["LOG_LEVEL"] == "debug"  # env wins

@@ -106,20 +106,18 @@ def test_unset_variable_is_a_warning_once(project: Path):
     ]
 
 
-def test_literal_secret_warns_but_validates(tmp_path: Path):
+def test_mesh_secret_is_refused_and_says_where_the_secret_comes_from(tmp_path: Path):
     path = write(tmp_path, "version: 1\nmesh:\n  secret: hunter2\n")
-    loaded = loader.load(path, environ={})
-    assert [(p.line, p.column, p.path, p.message) for p in loaded.warnings][1:] == [
+    with pytest.raises(loader.ConfigError) as info:
+        loader.load(path, environ={})
+    assert [(p.line, p.column, p.path, p.message) for p in info.value.problems] == [
         (
             3,
-            11,
+            3,
             "mesh.secret",
-            "mesh.secret is a literal; use ${DEVMESH_SECRET} and keep the value out of the repo",
+            "the team secret comes from the bundle, not from devmesh.yaml: run "
+            "`devmesh mesh join FILE` (or `devmesh mesh init`) and delete this key",
         ),
-    ]
-    path.write_text("version: 1\nmesh:\n  secret: ${DEVMESH_SECRET}\n")
-    assert [p.path for p in loader.load(path, environ={"DEVMESH_SECRET": "x"}).warnings] == [
-        "mesh"  # not built yet
     ]
 
 
@@ -241,7 +239,7 @@ TYPED = """\
 version: 1
 project: ${PROJECT:-typed}
 mesh:
-  secret: ${DEVMESH_SECRET}
+  node_name: ${NODE:-ana}
 services:
   api:
     version: 1.0.0
@@ -258,15 +256,16 @@ services:
 
 
 def test_unset_variable_is_an_empty_string_never_null(tmp_path: Path):
-    loaded = loader.load(write(tmp_path, TYPED), environ={})
-    assert loaded.project.mesh is not None and loaded.project.mesh.secret == ""
-    assert [(p.line, p.column, p.path, p.message) for p in loaded.warnings][1:2] == [
+    text = "version: 1\nservices:\n  api:\n    version: 1.0.0\n    command: ./api\n"
+    text += "    env:\n      TOKEN: ${API_TOKEN}\n"
+    loaded = loader.load(write(tmp_path, text), environ={})
+    assert loaded.project.service("api").env["TOKEN"] == ""
+    assert [(p.line, p.column, p.path, p.message) for p in loaded.warnings] == [
         (
-            4,
-            11,
-            "mesh.secret",
-            "variable DEVMESH_SECRET is not set (in the environment or .env); "
-            "using an empty string",
+            7,
+            14,
+            "services.api.env.TOKEN",
+            "variable API_TOKEN is not set (in the environment or .env); using an empty string",
         )
     ]
 
@@ -274,7 +273,7 @@ def test_unset_variable_is_an_empty_string_never_null(tmp_path: Path):
 def test_numbers_and_booleans_convert_only_where_the_field_takes_them(tmp_path: Path):
     environ = {
         "PROJECT": "123",  # a name: stays the text "123"
-        "DEVMESH_SECRET": "0755",
+        "NODE": "0755",
         "P": "8080",
         "SHARE": "Yes",
         "BRANCH": "1.10",  # a string field: not the number 1.1
@@ -285,7 +284,7 @@ def test_numbers_and_booleans_convert_only_where_the_field_takes_them(tmp_path: 
     loaded = loader.load(write(tmp_path, TYPED), environ=environ)
     project, api = loaded.project, loaded.project.service("api")
     assert project.name == "123"
-    assert project.mesh is not None and project.mesh.secret == "0755"
+    assert project.mesh is not None and project.mesh.node_name == "0755"  # a name: text
     assert (api.port, api.share, api.branch) == (8080, True, "1.10")
     assert api.cwd == str(tmp_path / "a: b")
     assert api.health is not None

@@ -148,7 +148,7 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
             mesh=optional(
                 {},
                 name=st.just("team"),
-                secret=st.just("s3cret"),
+                node_name=st.sampled_from(["ana", "ben-xps"]),
                 port=st.integers(1, 65535),
                 discovery=optional(
                     {},
@@ -156,7 +156,8 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
                     interfaces=st.sampled_from([["auto"], ["lo"]]),
                     port=st.integers(1, 65535),
                     interval_s=st.sampled_from([0.1, 2, 30]),
-                    peers=st.sampled_from([[], ["127.0.0.1:7701", "[::1]:7701"]]),
+                    peers=st.sampled_from([[], ["127.0.0.1:7702", "[::1]:7702"]]),
+                    mdns=st.booleans(),
                 ),
                 allow=st.sampled_from([["*"], ["alice", "10.0.0.0/8"]]),
             ),
@@ -209,16 +210,17 @@ def test_yaml_text_through_the_loader_gives_the_same_model(doc: dict[str, Any]):
 ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
 TYPED_FILE = """\
 version: 1
-mesh:
-  secret: ${S}
 services:
   api:
     version: 1.0.0
     command: ./api
     port: ${P}
     branch: "${B}"
+    env:
+      S: ${S}
 """
-PORT_AT = (8, 11)
+PORT_AT = (6, 11)
+SERVICE_TEXT = "services:\n  api:\n    version: 1.0.0\n    command: ./api\n"
 
 
 def _load(environ: dict[str, str]) -> loader.Loaded:
@@ -233,10 +235,16 @@ def test_a_variable_in_a_string_field_is_that_text_and_never_changes_the_structu
 ):
     loaded = _load({"S": secret, "P": "8080", "B": branch})
     api = loaded.project.service("api")
-    assert loaded.project.mesh is not None and loaded.project.mesh.secret == secret
+    assert api.env["S"] == secret.replace("$", "$$")  # kept literal through start time
     assert api.branch == branch
-    assert set(loaded.document) == {"version", "mesh", "services"}
-    assert set(loaded.document["services"]["api"]) == {"version", "command", "port", "branch"}
+    assert set(loaded.document) == {"version", "services"}
+    assert set(loaded.document["services"]["api"]) == {
+        "version",
+        "command",
+        "port",
+        "branch",
+        "env",
+    }
 
 
 @settings(max_examples=150, deadline=None)
@@ -267,9 +275,9 @@ def test_a_malformed_expression_is_reported_at_the_column_of_its_dollar(prefix: 
 @settings(max_examples=60, deadline=None)
 @given(st.from_regex(r"\A[A-Z][A-Z0-9_]{0,8}\Z"))
 def test_an_unset_variable_is_an_empty_string_with_one_warning_naming_it(name: str):
-    text = f"version: 1\nmesh:\n  secret: ${{{name}}}\n  name: team\n"
+    text = f"version: 1\n{SERVICE_TEXT}    env:\n      V: ${{{name}}}\n"
     loaded = loader.load(Path("/nonexistent-devmesh-test/u/devmesh.yaml"), environ={}, text=text)
-    assert loaded.project.mesh is not None and loaded.project.mesh.secret == ""
+    assert loaded.project.service("api").env["V"] == ""
     unset = [w for w in loaded.warnings if "is not set" in w.message]
-    assert [(w.line, w.column, w.path) for w in unset] == [(3, 11, "mesh.secret")]
+    assert [(w.line, w.column, w.path) for w in unset] == [(7, 10, "services.api.env.V")]
     assert unset[0].message.startswith(f"variable {name} is not set")

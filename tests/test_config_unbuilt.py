@@ -18,11 +18,9 @@ SERVICE = "services:\n  api:\n    version: 1.0.0\n    command: ./api\n"
 
 # (row key, a file that uses it so that it applies, (line, column) of the key)
 APPLIES = [
-    ("mesh", HEAD + "mesh:\n  name: team\n", (2, 1)),
     ("policy.versions", HEAD + "policy:\n  versions: reject\n", (3, 3)),
     ("policy.prefer", HEAD + "policy:\n  prefer: peer\n", (3, 3)),
     ("policy.balance", HEAD + "policy:\n  balance: round_robin\n", (3, 3)),
-    ("services.<name>.share", HEAD + SERVICE + "    share: true\n", (6, 5)),
     ("services.<name>.branch", HEAD + SERVICE + "    branch: auto\n", (6, 5)),
     ("services.<name>.fallback", HEAD + SERVICE + "    fallback: http://127.0.0.1:9\n", (6, 5)),
     ("services.<name>.db", HEAD + SERVICE + "    db: {engine: sqlite}\n", (6, 5)),
@@ -32,6 +30,8 @@ APPLIES = [
 WORKS = [
     HEAD + "policy: {versions: warn, prefer: local}\n",
     HEAD + SERVICE + "    share: false\n",
+    HEAD + SERVICE + "    share: true\n",
+    HEAD + "mesh:\n  name: team\n",
     HEAD
     + "services:\n  auth:\n    version: 2.0.0\n    fallback: https://auth.staging.example.com\n",
 ]

@@ -277,7 +277,7 @@ def test_connections_are_bounded_and_a_busy_server_is_not_a_refusal(homes) -> No
             for _ in range(channel.MAX_CONNECTIONS):  # never start TLS: they sit in the handshake
                 idle.append(await asyncio.open_connection("127.0.0.1", port))
             for _ in range(500):
-                if len(server._tasks) >= channel.MAX_CONNECTIONS:
+                if len(server.connections) >= channel.MAX_CONNECTIONS:
                     break
                 await asyncio.sleep(0.01)  # polling an observable state with a deadline
             with pytest.raises(channel.ChannelError) as err:
@@ -288,7 +288,7 @@ def test_connections_are_bounded_and_a_busy_server_is_not_a_refusal(homes) -> No
             for _, writer in idle:
                 writer.close()
             for _ in range(500):
-                if len(server._tasks) < channel.MAX_CONNECTIONS:
+                if len(server.connections) < channel.MAX_CONNECTIONS:
                     break
                 await asyncio.sleep(0.01)
             got = await channel.fetch_catalog(
@@ -299,3 +299,30 @@ def test_connections_are_bounded_and_a_busy_server_is_not_a_refusal(homes) -> No
             await server.close()
 
     run(main())
+
+
+def test_the_catalog_is_served_on_uvloop_as_the_agent_runs_it(homes) -> None:
+    """The agent's loop is uvloop: a server that read the ClientHello before starting TLS
+    left the handshake hanging until the client's timeout (every fetch, on uvloop)."""
+    uvloop = pytest.importorskip("uvloop")
+    a, b = homes["a"], homes["b"]
+
+    async def main() -> None:
+        server, port = await serve(a)
+        try:
+            for _ in range(3):
+                got = await channel.fetch_catalog(
+                    b,
+                    node_id=a.node_id,
+                    node_name="alpha",
+                    address="127.0.0.1",
+                    port=port,
+                    timeout_s=5.0,
+                )
+                assert got.services == SERVICES
+            assert server.served == 3 and server.refused_handshakes == 0
+        finally:
+            await server.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(main(), 30))

@@ -7,6 +7,7 @@ rejected as a whole with every problem listed (HTTP 422).
 
 Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
   GET  /v1/status[?project=P]         services, peers, routes, agent
+  GET  /v1/peers                      the mesh: this node, peers, backends, drop counters
   POST /v1/apply                      {document, directory, source, services, base_env, dry_run}
   GET  /v1/wait?project=P&services=a,b    stream: progress, then {"done": true, "ok": ...}
   POST /v1/down                       {project, services}; answers when they are stopped
@@ -26,7 +27,7 @@ from typing import Any
 import anyio
 
 from devmesh import __version__
-from devmesh.agent import identity_api, logfeed, preflight, snapshot, views
+from devmesh.agent import identity_api, logfeed, meshhost, preflight, snapshot, views
 from devmesh.agent import state as state_mod
 from devmesh.agent.engine import Engine
 from devmesh.agent.http_server import ApiError, Request, Response, Router, StreamResponse
@@ -45,7 +46,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
             200,
             {
                 "services": views.rows(snap, project),
-                "peers": [],
+                "peers": engine.mesh.peers(),
                 "routes": views.routes(snap, project),
                 "agent": {
                     "pid": os.getpid(),
@@ -64,6 +65,9 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
         rec, proj = _record(engine, body)
         dry_run = bool(body.get("dry_run"))
         problems = engine.preflight(rec, proj)
+        conflict = engine.mesh.conflict(proj, engine.mesh_view())
+        if conflict:
+            problems.append(conflict)
         preview = engine.preview(rec)
         result = {
             "project": rec.name,
@@ -75,7 +79,12 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
         if problems:
             raise ApiError(422, "; ".join(problems))
         if not dry_run:
+            try:
+                await engine.mesh.ensure(proj, engine.mesh_view())
+            except meshhost.MeshError as exc:
+                raise ApiError(422, str(exc)) from exc
             engine.apply(rec, proj)
+            await engine.mesh.release(engine.mesh_view())  # it may have dropped its mesh:
         return Response(200, result)
 
     @router.route("GET", "/v1/wait")
@@ -94,6 +103,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
         if not engine.knows(project):
             return Response(200, {"project": project, "stopped": [], "known": False})
         stopped = await engine.down(project, services)
+        await engine.mesh.release(engine.mesh_view())
         return Response(200, {"project": project, "stopped": stopped, "known": True})
 
     @router.route("GET", "/v1/logs")
@@ -108,6 +118,10 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
         if proxy and q.get("format") == "text":
             items = _access_text(items)
         return StreamResponse(200, items)
+
+    @router.route("GET", "/v1/peers")
+    async def peers(req: Request) -> Response:
+        return Response(200, engine.mesh.status())
 
     @router.route("GET", "/v1/ca")
     async def get_ca(req: Request) -> Response:

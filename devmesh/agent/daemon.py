@@ -253,6 +253,7 @@ async def _main(home: Home) -> None:
         engine.proxy = await _start_proxy(tg, home, engine)
         await _start_workers(tg, home, engine, engine.proxy)
         await tg.start(engine.run)
+        await engine.mesh.restore(engine.mesh_view())
         tg.start_soon(logfeed.stamp_forever, engine.service_logs)
         await tg.start(serve_unix, home.socket, build_router(engine, stop.set))
         tg.start_soon(_signals, stop)
@@ -260,6 +261,7 @@ async def _main(home: Home) -> None:
         await stop.wait()
         log.info("shutting down: stopping all services")
         await engine.shutdown()
+        await engine.mesh.stop()  # a goodbye, so peers drop this node at once
         tg.cancel_scope.cancel()
     if engine.route_file is not None:
         with contextlib.suppress(FileNotFoundError):

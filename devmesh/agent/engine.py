@@ -29,7 +29,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from devmesh.agent import adopt, launch, preflight, reconcile, routing
+from devmesh.agent import adopt, launch, meshhost, preflight, reconcile, routing
 from devmesh.agent import snapshot as snap
 from devmesh.agent import state as state_mod
 from devmesh.agent.paths import Home
@@ -72,6 +72,8 @@ class Engine:
         self.generation = 0
         """Count of finished reconcile rounds; lets a waiter notice a round it did not await."""
         self._saved: bytes | None = None
+        self.mesh = meshhost.MeshHost(home.root)
+        """The agent's one mesh node (started by the first apply with a ``mesh:``)."""
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -108,6 +110,7 @@ class Engine:
                     await routing.sync_edges(self.proxy, self._applied())
                 wants = self._reconcile()
                 self._publish_routes(wants)
+                self.mesh.publish(self.mesh_view(), self.runner.instances)
                 self._save()
                 self.generation += 1
                 self._changed.set()
@@ -142,6 +145,13 @@ class Engine:
     def _applied(self) -> list[tuple[state_mod.ProjectRecord, model.Project]]:
         """(record, model) of every applied project, in the order they were first applied."""
         return [(rec, self.models[name]) for name, rec in self.state.projects.items()]
+
+    def mesh_view(self) -> list[meshhost.Applied]:
+        """The applied projects as the mesh sees them (for its checks and its catalog)."""
+        return [
+            meshhost.Applied(name=rec.name, project=proj, enabled=tuple(rec.enabled))
+            for rec, proj in self._applied()
+        ]
 
     def _applied_by_name(self) -> dict[str, tuple[state_mod.ProjectRecord, model.Project]]:
         return {rec.name: (rec, proj) for rec, proj in self._applied()}

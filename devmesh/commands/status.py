@@ -80,12 +80,53 @@ def _uptime(seconds: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
+PEER_COLUMNS = ("NODE", "PROJECT", "NAME", "VERSION", "BRANCH", "HEALTH", "PEER")
+
+
 def render(data: dict[str, Any], out: Any) -> None:
     services = data.get("services") or []
     if not services:
         print("No services. `devmesh up` in a folder with a devmesh.yaml starts some.", file=out)
+    else:
+        _render_local(data, services, out)
+    _render_peers(data.get("peers") or [], out)
+
+
+def _table(rows: list[tuple[str, ...]], out: Any) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    colour = _common.use_colour(out)
+    for i, row in enumerate(rows):
+        line = "  ".join(cell.ljust(widths[j]) for j, cell in enumerate(row)).rstrip()
+        print(_common.paint(line, "1", colour) if i == 0 else line, file=out)
+
+
+def _render_peers(peers: list[dict[str, Any]], out: Any) -> None:
+    """The services teammates share, below the local ones and in the same terms."""
+    if not peers:
         return
-    table = [COLUMNS]
+    rows: list[tuple[str, ...]] = [PEER_COLUMNS]
+    for p in peers:
+        where = f"{p['state']}, {p['address']}, seen {p['last_seen_s']:.1f}s ago"
+        for s in p.get("services") or []:
+            rows.append(
+                (
+                    p["name"],
+                    s["project"],
+                    s["name"],
+                    s.get("version") or "-",
+                    s.get("branch") or "-",
+                    s.get("health") or "-",
+                    where,
+                )
+            )
+        if not p.get("services"):
+            rows.append((p["name"], "-", "-", "-", "-", "-", f"{where}; shares nothing"))
+    print("\nSHARED BY PEERS", file=out)
+    _table(rows, out)
+
+
+def _render_local(data: dict[str, Any], services: list[dict[str, Any]], out: Any) -> None:
+    table: list[tuple[str, ...]] = [COLUMNS]
     for r in services:
         table.append(
             (
@@ -101,11 +142,7 @@ def render(data: dict[str, Any], out: Any) -> None:
                 str(r.get("restarts", 0)),
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-    colour = _common.use_colour(out)
-    for i, row in enumerate(table):
-        line = "  ".join(cell.ljust(widths[j]) for j, cell in enumerate(row)).rstrip()
-        print(_common.paint(line, "1", colour) if i == 0 else line, file=out)
+    _table(table, out)
     links = data.get("routes") or []
     if links:
         print("\nROUTES", file=out)

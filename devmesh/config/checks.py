@@ -15,10 +15,6 @@ from devmesh.config import marks as marks_mod
 from devmesh.config import report
 from devmesh.core import graph, versions
 
-SECRET_LITERAL = (
-    "mesh.secret is a literal; use ${DEVMESH_SECRET} and keep the value out of the repo"
-)
-
 Key = tuple[str | int, ...]
 
 
@@ -68,7 +64,6 @@ def check(doc: Any, marks: marks_mod.Marks, file: str) -> list[report.Problem]:
     _check_ranges_against_declared(doc, services, out)
     _check_ports(services, out)
     _check_commands(services, out)
-    _check_secret(doc, marks, out)
     return out.problems
 
 
@@ -205,12 +200,3 @@ def _check_commands(services: dict[str, dict[str, Any]], out: _Out) -> None:
                 shlex.split(command)
             except ValueError as exc:
                 out.add(path, f"cannot split the command into words: {str(exc).lower()}")
-
-
-def _check_secret(doc: Any, marks: marks_mod.Marks, out: _Out) -> None:
-    mesh = doc.get("mesh") if isinstance(doc, dict) else None
-    if not isinstance(mesh, dict) or not isinstance(mesh.get("secret"), str):
-        return
-    raw = marks.raw.get(("mesh", "secret"), ("", mesh["secret"]))[1]
-    if "${" not in raw:
-        out.add(("mesh", "secret"), SECRET_LITERAL, severity=report.WARNING)

@@ -27,6 +27,14 @@ from devmesh.config import report
 
 _SCHEMA_NAME = "devmesh.schema.json"
 
+REMOVED: dict[tuple[str | int, ...], str] = {
+    ("mesh", "secret"): (
+        "the team secret comes from the bundle, not from devmesh.yaml: run "
+        "`devmesh mesh join FILE` (or `devmesh mesh init`) and delete this key"
+    ),
+}
+"""Keys the schema once had, with what to do instead (said rather than 'unknown key')."""
+
 # Patterns of the schema, said in words.
 _PATTERNS = {
     "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$": (
@@ -270,6 +278,9 @@ def problems(
             allowed = _key_names(schema)
             for key in error.instance:
                 if key in allowed:
+                    continue
+                if (*path, key) in REMOVED:
+                    add((*path, key), REMOVED[(*path, key)], at_key=True)
                     continue
                 close = difflib.get_close_matches(str(key), allowed, n=1)
                 hint = (

@@ -44,14 +44,6 @@ class Row:
 
 TABLE: tuple[Row, ...] = (
     Row(
-        key="mesh",
-        missing=(
-            "peer discovery and the peer channel; the mesh settings (name, secret, port, "
-            "discovery, allow) are accepted but have no effect: no peer is found and no "
-            "peer can call this machine"
-        ),
-    ),
-    Row(
         key="policy.versions",
         missing=(
             "skipping an instance outside the caller's range; calls still go to it "
@@ -75,12 +67,6 @@ TABLE: tuple[Row, ...] = (
             "load balancing; each dependency has one candidate (the local instance or the "
             "fallback), so balance has no effect"
         ),
-    ),
-    Row(
-        key="services.<name>.share",
-        missing="calls from peers (there is no peer channel); share: true has no effect",
-        applies=lambda value, _: value is True,
-        when="`true`",
     ),
     Row(
         key="services.<name>.branch",

@@ -208,14 +208,18 @@ class Discovery:
     broadcast: bool = True
     interfaces: tuple[str, ...] = ("auto",)
     port: int = DEFAULT_DISCOVERY_PORT
+    """UDP port of discovery datagrams; seeds name this port of a peer."""
     interval_s: float = 2.0
     peers: tuple[str, ...] = ()
+    mdns: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MeshSettings:
     name: str | None = None
-    secret: str | None = None
+    """None: the mesh of the node's team identity."""
+    node_name: str | None = None
+    """None: the name the node's identity holds (the hostname at first)."""
     port: int = DEFAULT_MESH_PORT
     discovery: Discovery = field(default_factory=Discovery)
     allow: tuple[str, ...] = ("*",)
@@ -375,7 +379,7 @@ def from_document(
         disc = mesh_doc.get("discovery") or {}
         mesh = MeshSettings(
             name=mesh_doc.get("name"),
-            secret=mesh_doc.get("secret"),
+            node_name=mesh_doc.get("node_name"),
             port=int(_opt(mesh_doc, "port", DEFAULT_MESH_PORT)),
             discovery=Discovery(
                 broadcast=bool(_opt(disc, "broadcast", True)),
@@ -383,6 +387,7 @@ def from_document(
                 port=int(_opt(disc, "port", DEFAULT_DISCOVERY_PORT)),
                 interval_s=float(_opt(disc, "interval_s", 2.0)),
                 peers=tuple(_opt(disc, "peers", [])),
+                mdns=bool(_opt(disc, "mdns", False)),
             ),
             allow=tuple(_opt(mesh_doc, "allow", ["*"])),
         )
@@ -501,8 +506,8 @@ def to_document(p: Project) -> dict[str, Any]:
         mesh: dict[str, Any] = {}
         if m.name is not None:
             mesh["name"] = m.name
-        if m.secret is not None:
-            mesh["secret"] = m.secret
+        if m.node_name is not None:
+            mesh["node_name"] = m.node_name
         mesh["port"] = m.port
         mesh["discovery"] = {
             "broadcast": m.discovery.broadcast,
@@ -510,6 +515,7 @@ def to_document(p: Project) -> dict[str, Any]:
             "port": m.discovery.port,
             "interval_s": m.discovery.interval_s,
             "peers": list(m.discovery.peers),
+            "mdns": m.discovery.mdns,
         }
         mesh["allow"] = list(m.allow)
         doc["mesh"] = mesh

@@ -22,6 +22,7 @@ import dataclasses
 import re
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 import h11
 
@@ -145,8 +146,11 @@ def handle_catalog(
 class CatalogServer:
     """An HTTPS (mutual TLS) listener that serves ``handle_catalog``.
 
-    The TLS handshake is done after accept (``start_tls``), so a refused handshake is
-    counted in ``refused_handshakes`` rather than lost in asyncio's log.
+    TLS runs over memory BIOs in the connection's own protocol (``_TlsConnection``) rather
+    than through the event loop's TLS (``ssl=`` or ``start_tls``): a refused handshake is
+    then ours to count in ``refused_handshakes`` (asyncio only logs it), and the handshake
+    behaves the same on every loop (uvloop's server-side ``start_tls`` sometimes stalls a
+    mutual-TLS handshake until the client gives up; the agent runs on uvloop).
     """
 
     def __init__(
@@ -165,68 +169,51 @@ class CatalogServer:
         self.served = 0
         self._server: asyncio.Server | None = None
         self._ctx = server_context(identity)
+        self.connections: set[_TlsConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (``port=0`` picks one)."""
-        self._server = await asyncio.start_server(self._accept, host, port)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _TlsConnection(self), host, port)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            for conn in list(self.connections):
+                conn.abort()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._server.wait_closed()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._tasks) >= MAX_CONNECTIONS:
-            self.on_refused("server", f"over {MAX_CONNECTIONS} connections")
-            writer.close()
-            return
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        peername = writer.get_extra_info("peername")
-        where = str(peername[0]) if peername else "?"
+    def _refused(self, where: str, why: str) -> None:
+        self.refused_handshakes += 1
+        self.on_refused(where, why)
+
+    def _spawn(self, conn: _TlsConnection) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve_connection(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_connection(self, conn: _TlsConnection) -> None:
         try:
-            async with asyncio.timeout(READ_TIMEOUT_S):
-                await writer.start_tls(self._ctx)
-        except (ssl.SSLError, OSError, TimeoutError) as exc:
-            self.refused_handshakes += 1
-            self.on_refused(where, f"TLS handshake: {exc}")
-            writer.close()
-            if task is not None:
-                self._tasks.discard(task)
-            return
-        try:
-            cert = writer.get_extra_info("peercert")
-            peer = peer_identity(cert, self.identity.team.mesh, where)
-            await self._serve(reader, writer, peer)
+            peer = peer_identity(conn.peercert(), self.identity.team.mesh, conn.where)
+            await self._serve(conn, peer)
         except (OSError, ssl.SSLError, TimeoutError, h11.ProtocolError):
             pass
         finally:
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
-                async with asyncio.timeout(1):
-                    await writer.wait_closed()
-            if task is not None:
-                self._tasks.discard(task)
+            conn.close()
 
-    async def _serve(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        peer: PeerIdentity | None,
-    ) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+    async def _serve(self, conn: _TlsConnection, peer: PeerIdentity | None) -> None:
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
         while True:
-            event = conn.next_event()
+            event = h.next_event()
             if event is h11.NEED_DATA:
                 async with asyncio.timeout(READ_TIMEOUT_S):
-                    data = await reader.read(65536)
-                conn.receive_data(data)
+                    data = await conn.reader.read(65536)
+                h.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
                 response = handle_catalog(
@@ -243,18 +230,142 @@ class CatalogServer:
                     ("content-type", response.content_type),
                     ("content-length", str(len(response.body))),
                 ]
-                writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)))
+                out = h.send(h11.Response(status_code=response.status, headers=headers))
                 if event.method != b"HEAD":
-                    writer.write(conn.send(h11.Data(data=response.body)))
-                writer.write(conn.send(h11.EndOfMessage()))
-                await writer.drain()
+                    out += h.send(h11.Data(data=response.body))
+                conn.write(out + h.send(h11.EndOfMessage()))
                 continue
             if isinstance(event, h11.EndOfMessage | h11.Data):
                 continue
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                conn.start_next_cycle()
+            if h.our_state is h11.DONE and h.their_state is h11.DONE:
+                h.start_next_cycle()
                 continue
             return  # ConnectionClosed, PAUSED or an error state
+
+
+class _TlsConnection(asyncio.Protocol):
+    """One accepted connection: TLS over memory BIOs, plaintext into a StreamReader.
+
+    The handshake must end within READ_TIMEOUT_S; a failed or abandoned one is counted as
+    refused (a connection refused for being over MAX_CONNECTIONS is not: that is load, not
+    a verdict on the peer).
+    """
+
+    def __init__(self, server: CatalogServer) -> None:
+        self.server = server
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = server._ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.reader = asyncio.StreamReader(limit=4 * MAX_REQUEST_HEAD_BYTES)
+        self.transport: asyncio.Transport | None = None
+        self.where = "?"
+        self.handshaken = False
+        self.done = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport
+        peername = transport.get_extra_info("peername")
+        self.where = str(peername[0]) if peername else "?"
+        if len(self.server.connections) >= MAX_CONNECTIONS:
+            self.server.on_refused("server", f"over {MAX_CONNECTIONS} connections")
+            self.done = True
+            transport.close()
+            return
+        self.server.connections.add(self)
+        self._timer = asyncio.get_running_loop().call_later(READ_TIMEOUT_S, self._too_slow)
+
+    def _too_slow(self) -> None:
+        if not self.handshaken:
+            self._fail(f"TLS handshake: not finished within {READ_TIMEOUT_S:.0f} s")
+
+    def _fail(self, why: str) -> None:
+        if not self.done:
+            self.server._refused(self.where, why)
+        self.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.incoming.write(data)
+        if not self.handshaken:
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                return
+            except ssl.SSLError as exc:
+                self._flush()  # the alert, so the client learns why
+                detail = getattr(exc, "verify_message", None)
+                why = f"certificate verify failed: {detail}" if detail else exc.reason or exc
+                self._fail(f"TLS handshake: {why}")
+                return
+            self.handshaken = True
+            if self._timer is not None:
+                self._timer.cancel()
+            self.server._spawn(self)
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self.reader.feed_eof()
+                break
+            except ssl.SSLError:
+                self.abort()
+                return
+            if not chunk:
+                self.reader.feed_eof()
+                break
+            self.reader.feed_data(chunk)
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.outgoing.read()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def write(self, data: bytes) -> None:
+        """Send plaintext (a catalog is small: no flow control needed beyond the kernel's)."""
+        if self.done:
+            raise ConnectionResetError("the peer channel connection is closed")
+        self.tls.write(data)
+        self._flush()
+
+    def peercert(self) -> dict[str, object] | None:
+        cert: dict[str, object] | None = dict(self.tls.getpeercert() or {})
+        return cert or None
+
+    def eof_received(self) -> bool:
+        if not self.handshaken:
+            self._fail("TLS handshake: closed by the caller")
+        self.reader.feed_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.handshaken and not self.done:
+            self._fail(f"TLS handshake: {exc or 'connection closed'}")
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.reader.feed_eof()
+        self.server.connections.discard(self)
+
+    def close(self) -> None:
+        """Close after sending what is queued (TLS close_notify included)."""
+        if self.transport is not None and not self.transport.is_closing():
+            if self.handshaken and not self.done:
+                with contextlib.suppress(ssl.SSLError):
+                    self.tls.unwrap()
+                self._flush()
+            self.transport.close()
+        self.done = True
+
+    def abort(self) -> None:
+        self.done = True
+        if self.transport is not None:
+            self.transport.close()
 
 
 # -- client ----------------------------------------------------------------------------------

@@ -1,0 +1,351 @@
+"""The agent's mesh: one mesh node per agent, set by the first project that asks for one.
+
+Why one: a node is an identity on the network (node id, certificate, discovery socket,
+peer-channel port). Two projects cannot each announce this machine under different
+settings, so the agent holds one ``mesh.node.Node`` and the project that started it owns
+its settings, as the proxy's ports come from the project that started the agent. A later
+project whose ``mesh:`` differs is refused as a whole (naming both projects and the
+differing keys) before anything of it is applied; projects without ``mesh:`` are not
+concerned. When the last project with a ``mesh:`` goes down, the node says goodbye and
+stops, so the next project may bring other settings.
+
+The node's catalog is computed from the applied projects after every reconcile round:
+the services marked ``share: true`` that run here and are enabled, with their health. The
+node announces a new revision at once when it changes (``Node.set_services``).
+
+The team secret lives in the node's identity (``DEVMESH_HOME/mesh``); nothing here prints
+or logs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from devmesh.core import catalog as catalogs
+from devmesh.core import model, plan
+from devmesh.mesh import discovery, node
+from devmesh.mesh import identity as ids
+
+log = logging.getLogger("devmesh.mesh")
+
+NO_IDENTITY = (
+    "this machine has no team identity: run `devmesh mesh init` (a new team) or "
+    "`devmesh mesh join FILE` (a teammate's bundle) first"
+)
+
+
+class MeshError(Exception):
+    """The mesh cannot run as asked; the message names the project, the key and the fix."""
+
+
+class _Instance(Protocol):
+    phase: plan.Phase
+
+    def health(self) -> plan.Health: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Applied:
+    """What the mesh needs of one applied project."""
+
+    name: str
+    project: model.Project
+    enabled: tuple[str, ...]
+
+
+def differences(a: model.MeshSettings, b: model.MeshSettings) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in a, value in b) for every mesh key whose value differs."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        for f in dataclasses.fields(x):
+            vx, vy = getattr(x, f.name), getattr(y, f.name)
+            if dataclasses.is_dataclass(vx):
+                walk(vx, vy, f"{prefix}.{f.name}")
+            elif vx != vy:
+                out.append((f"{prefix}.{f.name}", vx, vy))
+
+    walk(a, b, "mesh")
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return "(default)" if value is None else str(value)
+
+
+def _loopback_only(mesh: model.MeshSettings) -> bool:
+    """Whether discovery stays on this machine, so the peer channel needs no other address."""
+    if tuple(mesh.discovery.interfaces) != ("lo",) or mesh.discovery.mdns:
+        return False
+    for seed in mesh.discovery.peers:
+        host = seed.rsplit(":", 1)[0].strip("[]")
+        if host != "localhost":
+            try:
+                if not ipaddress.ip_address(host).is_loopback:
+                    return False
+            except ValueError:
+                return False
+    return True
+
+
+def node_settings(home: Path, mesh: model.MeshSettings) -> node.NodeSettings:
+    """The node's settings from a project's ``mesh:``."""
+    d = mesh.discovery
+    return node.NodeSettings(
+        home=home,
+        node_name=mesh.node_name,
+        interfaces=tuple(d.interfaces),
+        broadcast=d.broadcast,
+        discovery_port=d.port,
+        seeds=tuple(d.peers),
+        mdns=d.mdns,
+        channel_host="127.0.0.1" if _loopback_only(mesh) else "0.0.0.0",
+        channel_port=mesh.port,
+        interval_s=d.interval_s,
+        allow=tuple(mesh.allow),
+    )
+
+
+def shared_services(
+    applied: Iterable[Applied], instances: Mapping[plan.Key, _Instance]
+) -> tuple[catalogs.SharedService, ...]:
+    """The catalog entries of the enabled ``share: true`` services that run here."""
+    out = []
+    for a in applied:
+        for name in a.enabled:
+            svc = a.project.services.get(name)
+            if svc is None or not svc.share or not svc.runs_here or svc.version is None:
+                continue
+            out.append(
+                catalogs.SharedService(
+                    name=name,
+                    project=a.name,
+                    version=svc.version,
+                    branch=svc.branch,
+                    health=_health(instances.get((a.name, name))),
+                )
+            )
+    return tuple(sorted(out, key=lambda s: (s.project, s.name)))
+
+
+def _health(inst: _Instance | None) -> str:
+    if inst is None:
+        return "starting"
+    if inst.phase is not plan.Phase.RUNNING:
+        return "stopped"
+    h = inst.health()
+    if h is plan.Health.NONE:
+        return "healthy"  # no check: running is ready
+    return h.value
+
+
+def _valid(services: tuple[catalogs.SharedService, ...]) -> tuple[catalogs.SharedService, ...]:
+    """Drop (with a warning) an entry peers would refuse, so one does not void the catalog."""
+    node_id = "0" * 32
+    keep = []
+    for s in services:
+        one = catalogs.Catalog(node_id=node_id, services=(s,))
+        try:
+            catalogs.decode(catalogs.encode(one), node_id=node_id)
+        except catalogs.CatalogError as exc:
+            log.warning("mesh: %s/%s is not shared: %s", s.project, s.name, exc)
+            continue
+        keep.append(s)
+    return tuple(keep)
+
+
+class MeshHost:
+    """Starts, checks, feeds and stops the agent's one mesh node."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.node: node.Node | None = None
+        self.owner: str | None = None
+        """The project whose ``mesh:`` the node runs with."""
+        self.settings: model.MeshSettings | None = None
+        self._services: tuple[catalogs.SharedService, ...] = ()
+        self._warned: set[tuple[str, str]] = set()
+
+    # ---------------------------------------------------------------- checks and start
+
+    def conflict(self, proj: model.Project, others: Iterable[Applied]) -> str | None:
+        """Why applying ``proj`` must be refused because of the running mesh, if it must."""
+        if proj.mesh is None or self.settings is None:
+            return None
+        holders = [a.name for a in others if a.project.mesh is not None and a.name != proj.name]
+        if not holders:
+            return None  # it alone asks for a mesh: it may change the settings
+        diffs = differences(proj.mesh, self.settings)
+        if not diffs:
+            return None
+        owner = self.owner if self.owner in holders else holders[0]
+        said = "; ".join(
+            f"{key} is {_show(mine)} in project {proj.name} but {_show(theirs)} in project {owner}"
+            for key, mine, theirs in diffs
+        )
+        return (
+            f"this agent runs one mesh, set by project {owner}: {said}. Give project "
+            f"{proj.name} the same mesh: settings, or `devmesh down` project {owner} first"
+        )
+
+    async def ensure(self, proj: model.Project, others: Iterable[Applied]) -> None:
+        """Run the node for ``proj``'s ``mesh:`` (a no-op when it runs with these settings).
+
+        Raises MeshError naming the cause; the node that ran before is kept (or restarted
+        as it was) when the new one cannot start, so a failed apply changes nothing.
+        """
+        mesh = proj.mesh
+        if mesh is None:
+            return
+        problem = self.conflict(proj, others)
+        if problem:
+            raise MeshError(problem)
+        if self.node is not None and self.settings == mesh:
+            if self.owner is None:
+                self.owner = proj.name
+            return
+        previous = self.settings
+        if self.node is not None:
+            await self.stop()
+        try:
+            await self._start(proj.name, mesh)
+        except MeshError:
+            if previous is not None and self.owner is not None:
+                try:
+                    await self._start(self.owner, previous)
+                except MeshError as again:
+                    log.error("mesh: cannot restart the previous mesh: %s", again)
+            raise
+
+    async def _start(self, owner: str, mesh: model.MeshSettings) -> None:
+        where = f"project {owner}"
+        team_file = ids.mesh_dir(self.home) / "team.json"
+        if not team_file.exists():
+            raise MeshError(f"{where} has a mesh: section but {NO_IDENTITY}")
+        try:
+            n = node.Node(
+                node_settings(self.home, mesh),
+                services=_valid(self._services),
+                log=_log_line,
+            )
+        except ids.IdentityError as exc:
+            raise MeshError(f"{where}: mesh identity: {exc}") from exc
+        team = n.identity.team.mesh
+        if mesh.name is not None and mesh.name != team:
+            raise MeshError(
+                f"{where}: mesh.name is {mesh.name} but this machine's team identity is "
+                f"for mesh {team} ({ids.mesh_dir(self.home)}); use mesh.name: {team}, or "
+                "join that team with `devmesh mesh join FILE`"
+            )
+        try:
+            await n.start()
+        except discovery.DiscoveryError as exc:
+            raise MeshError(f"{where}: mesh.discovery: {exc}") from exc
+        except OSError as exc:
+            raise MeshError(
+                f"{where}: cannot open the mesh's sockets (peer channel TCP port {mesh.port}, "
+                f"discovery UDP port {mesh.discovery.port}): {exc.strerror or exc}"
+            ) from exc
+        self.node, self.owner, self.settings = n, owner, mesh
+        log.info(
+            "mesh %s: node %s (%s), peer channel on port %d, discovery on %s UDP port %d",
+            team,
+            n.identity.node_name,
+            n.identity.node_id,
+            n.channel_port,
+            ",".join(mesh.discovery.interfaces) if mesh.discovery.broadcast else "seeds",
+            mesh.discovery.port,
+        )
+
+    async def restore(self, applied: Iterable[Applied]) -> None:
+        """After an agent restart: run the mesh of the first applied project that has one."""
+        items = list(applied)
+        first = next((a for a in items if a.project.mesh is not None), None)
+        if first is None:
+            return
+        try:
+            await self.ensure(first.project, items)
+        except MeshError as exc:
+            log.error("mesh not started: %s", exc)
+
+    async def release(self, applied: Iterable[Applied]) -> None:
+        """After a down: stop the node when no applied project asks for a mesh any more."""
+        holders = [a.name for a in applied if a.project.mesh is not None]
+        if not holders:
+            if self.node is not None:
+                log.info("mesh: no applied project has a mesh: section; leaving the mesh")
+            await self.stop()
+        elif self.owner not in holders:
+            self.owner = holders[0]
+
+    async def stop(self) -> None:
+        """Say goodbye and close the node (idempotent)."""
+        n, self.node, self.settings = self.node, None, None
+        self.owner = None
+        if n is not None:
+            await n.stop()
+
+    # ---------------------------------------------------------------- catalog
+
+    def publish(self, applied: Iterable[Applied], instances: Mapping[plan.Key, _Instance]) -> None:
+        """Hand the node the current shared services; it announces when they changed."""
+        services = shared_services(applied, instances)
+        if services == self._services:
+            return
+        self._services = services
+        if self.node is not None:
+            self.node.set_services(_valid(services))
+
+    # ---------------------------------------------------------------- views
+
+    def peers(self) -> list[dict[str, Any]]:
+        """The peers as ``status --json`` shows them (exactly the documented keys)."""
+        if self.node is None:
+            return []
+        out = []
+        for p in self.node.status()["peers"]:  # type: ignore[attr-defined]
+            out.append(
+                {
+                    "node": p["node"],
+                    "name": p["name"],
+                    "address": p["address"],
+                    "state": p["state"],
+                    "last_seen_s": p["last_seen_s"],
+                    "services": p["services"],
+                }
+            )
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """Everything `devmesh peers` shows: this node, peers, backends, drop counters."""
+        if self.node is None or self.settings is None:
+            return {"running": False}
+        doc = self.node.status()
+        d = self.settings.discovery
+        return {
+            "running": True,
+            "project": self.owner,
+            "discovery": {
+                "broadcast": d.broadcast,
+                "interfaces": list(d.interfaces),
+                "port": d.port,
+                "seeds": list(d.peers),
+                "mdns": d.mdns,
+                "interval_s": d.interval_s,
+            },
+            "allow": list(self.settings.allow),
+            **doc,
+        }
+
+
+def _log_line(line: str) -> None:
+    # Every dropped datagram is counted (`devmesh peers`); logging each at INFO would let
+    # anyone on the network fill the agent's log.
+    log.log(logging.DEBUG if line.startswith("mesh: dropped") else logging.INFO, "%s", line)

@@ -1,0 +1,111 @@
+"""`devmesh peers`: the teammates' agents this agent sees, and what it refused and why.
+
+Why a command of its own beside `status`: when a teammate's services do not show up, the
+question is "does my agent see theirs, and if not, why": which discovery backend saw a
+peer, whether it expired or was refused (and the reason), and how many datagrams were
+dropped for each reason. Like `status`, it imports the control client only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from devmesh.commands import _common
+
+EXAMPLE = """example:
+  devmesh peers
+  devmesh peers --json | jq '.peers[] | select(.state != "alive")'
+"""
+COLUMNS = ("NAME", "NODE", "ADDRESS", "STATE", "SEEN BY", "LAST SEEN", "SERVICES")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "peers",
+        help="show the mesh: peers, their state, and dropped announcements",
+        description="Show the peers this agent's mesh node sees (alive, expired, or refused "
+        "and why), which discovery backend saw each, and the dropped datagrams per reason.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="print JSON (see docs/cli.md)")
+    p.set_defaults(func=lambda a: _common.run_command(run, a))
+
+
+def run(args: argparse.Namespace) -> int:
+    h = _common.home()
+    try:
+        data = _common.client(h, timeout_s=10).request("GET", "/v1/peers")
+    except _common.AgentUnreachable:
+        if args.json:
+            print(json.dumps({"running": False}))
+        else:
+            print(f"The devmesh agent is not running (no answer on {h.socket}).")
+        return _common.EXIT_OK
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return _common.EXIT_OK
+    render(data, sys.stdout)
+    return _common.EXIT_OK
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f}s ago" if seconds < 60 else f"{int(seconds // 60)}m ago"
+
+
+def render(data: dict[str, Any], out: Any) -> None:
+    if not data.get("running"):
+        print(
+            "No mesh: no applied project has a mesh: section (see docs/mesh.md).",
+            file=out,
+        )
+        return
+    disc = data.get("discovery") or {}
+    how = []
+    if disc.get("broadcast"):
+        how.append(f"broadcast on {', '.join(disc.get('interfaces') or [])}")
+    if disc.get("seeds"):
+        how.append(f"seeds {', '.join(disc['seeds'])}")
+    if disc.get("mdns"):
+        how.append("mdns")
+    print(
+        f"mesh {data.get('mesh')}: this node is {data.get('name')} ({data.get('node')}), "
+        f"set by project {data.get('project')}; peer channel on port "
+        f"{(data.get('channel') or {}).get('port')}, discovery UDP port {disc.get('port')} "
+        f"({'; '.join(how) or 'no backend'})",
+        file=out,
+    )
+    peers = data.get("peers") or []
+    if not peers:
+        print("No peers seen yet.", file=out)
+    else:
+        table = [COLUMNS]
+        for p in peers:
+            state = p["state"] + (f" ({p['reason']})" if p.get("reason") else "")
+            table.append(
+                (
+                    p["name"],
+                    p["node"][:12],
+                    f"{p['address']}:{p['port']}",
+                    state,
+                    ",".join(p.get("backends") or []) or "-",
+                    _ago(p.get("last_seen_s")),
+                    str(len(p.get("services") or [])),
+                )
+            )
+        widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+        colour = _common.use_colour(out)
+        for i, row in enumerate(table):
+            line = "  ".join(cell.ljust(widths[j]) for j, cell in enumerate(row)).rstrip()
+            print(_common.paint(line, "1", colour) if i == 0 else line, file=out)
+    drops = data.get("drops") or {}
+    if drops:
+        said = ", ".join(f"{reason} {count}" for reason, count in drops.items())
+        print(f"\ndropped: {said}", file=out)
+    for line in data.get("channel_refused") or []:
+        print(f"refused on the peer channel: {line}", file=out)

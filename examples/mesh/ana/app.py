@@ -1,0 +1,36 @@
+"""The demo's API: a tiny JSON service on $PORT, standard library only."""
+
+import json
+import os
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ITEMS = [{"id": 1, "name": "espresso"}, {"id": 2, "name": "flat white"}]
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            self._send(200, {"status": "ok"})
+        elif self.path == "/items":
+            self._send(200, {"items": ITEMS, "served_by": os.environ.get("DEVMESH_SERVICE")})
+        else:
+            self._send(404, {"error": f"no route {self.path}"})
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, fmt: str, *args: object) -> None:
+        print(f"{self.command} {self.path} -> {args[1] if len(args) > 1 else ''}", flush=True)
+
+
+if __name__ == "__main__":
+    port = int(os.environ["PORT"])
+    print(f"api {os.environ.get('LOG_LEVEL', 'info')}: listening on 127.0.0.1:{port}", flush=True)
+    sys.stdout.flush()
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
