@@ -22,6 +22,7 @@ COMMANDS: tuple[str, ...] = (
     "logs",
     "plan",
     "validate",
+    "db",
     "agent",
     "ca",
 )

@@ -45,7 +45,8 @@ def check(doc: Any, marks: marks_mod.Marks, file: str, directory: Path) -> list[
                         at_key=True,
                         severity=report.WARNING if ignored else report.ERROR,
                     )
-        raw = db.get("name") if isinstance(db.get("name"), str) else name
+        given = db.get("name")
+        raw = given if isinstance(given, str) else name
         database = raw.lower().replace("-", "_")
         if not _NAME.match(database):
             where = (*at, "name") if "name" in db else ("services", name)
