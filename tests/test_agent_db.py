@@ -1,0 +1,352 @@
+"""Databases through a real agent: provisioned before the service, in its environment, kept
+by `down`, deleted by `down --volumes`, adopted after `kill -9` of the agent, synced from a
+second cluster and snapshotted through the CLI.
+
+The service (``APP``) reads ``DATABASE_URL`` once, at start, and answers ``/`` with the rows
+of table ``greet``, so a row reaching the test through the proxy proves the whole chain:
+provisioning, ``init``, the environment and the start order. The native tests share one
+agent and one project cluster per module (a cluster costs a second or two to create); each
+test leaves the project down with its data deleted, and the module checks that no
+PostgreSQL process is left anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from agentkit import PY, Mesh, alive
+from dbkit import DbHome, make_staging, postgres_in, postmasters_in
+
+from devmesh.db.cluster import Cluster
+
+APP = """
+import http.server, json, os, sqlite3
+URL = os.environ["DATABASE_URL"]  # read at start: the database must be ready before
+
+def rows():
+    if URL.startswith("sqlite:"):
+        conn = sqlite3.connect(URL[len("sqlite:///"):])
+        try:
+            return [r[0] for r in conn.execute("SELECT msg FROM greet ORDER BY msg")]
+        finally:
+            conn.close()
+    import psycopg
+    with psycopg.connect(URL, connect_timeout=5) as conn:
+        return [r[0] for r in conn.execute("SELECT msg FROM greet ORDER BY msg")]
+
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        try:
+            status, body = 200, json.dumps({"rows": rows(), "pg": os.environ.get("PGDATABASE")})
+        except Exception as exc:
+            status, body = 500, repr(exc)
+        data = body.encode()
+        self.send_response(status); self.send_header("Content-Length", str(len(data)))
+        self.end_headers(); self.wfile.write(data)
+    def log_message(self, *a): pass
+
+print("app up with", URL.split("@")[-1], flush=True)
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+INIT = """
+CREATE TABLE greet (msg text NOT NULL);
+INSERT INTO greet VALUES ('hello from init');
+"""
+
+
+def project_yaml(name: str, db: str) -> str:
+    return f"""
+version: 1
+project: {name}
+services:
+  app:
+    version: 1.0.0
+    command: {PY} app.py
+    port: auto
+    health: {{http: /, interval_s: 0.5}}
+    db: {db}
+"""
+
+
+def curl_json(mesh: Mesh, host: str) -> dict:
+    r = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", f"http://{host}.localhost:{mesh.proxy_port}/"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def cluster_dirs(mesh: Mesh, project: str) -> list[Path]:
+    root = mesh.home / "db" / project / "postgres"
+    return [root, Cluster(root)._fallback()]
+
+
+# ---------------------------------------------------------------------------- sqlite
+
+
+def test_sqlite_database_is_made_before_the_service_kept_by_down_deleted_by_volumes(
+    mesh: Mesh,
+) -> None:
+    d = mesh.project(
+        "lite",
+        project_yaml("lite", "{engine: sqlite, init: [init.sql]}"),
+        {"app.py": APP, "init.sql": INIT},
+    )
+    mesh.cli("up", "-d", cwd=d, check=True)
+    assert curl_json(mesh, "app")["rows"] == ["hello from init"]
+    path = mesh.home / "db" / "lite" / "sqlite" / "app.sqlite3"
+    url = mesh.cli("db", "url", "app", cwd=d, check=True).stdout.strip()
+    assert url == f"sqlite:///{path}"
+    with psycopg_free_sqlite(path) as conn:
+        conn.execute("INSERT INTO greet VALUES ('written while up')")
+
+    status = json.loads(mesh.cli("db", "status", "--json", cwd=d, check=True).stdout)
+    [row] = status["databases"]
+    assert (row["service"], row["engine"], row["provider"], row["state"]) == (
+        "app",
+        "sqlite",
+        "sqlite",
+        "running",
+    )
+    assert row["size_bytes"] > 0
+
+    mesh.cli("down", cwd=d, check=True)
+    assert path.exists()
+    mesh.cli("up", "-d", cwd=d, check=True)  # init does not run again: the data is kept
+    assert curl_json(mesh, "app")["rows"] == ["hello from init", "written while up"]
+
+    r = mesh.cli("down", "--volumes", cwd=d, check=True)  # stdin is not a terminal: no question
+    assert "deleted" in r.stderr
+    assert not path.exists()
+    assert not (mesh.home / "db" / "lite").exists()
+
+
+class psycopg_free_sqlite:
+    """A sqlite3 connection that commits and closes on exit."""
+
+    def __init__(self, path: Path) -> None:
+        import sqlite3
+
+        self.conn = sqlite3.connect(path)
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.commit()
+        self.conn.close()
+
+
+def test_a_failing_init_file_fails_the_start_with_its_cause_and_leaves_no_database(
+    mesh: Mesh,
+) -> None:
+    d = mesh.project(
+        "bad",
+        project_yaml("bad", "{engine: sqlite, init: [init.sql]}"),
+        {"app.py": APP, "init.sql": "CREATE TABLE greet (msg text);\nINSERT INTO nope VALUES (1);\n"},
+    )
+    r = mesh.cli("up", "-d", cwd=d)
+    assert r.returncode == 1
+    assert "init.sql failed" in r.stderr and "no such table: nope" in r.stderr
+    [svc] = mesh.services("bad").values()
+    assert svc["state"] == "failed" and "database: init file" in svc["reason"]
+    assert not (mesh.home / "db" / "bad" / "sqlite" / "app.sqlite3").exists()
+    mesh.cli("down", "--volumes", cwd=d, check=True)
+
+
+# ---------------------------------------------------------------------------- native
+
+
+@pytest.fixture(scope="module")
+def agent() -> Iterator[Mesh]:
+    """One agent for the native tests; every cluster it made is gone afterwards."""
+    m = Mesh()
+    try:
+        yield m
+    finally:
+        for name in ("pg", "pgsync"):
+            if (m.root / name / "devmesh.yaml").exists():
+                m.cli("down", "--volumes", cwd=m.root / name)
+        dirs = [p for name in ("pg", "pgsync") for p in cluster_dirs(m, name)]
+        left = postgres_in(dirs)
+        for p in left:
+            p.kill()
+        m.close()
+        assert left == [], f"postgres processes left behind: {left}"
+
+
+def test_native_postgres_serves_a_row_kept_by_down_adopted_after_kill_9_deleted_by_volumes(
+    agent: Mesh,
+) -> None:
+    mesh = agent
+    d = mesh.project(
+        "pg",
+        project_yaml("pg", "{engine: postgres, provider: native, init: [init.sql]}"),
+        {"app.py": APP, "init.sql": INIT},
+    )
+    r = mesh.cli("up", "-d", cwd=d, check=True)
+    assert curl_json(mesh, "app") == {"rows": ["hello from init"], "pg": "app"}
+
+    url = mesh.cli("db", "url", "app", cwd=d, check=True).stdout.strip()
+    assert url.startswith("postgresql://app:") and url.endswith("/app")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO greet VALUES ('written while up')")
+    status = json.loads(mesh.cli("db", "status", "--json", cwd=d, check=True).stdout)
+    [row] = status["databases"]
+    assert row["provider"] == "native" and row["state"] == "running"
+    password = url.split(":")[2].split("@")[0]
+    assert password not in json.dumps(status) and ":***@" in row["url"]
+    assert password not in mesh.cli("db", "status", cwd=d, check=True).stdout
+
+    # kill -9 of the agent: the service and the cluster survive; a new agent adopts both
+    [pm] = postmasters_in(cluster_dirs(mesh, "pg"))
+    app_pid = mesh.services("pg")["app"]["pid"]
+    agent_pid = mesh.agent_pid()
+    assert agent_pid is not None
+    os.kill(agent_pid, signal.SIGKILL)
+    mesh.wait_for(lambda: not alive(agent_pid), what="agent death")
+    r = mesh.cli("up", "-d", cwd=d, check=True)
+    assert mesh.services("pg")["app"]["pid"] == app_pid
+    assert [p.pid for p in postmasters_in(cluster_dirs(mesh, "pg"))] == [pm.pid]
+    assert mesh.wait_for(
+        lambda: json.loads(mesh.cli("db", "status", "--json", cwd=d, check=True).stdout)[
+            "databases"
+        ][0]["state"]
+        == "running",
+        what="adopted database",
+    )
+
+    # down stops the cluster and keeps the data; up starts it again and finds the row
+    mesh.cli("down", cwd=d, check=True)
+    assert postmasters_in(cluster_dirs(mesh, "pg")) == []
+    mesh.cli("up", "-d", cwd=d, check=True)
+    assert curl_json(mesh, "app")["rows"] == ["hello from init", "written while up"]
+    assert mesh.cli("db", "url", "app", cwd=d, check=True).stdout.strip() == url
+
+    # down --volumes deletes the cluster: a new up makes a fresh database (init again)
+    mesh.cli("down", "--volumes", cwd=d, check=True)
+    assert postgres_in(cluster_dirs(mesh, "pg")) == []
+    assert not (mesh.home / "db" / "pg").exists()
+    mesh.cli("up", "-d", cwd=d, check=True)
+    assert curl_json(mesh, "app")["rows"] == ["hello from init"]
+    mesh.cli("down", "--volumes", cwd=d, check=True)
+    assert postgres_in(cluster_dirs(mesh, "pg")) == []
+
+
+@pytest.fixture(scope="module")
+def staging() -> Iterator[str]:
+    """A second, independent cluster playing staging (see dbkit.STAGING_SCHEMA)."""
+    home = DbHome()
+    try:
+        yield make_staging(home)
+    finally:
+        assert home.close() == []
+
+
+def test_db_sync_from_staging_then_snapshots_and_restore_round_trip(
+    agent: Mesh, staging: str
+) -> None:
+    mesh = agent
+    text = f"""
+version: 1
+project: pgsync
+services:
+  shop:
+    version: 1.0.0
+    command: {PY} -c "import time; time.sleep(3600)"
+    db:
+      engine: postgres
+      provider: native
+      sync:
+        from: ${{STAGING_URL}}
+        tables: {{orders: "id <= 3"}}
+        exclude_columns: {{customers: [ssn]}}
+      snapshots: {{keep: 2}}
+"""
+    d = mesh.project("pgsync", text)
+    mesh.env["STAGING_URL"] = staging
+    try:
+        mesh.cli("up", "-d", cwd=d, check=True)
+        r = mesh.cli("db", "sync", "shop", cwd=d, check=True)
+        assert "Synced shop's database" in r.stderr
+        url = mesh.cli("db", "url", "shop", cwd=d, check=True).stdout.strip()
+        with psycopg.connect(url) as conn:
+            orders = conn.execute("SELECT count(*) FROM orders").fetchone()
+            dangling = conn.execute(
+                "SELECT count(*) FROM orders o LEFT JOIN customers c ON c.id = o.customer_id"
+                " WHERE c.id IS NULL"
+            ).fetchone()
+            ssn = conn.execute("SELECT count(*) FROM customers WHERE ssn IS NOT NULL").fetchone()
+        assert orders == (3,) and dangling == (0,) and ssn == (0,)
+        status = json.loads(mesh.cli("db", "status", "--json", cwd=d, check=True).stdout)
+        assert status["databases"][0]["last_sync"]["rows"] >= 3
+        snaps = json.loads(mesh.cli("db", "snapshots", "shop", "--json", cwd=d, check=True).stdout)
+        assert [s["name"][:9] for s in snaps["snapshots"]] == ["pre-sync-"]
+
+        mesh.cli("db", "snapshot", "shop", "synced", cwd=d, check=True)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DELETE FROM orders")
+        mesh.cli("db", "restore", "shop", "synced", cwd=d, check=True)
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM orders").fetchone() == (3,)
+
+        # a second sync keeps only the newest `keep: 2` snapshots
+        mesh.cli("db", "sync", "shop", cwd=d, check=True)
+        out = mesh.cli("db", "snapshots", "shop", cwd=d, check=True).stdout
+        names = [line.split()[0] for line in out.splitlines()]
+        assert len(names) == 2 and names[0] == "synced" and names[1].startswith("pre-sync-")
+
+        # errors name the cause, exit 1, never show the source's password
+        r = mesh.cli("db", "restore", "shop", "nosuch", cwd=d)
+        assert r.returncode == 1 and "no snapshot 'nosuch'" in r.stderr
+        r = mesh.cli("db", "url", "nosuch", cwd=d)
+        assert r.returncode == 1 and "no service 'nosuch'" in r.stderr
+        r = mesh.cli("db", "snapshot", cwd=d)
+        assert r.returncode == 2
+    finally:
+        mesh.cli("down", "--volumes", cwd=d)
+        mesh.env.pop("STAGING_URL", None)
+    assert postgres_in(cluster_dirs(mesh, "pgsync")) == []
+
+
+def test_a_sync_from_an_unreachable_source_fails_naming_it_without_the_password(
+    agent: Mesh,
+) -> None:
+    mesh = agent
+    secret = "s3cr3t-pw"
+    text = f"""
+version: 1
+project: pgsync
+services:
+  shop:
+    version: 1.0.0
+    command: {PY} -c "import time; time.sleep(3600)"
+    db:
+      engine: postgres
+      provider: native
+      sync:
+        from: postgresql://u:{secret}@127.0.0.1:1/nowhere
+        tables: {{orders: "true"}}
+"""
+    d = mesh.project("pgsync", text)
+    try:
+        mesh.cli("up", "-d", cwd=d, check=True)
+        r = mesh.cli("db", "sync", "shop", cwd=d)
+        assert r.returncode == 1
+        assert "sync of shop's database failed" in r.stderr and "127.0.0.1:1" in r.stderr
+        assert secret not in r.stderr + r.stdout
+        assert secret not in (mesh.home / "agent.log").read_text()
+    finally:
+        mesh.cli("down", "--volumes", cwd=d)
+    assert postgres_in(cluster_dirs(mesh, "pgsync")) == []
