@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from agentkit import PY, Mesh, alive
+from agentkit import PY, SERVER, Mesh, alive
 from dbkit import DbHome, make_staging, postgres_in, postmasters_in
 
 from devmesh.db.cluster import Cluster
@@ -154,7 +154,10 @@ def test_a_failing_init_file_fails_the_start_with_its_cause_and_leaves_no_databa
     d = mesh.project(
         "bad",
         project_yaml("bad", "{engine: sqlite, init: [init.sql]}"),
-        {"app.py": APP, "init.sql": "CREATE TABLE greet (msg text);\nINSERT INTO nope VALUES (1);\n"},
+        {
+            "app.py": APP,
+            "init.sql": "CREATE TABLE greet (msg text);\nINSERT INTO nope VALUES (1);\n",
+        },
     )
     r = mesh.cli("up", "-d", cwd=d)
     assert r.returncode == 1
@@ -195,7 +198,7 @@ def test_native_postgres_serves_a_row_kept_by_down_adopted_after_kill_9_deleted_
         project_yaml("pg", "{engine: postgres, provider: native, init: [init.sql]}"),
         {"app.py": APP, "init.sql": INIT},
     )
-    r = mesh.cli("up", "-d", cwd=d, check=True)
+    mesh.cli("up", "-d", cwd=d, check=True)
     assert curl_json(mesh, "app") == {"rows": ["hello from init"], "pg": "app"}
 
     url = mesh.cli("db", "url", "app", cwd=d, check=True).stdout.strip()
@@ -216,14 +219,16 @@ def test_native_postgres_serves_a_row_kept_by_down_adopted_after_kill_9_deleted_
     assert agent_pid is not None
     os.kill(agent_pid, signal.SIGKILL)
     mesh.wait_for(lambda: not alive(agent_pid), what="agent death")
-    r = mesh.cli("up", "-d", cwd=d, check=True)
+    mesh.cli("up", "-d", cwd=d, check=True)
     assert mesh.services("pg")["app"]["pid"] == app_pid
     assert [p.pid for p in postmasters_in(cluster_dirs(mesh, "pg"))] == [pm.pid]
     assert mesh.wait_for(
-        lambda: json.loads(mesh.cli("db", "status", "--json", cwd=d, check=True).stdout)[
-            "databases"
-        ][0]["state"]
-        == "running",
+        lambda: (
+            json.loads(mesh.cli("db", "status", "--json", cwd=d, check=True).stdout)["databases"][
+                0
+            ]["state"]
+            == "running"
+        ),
         what="adopted database",
     )
 
@@ -264,7 +269,7 @@ project: pgsync
 services:
   shop:
     version: 1.0.0
-    command: {PY} -c "import time; time.sleep(3600)"
+    command: {PY} server.py
     db:
       engine: postgres
       provider: native
@@ -274,7 +279,7 @@ services:
         exclude_columns: {{customers: [ssn]}}
       snapshots: {{keep: 2}}
 """
-    d = mesh.project("pgsync", text)
+    d = mesh.project("pgsync", text, {"server.py": SERVER})
     mesh.env["STAGING_URL"] = staging
     try:
         mesh.cli("up", "-d", cwd=d, check=True)
@@ -331,7 +336,7 @@ project: pgsync
 services:
   shop:
     version: 1.0.0
-    command: {PY} -c "import time; time.sleep(3600)"
+    command: {PY} server.py
     db:
       engine: postgres
       provider: native
@@ -339,7 +344,7 @@ services:
         from: postgresql://u:{secret}@127.0.0.1:1/nowhere
         tables: {{orders: "true"}}
 """
-    d = mesh.project("pgsync", text)
+    d = mesh.project("pgsync", text, {"server.py": SERVER})
     try:
         mesh.cli("up", "-d", cwd=d, check=True)
         r = mesh.cli("db", "sync", "shop", cwd=d)

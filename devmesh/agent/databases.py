@@ -161,13 +161,8 @@ class Databases:
         for a in actions:
             entry = self.entries.get(a.key)
             if a.verb is plan.Verb.START and entry is not None and entry.state == PROVISIONING:
-                what = entry.provider or "database"
                 out.append(
-                    plan.Action(
-                        verb=plan.Verb.WAIT,
-                        key=a.key,
-                        reason=f"provisioning its database ({what})",
-                    )
+                    plan.Action(verb=plan.Verb.WAIT, key=a.key, reason="provisioning its database")
                 )
             else:
                 out.append(a)
