@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,6 +169,36 @@ def test_a_failing_init_file_fails_the_start_with_its_cause_and_leaves_no_databa
     mesh.cli("down", "--volumes", cwd=d, check=True)
 
 
+def test_provider_docker_without_an_engine_fails_the_start_naming_it(mesh: Mesh) -> None:
+    mesh.env["DOCKER_HOST"] = f"unix://{mesh.root}/no-docker.sock"
+    d = mesh.project(
+        "nodock",
+        project_yaml("nodock", "{engine: postgres, provider: docker}"),
+        {"app.py": APP},
+    )
+    r = mesh.cli("up", "-d", cwd=d)
+    assert r.returncode == 1
+    assert "no Docker engine answers at unix://" in r.stderr
+    [svc] = mesh.services("nodock").values()
+    assert svc["state"] == "failed" and "database: no Docker engine" in svc["reason"]
+    assert not (mesh.home / "db" / "nodock").exists()
+
+
+def test_no_postgresql_binaries_of_the_version_fails_the_start_naming_the_package(
+    mesh: Mesh,
+) -> None:
+    d = mesh.project(
+        "nobin",
+        project_yaml("nobin", "{engine: postgres, provider: native, version: 99}"),
+        {"app.py": APP},
+    )
+    r = mesh.cli("up", "-d", cwd=d)
+    assert r.returncode == 1
+    assert "no PostgreSQL 99 server binaries" in r.stderr
+    assert "apt-get install postgresql-99" in r.stderr
+    assert not (mesh.home / "db" / "nobin" / "postgres" / "cluster.json").exists()
+
+
 # ---------------------------------------------------------------------------- native
 
 
@@ -247,6 +278,74 @@ def test_native_postgres_serves_a_row_kept_by_down_adopted_after_kill_9_deleted_
     assert curl_json(mesh, "app")["rows"] == ["hello from init"]
     mesh.cli("down", "--volumes", cwd=d, check=True)
     assert postgres_in(cluster_dirs(mesh, "pg")) == []
+
+
+def test_a_taken_port_fails_the_start_naming_the_holder_and_up_recovers(agent: Mesh) -> None:
+    mesh = agent
+    d = mesh.project(
+        "pg",
+        project_yaml("pg", "{engine: postgres, provider: native, init: [init.sql]}"),
+        {"app.py": APP, "init.sql": INIT},
+    )
+    try:
+        mesh.cli("up", "-d", cwd=d, check=True)
+        url = mesh.cli("db", "url", "app", cwd=d, check=True).stdout.strip()
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        mesh.cli("down", cwd=d, check=True)
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+            r = mesh.cli("up", "-d", cwd=d)
+            assert r.returncode == 1
+            assert f"port 127.0.0.1:{port} (kept for this cluster)" in r.stderr
+            assert f"pid {os.getpid()}" in r.stderr
+            assert url.split(":")[2].split("@")[0] not in r.stderr
+        mesh.cli("up", "-d", cwd=d, check=True)  # `up` again retries the database
+        assert curl_json(mesh, "app")["rows"] == ["hello from init"]
+    finally:
+        mesh.cli("down", "--volumes", cwd=d)
+    assert postgres_in(cluster_dirs(mesh, "pg")) == []
+
+
+@pytest.mark.parametrize(
+    ("tables", "expected"),
+    [
+        ('{nosuch: "true"}', "nosuch"),
+        ('{orders: "id <<< 3"}', "id <<< 3"),
+    ],
+    ids=["missing-table", "invalid-where"],
+)
+def test_a_bad_sync_block_fails_naming_the_cause_and_leaves_the_database_as_it_was(
+    agent: Mesh, staging: str, tables: str, expected: str
+) -> None:
+    mesh = agent
+    text = f"""
+version: 1
+project: pgsync
+services:
+  shop:
+    version: 1.0.0
+    command: {PY} server.py
+    db:
+      engine: postgres
+      provider: native
+      init: [init.sql]
+      sync: {{from: "${{STAGING_URL}}", tables: {tables}}}
+"""
+    d = mesh.project("pgsync", text, {"server.py": SERVER, "init.sql": INIT})
+    mesh.env["STAGING_URL"] = staging
+    try:
+        mesh.cli("up", "-d", cwd=d, check=True)
+        r = mesh.cli("db", "sync", "shop", cwd=d)
+        assert r.returncode == 1, r
+        assert "sync of shop's database failed" in r.stderr and expected in r.stderr
+        assert staging.split(":")[2].split("@", maxsplit=1)[0] not in r.stderr
+        url = mesh.cli("db", "url", "shop", cwd=d, check=True).stdout.strip()
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT msg FROM greet").fetchall() == [("hello from init",)]
+    finally:
+        mesh.cli("down", "--volumes", cwd=d)
+        mesh.env.pop("STAGING_URL", None)
 
 
 @pytest.fixture(scope="module")
