@@ -348,6 +348,57 @@ services:
         mesh.env.pop("STAGING_URL", None)
 
 
+def test_sigterm_of_the_agent_stops_the_cluster_and_the_next_up_finds_the_data(
+    agent: Mesh,
+) -> None:
+    mesh = agent
+    d = mesh.project(
+        "pg",
+        project_yaml("pg", "{engine: postgres, provider: native, init: [init.sql]}"),
+        {"app.py": APP, "init.sql": INIT},
+    )
+    try:
+        mesh.cli("up", "-d", cwd=d, check=True)
+        url = mesh.cli("db", "url", "app", cwd=d, check=True).stdout.strip()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("INSERT INTO greet VALUES ('before sigterm')")
+        agent_pid = mesh.agent_pid()
+        assert agent_pid is not None and postmasters_in(cluster_dirs(mesh, "pg"))
+        os.kill(agent_pid, signal.SIGTERM)
+        mesh.wait_for(lambda: not alive(agent_pid), timeout=60, what="agent exit")
+        assert postmasters_in(cluster_dirs(mesh, "pg")) == []  # nothing outlives the agent
+        mesh.cli("up", "-d", cwd=d, check=True)
+        assert curl_json(mesh, "app")["rows"] == ["before sigterm", "hello from init"]
+    finally:
+        mesh.cli("down", "--volumes", cwd=d)
+    assert postgres_in(cluster_dirs(mesh, "pg")) == []
+
+
+def test_db_shell_runs_psql_on_the_service_database(agent: Mesh) -> None:
+    mesh = agent
+    d = mesh.project(
+        "pg",
+        project_yaml("pg", "{engine: postgres, provider: native, init: [init.sql]}"),
+        {"app.py": APP, "init.sql": INIT},
+    )
+    try:
+        mesh.cli("up", "-d", cwd=d, check=True)
+        shell = subprocess.run(
+            [PY, "-m", "devmesh", "db", "shell", "app"],
+            cwd=d,
+            env=mesh.env,
+            input="SELECT 'got:' || msg FROM greet;\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert shell.returncode == 0, shell.stderr
+        assert "got:hello from init" in shell.stdout
+    finally:
+        mesh.cli("down", "--volumes", cwd=d)
+
+
 @pytest.fixture(scope="module")
 def staging() -> Iterator[str]:
     """A second, independent cluster playing staging (see dbkit.STAGING_SCHEMA)."""
@@ -422,6 +473,37 @@ services:
         mesh.cli("down", "--volumes", cwd=d)
         mesh.env.pop("STAGING_URL", None)
     assert postgres_in(cluster_dirs(mesh, "pgsync")) == []
+
+
+def test_on_first_up_syncs_when_up_creates_the_database_only(agent: Mesh, staging: str) -> None:
+    mesh = agent
+    text = f"""
+version: 1
+project: pgsync
+services:
+  shop:
+    version: 1.0.0
+    command: {PY} server.py
+    db:
+      engine: postgres
+      provider: native
+      sync: {{from: "${{STAGING_URL}}", tables: {{regions: "id <= 2"}}, on_first_up: true}}
+"""
+    d = mesh.project("pgsync", text, {"server.py": SERVER})
+    mesh.env["STAGING_URL"] = staging
+    try:
+        mesh.cli("up", "-d", cwd=d, check=True)
+        url = mesh.cli("db", "url", "shop", cwd=d, check=True).stdout.strip()
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM regions").fetchone() == (2,)
+            conn.execute("DELETE FROM regions")
+        mesh.cli("down", cwd=d, check=True)
+        mesh.cli("up", "-d", cwd=d, check=True)  # the database exists: no sync this time
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM regions").fetchone() == (0,)
+    finally:
+        mesh.cli("down", "--volumes", cwd=d)
+        mesh.env.pop("STAGING_URL", None)
 
 
 def test_a_sync_from_an_unreachable_source_fails_naming_it_without_the_password(

@@ -122,7 +122,11 @@ class Engine:
                 self._wake = anyio.Event()
 
     async def shutdown(self) -> None:
-        """Stop every service (dependents first) and forget them: SIGTERM leaves no orphans."""
+        """Stop every service (dependents first) and forget them: SIGTERM leaves no orphans.
+
+        The projects' database servers stop too (their data is kept; `up` starts them).
+        """
+        projects = list(self.state.projects)
         self.state.projects.clear()
         self.models.clear()
         self.wake()
@@ -130,6 +134,12 @@ class Engine:
             while self.runner.instances:
                 generation = self.generation
                 await self.changed(generation)
+        for name in projects:
+            with anyio.move_on_after(60):
+                try:
+                    await self.databases.stop_project(name)
+                except Exception:  # the agent is leaving either way; say what stays up
+                    log.exception("%s: could not stop its databases", name)
         self._save()
 
     def wake(self) -> None:
