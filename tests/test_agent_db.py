@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import socket
 import subprocess
@@ -86,6 +87,34 @@ def curl_json(mesh: Mesh, host: str) -> dict:
     )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+def on_a_terminal(mesh: Mesh, cwd: Path, *args: str) -> str:
+    """Run the CLI with stderr on a pseudo-terminal; everything written to it."""
+    main, side = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [PY, "-m", "devmesh", *args],
+            cwd=cwd,
+            env=mesh.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=side,
+        )
+        os.close(side)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=120) == 0, b"".join(chunks).decode()
+    finally:
+        os.close(main)
+    return b"".join(chunks).decode()
 
 
 def cluster_dirs(mesh: Mesh, project: str) -> list[Path]:
@@ -456,8 +485,10 @@ services:
         with psycopg.connect(url) as conn:
             assert conn.execute("SELECT count(*) FROM orders").fetchone() == (3,)
 
-        # a second sync keeps only the newest `keep: 2` snapshots
-        mesh.cli("db", "sync", "shop", cwd=d, check=True)
+        # a second sync, on a terminal: a progress bar per table; keeps the newest 2 snapshots
+        screen = on_a_terminal(mesh, d, "db", "sync", "shop")
+        assert "[########################] 3/3 rows" in screen  # orders: id <= 3
+        assert "customers" in screen and "Synced shop's database" in screen
         out = mesh.cli("db", "snapshots", "shop", cwd=d, check=True).stdout
         names = [line.split()[0] for line in out.splitlines()]
         assert len(names) == 2 and names[0] == "synced" and names[1].startswith("pre-sync-")

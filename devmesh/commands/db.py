@@ -43,7 +43,7 @@ def register(sub: Any) -> None:
         _common.add_project_arg(q)
         if service:
             q.add_argument("service", metavar="SERVICE", help="a service with a db: block")
-        q.set_defaults(func=lambda a: _common.run_command(func, a))
+        q.set_defaults(func=lambda a: _common.run_command(func, _named(a, name)))
         return q
 
     st = add(
@@ -60,6 +60,12 @@ def register(sub: Any) -> None:
     snaps = add("snapshots", "list the database's snapshots", _snapshots)
     snaps.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=lambda a: _usage(p))
+
+
+def _named(args: argparse.Namespace, verb: str) -> argparse.Namespace:
+    """Messages say which subcommand failed: ``devmesh db sync: ...``."""
+    args.command = f"db {verb}"
+    return args
 
 
 def _usage(p: argparse.ArgumentParser) -> int:
