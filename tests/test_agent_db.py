@@ -225,6 +225,9 @@ def test_no_postgresql_binaries_of_the_version_fails_the_start_naming_the_packag
     assert r.returncode == 1
     assert "no PostgreSQL 99 server binaries" in r.stderr
     assert "apt-get install postgresql-99" in r.stderr
+    status = json.loads(mesh.cli("db", "status", "--json", cwd=d, check=True).stdout)
+    [row] = status["databases"]
+    assert row["state"] == "failed" and "no PostgreSQL 99" in row["error"]
     assert not (mesh.home / "db" / "nobin" / "postgres" / "cluster.json").exists()
 
 
@@ -401,6 +404,45 @@ def test_sigterm_of_the_agent_stops_the_cluster_and_the_next_up_finds_the_data(
     finally:
         mesh.cli("down", "--volumes", cwd=d)
     assert postgres_in(cluster_dirs(mesh, "pg")) == []
+
+
+def test_the_agent_answers_while_a_database_is_provisioned(agent: Mesh) -> None:
+    # init holds provisioning for a while (the server sleeps, not the test); status must
+    # answer meanwhile and say why the service waits: provisioning is off the event loop
+    mesh = agent
+    d = mesh.project(
+        "pg",
+        project_yaml("pg", "{engine: postgres, provider: native, init: [slow.sql, init.sql]}"),
+        {"app.py": APP, "init.sql": INIT, "slow.sql": "SELECT pg_sleep(4);\n"},
+    )
+    up = subprocess.Popen(
+        [PY, "-m", "devmesh", "up", "-d"],
+        cwd=d,
+        env=mesh.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def provisioning() -> bool:
+            r = mesh.cli("status", "--json", "-p", "pg", timeout=10)
+            rows = json.loads(r.stdout).get("services", []) if r.returncode == 0 else []
+            return any(
+                (s["name"], s["state"], s["reason"])
+                == ("app", "waiting", "provisioning its database")
+                for s in rows
+            )
+
+        mesh.wait_for(provisioning, timeout=30, what="status during provisioning")
+        _, err = up.communicate(timeout=120)
+        assert up.returncode == 0, err
+        assert curl_json(mesh, "app")["rows"] == ["hello from init"]
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        mesh.cli("down", "--volumes", cwd=d)
 
 
 def test_db_shell_runs_psql_on_the_service_database(agent: Mesh) -> None:
