@@ -247,7 +247,15 @@ class Databases:
                     if svc.db.sync is not None and svc.db.sync.on_first_up:
                         self._sync(project, svc, provider, name, progress=None, snapshot=False)
                 except BaseException:
-                    provider.drop(spec)
+                    try:
+                        provider.drop(spec)
+                    except DbError as exc:  # say what is left; the first error is the cause
+                        log.warning(
+                            "%s/%s: could not drop the database again: %s",
+                            project,
+                            svc.name,
+                            exc.message,
+                        )
                     raise
             self._note(
                 project,

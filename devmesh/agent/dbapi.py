@@ -18,6 +18,8 @@ Errors are 404 (no such project or service), 409 (a database error, naming the c
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -31,6 +33,7 @@ from devmesh.db import sync as sync_mod
 from devmesh.db.errors import DbError
 
 T = TypeVar("T")
+log = logging.getLogger("devmesh.agent")
 
 
 def register(router: Router, engine: Engine) -> None:
@@ -92,7 +95,9 @@ def register(router: Router, engine: Engine) -> None:
                 "rows_total": p.rows_total,
                 "done": p.done,
             }
-            anyio.from_thread.run(send.send, {"progress": item})
+            # The CLI may have gone (Ctrl-C): the sync still ends, all or nothing.
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                anyio.from_thread.run(send.send, {"progress": item})
 
         async def worker() -> None:
             async with send:
@@ -101,11 +106,14 @@ def register(router: Router, engine: Engine) -> None:
                         dbs.sync_blocking, project, proj, service, progress
                     )
                 except (DbError, databases.DbCommandError) as exc:
-                    await send.send({"done": True, "ok": False, "error": _message(exc)})
+                    last = {"done": True, "ok": False, "error": _message(exc)}
                 except Exception as exc:  # a driver bug: say so rather than hang up
-                    await send.send({"done": True, "ok": False, "error": repr(exc)})
+                    log.exception("%s/%s: sync failed", project, service)
+                    last = {"done": True, "ok": False, "error": repr(exc)}
                 else:
-                    await send.send({"done": True, "ok": True, "result": result})
+                    last = {"done": True, "ok": True, "result": result}
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await send.send(last)
 
         dbs.tg.start_soon(worker)
 
