@@ -445,6 +445,26 @@ def test_the_agent_answers_while_a_database_is_provisioned(agent: Mesh) -> None:
         mesh.cli("down", "--volumes", cwd=d)
 
 
+def test_switching_provider_of_an_existing_database_is_refused_not_orphaned(
+    agent: Mesh,
+) -> None:
+    mesh = agent
+    native = project_yaml("pg", "{engine: postgres, provider: native, init: [init.sql]}")
+    d = mesh.project("pg", native, {"app.py": APP, "init.sql": INIT})
+    try:
+        mesh.cli("up", "-d", cwd=d, check=True)
+        (d / "devmesh.yaml").write_text(native.replace("provider: native", "provider: docker"))
+        r = mesh.cli("up", "-d", cwd=d)
+        assert r.returncode == 1
+        assert "held by the native provider, and db.provider now says docker" in r.stderr
+        assert len(postmasters_in(cluster_dirs(mesh, "pg"))) == 1  # the data is still there
+        (d / "devmesh.yaml").write_text(native)
+        mesh.cli("up", "-d", cwd=d, check=True)
+        assert curl_json(mesh, "app")["rows"] == ["hello from init"]
+    finally:
+        mesh.cli("down", "--volumes", cwd=d)
+
+
 def test_db_shell_runs_psql_on_the_service_database(agent: Mesh) -> None:
     mesh = agent
     d = mesh.project(

@@ -222,8 +222,15 @@ class Databases:
         if spec.engine is Engine.SQLITE:
             return "sqlite"
         wanted = svc.db.provider.value
-        if recorded in ("native", "docker") and wanted in ("auto", recorded):
-            return str(recorded)
+        if recorded in ("native", "docker"):
+            if wanted in ("auto", recorded):
+                return str(recorded)
+            raise PermanentDbError(
+                f"the database of service {svc.name!r} is held by the {recorded} provider, "
+                f"and db.provider now says {wanted}; its data would be left behind. "
+                f"`devmesh down --volumes {svc.name}` deletes it (then `up` makes it anew "
+                f"with {wanted}), or set provider back to {recorded}"
+            )
         return choose.choose(
             spec, wanted, docker_probe=_docker_reason, native_probe=lambda: _native_reason(spec)
         )
