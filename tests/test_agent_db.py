@@ -162,6 +162,26 @@ def test_sqlite_database_is_made_before_the_service_kept_by_down_deleted_by_volu
     assert not (mesh.home / "db" / "lite").exists()
 
 
+def test_down_volumes_deletes_the_data_of_a_project_the_agent_no_longer_runs(
+    mesh: Mesh,
+) -> None:
+    d = mesh.project(
+        "lite",
+        project_yaml("lite", "{engine: sqlite, init: [init.sql]}"),
+        {"app.py": APP, "init.sql": INIT},
+    )
+    mesh.cli("up", "-d", cwd=d, check=True)
+    path = mesh.home / "db" / "lite" / "sqlite" / "app.sqlite3"
+    agent_pid = mesh.agent_pid()
+    assert agent_pid is not None and path.exists()
+    os.kill(agent_pid, signal.SIGTERM)
+    mesh.wait_for(lambda: not alive(agent_pid), timeout=30, what="agent exit")
+    assert path.exists()  # stopping the agent keeps the data
+    r = mesh.cli("down", "--volumes", cwd=d, check=True)
+    assert "deleted the databases' data" in r.stderr
+    assert not path.exists()
+
+
 class psycopg_free_sqlite:
     """A sqlite3 connection that commits and closes on exit."""
 
