@@ -125,3 +125,31 @@ def test_two_services_sharing_a_database_get_a_warning(tmp_path: Path) -> None:
     loaded = loader.load(path, environ={})
     assert [(w.path, w.line) for w in loaded.warnings] == [("services.worker.db.name", 11)]
     assert "also the database of service 'api'" in loaded.warnings[0].message
+
+
+def test_the_database_variables_replace_the_shells_but_the_services_env_wins(
+    tmp_path: Path,
+) -> None:
+    from devmesh.core import desired
+
+    path = tmp_path / "devmesh.yaml"
+    path.write_text(
+        HEAD.replace("./api", "./api --db ${DATABASE_URL}")
+        + "    env: {PGUSER: admin, WHERE: '${DATABASE_URL}'}\n"
+        + "    db: {engine: postgres}\n"
+    )
+    proj = loader.load(path, environ={}).project
+    svc = proj.services["api"]
+    db_env = {"DATABASE_URL": "postgresql://api:pw@127.0.0.1:5/api", "PGHOST": "127.0.0.1"}
+    db_env |= {"PGUSER": "api"}
+    base = {"DATABASE_URL": "from the shell", "PGHOST": "elsewhere", "HOME": "/root"}
+    env = desired.launch_env(base, proj, svc, port=None, urls={}, db_env=db_env)
+    assert env["DATABASE_URL"] == db_env["DATABASE_URL"]
+    assert (env["PGHOST"], env["PGUSER"], env["WHERE"], env["HOME"]) == (
+        "127.0.0.1",
+        "admin",
+        db_env["DATABASE_URL"],
+        "/root",
+    )
+    argv = desired.launch_argv(proj, svc, port=None, urls={}, db_env=db_env)
+    assert argv[-1] == db_env["DATABASE_URL"]
