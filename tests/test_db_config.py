@@ -135,7 +135,7 @@ def test_the_database_variables_replace_the_shells_but_the_services_env_wins(
     path = tmp_path / "devmesh.yaml"
     path.write_text(
         HEAD.replace("./api", "./api --db ${DATABASE_URL}")
-        + "    env: {PGUSER: admin, WHERE: '${DATABASE_URL}'}\n"
+        + "    env: {PGUSER: admin, WHERE: '${DATABASE_URL}', HOST: '${PGHOST}'}\n"
         + "    db: {engine: postgres}\n"
     )
     proj = loader.load(path, environ={}).project
@@ -151,5 +151,6 @@ def test_the_database_variables_replace_the_shells_but_the_services_env_wins(
         db_env["DATABASE_URL"],
         "/root",
     )
+    assert env["HOST"] == "127.0.0.1"  # PG* are left for the start, as DATABASE_URL is
     argv = desired.launch_argv(proj, svc, port=None, urls={}, db_env=db_env)
     assert argv[-1] == db_env["DATABASE_URL"]

@@ -267,6 +267,7 @@ class _Load:
         services = checks.services_of(data)
         keeps = {
             name: interpolate.runtime_names(d for d, _, _ in checks.dependencies(service))
+            | (interpolate.DB_NAMES if isinstance(service.get("db"), dict) else frozenset())
             for name, service in services.items()
         }
 
