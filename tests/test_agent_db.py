@@ -251,6 +251,23 @@ def test_no_postgresql_binaries_of_the_version_fails_the_start_naming_the_packag
     assert not (mesh.home / "db" / "nobin" / "postgres" / "cluster.json").exists()
 
 
+def test_auto_takes_the_native_provider_when_no_docker_engine_answers(mesh: Mesh) -> None:
+    mesh.env["DOCKER_HOST"] = f"unix://{mesh.root}/no-docker.sock"  # the agent inherits it
+    d = mesh.project(
+        "autopg",
+        project_yaml("autopg", "{engine: postgres, init: [init.sql]}"),
+        {"app.py": APP, "init.sql": INIT},
+    )
+    try:
+        mesh.cli("up", "-d", cwd=d, check=True)
+        assert curl_json(mesh, "app")["rows"] == ["hello from init"]
+        status = json.loads(mesh.cli("db", "status", "--json", cwd=d, check=True).stdout)
+        assert status["databases"][0]["provider"] == "native"
+    finally:
+        mesh.cli("down", "--volumes", cwd=d)
+    assert postgres_in(cluster_dirs(mesh, "autopg")) == []
+
+
 # ---------------------------------------------------------------------------- native
 
 

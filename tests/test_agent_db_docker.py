@@ -64,3 +64,30 @@ def test_docker_database_serves_a_row_kept_by_down_deleted_by_volumes(mesh: Mesh
                 v.remove(force=True)
     finally:
         client.close()
+
+
+def test_auto_takes_docker_when_an_engine_answers(mesh: Mesh) -> None:
+    client = connect()
+    project = f"dk{uuid.uuid4().hex[:8]}"
+    label = {"label": f"devmesh.project={project}"}
+    try:
+        image = build_postgres_image(client)
+        d = mesh.project(
+            project,
+            project_yaml(project, f"{{engine: postgres, image: {image}, init: [init.sql]}}"),
+            {"app.py": APP, "init.sql": INIT},
+        )
+        try:
+            mesh.cli("up", "-d", cwd=d, check=True, timeout=180)
+            assert curl_json(mesh, "app")["rows"] == ["hello from init"]
+            status = json.loads(mesh.cli("db", "status", "--json", cwd=d, check=True).stdout)
+            assert status["databases"][0]["provider"] == "docker"
+        finally:
+            mesh.cli("down", "--volumes", cwd=d)
+        assert client.containers.list(all=True, filters=label) == []
+    finally:
+        for c in client.containers.list(all=True, filters=label):
+            c.remove(force=True)
+        for v in client.volumes.list(filters=label):
+            v.remove(force=True)
+        client.close()
