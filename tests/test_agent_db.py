@@ -182,6 +182,37 @@ def test_down_volumes_deletes_the_data_of_a_project_the_agent_no_longer_runs(
     assert not path.exists()
 
 
+def test_an_adopted_service_is_probed_with_its_database_variables(mesh: Mesh) -> None:
+    check = "import os, sys; sys.exit(0 if os.environ.get('DATABASE_URL') else 1)"
+    text = f"""
+version: 1
+project: lite
+services:
+  app:
+    version: 1.0.0
+    command: {PY} app.py
+    port: auto
+    health:
+      command: [{PY}, -c, "{check}"]
+      interval_s: 0.2
+    db: {{engine: sqlite, init: [init.sql]}}
+"""
+    d = mesh.project("lite", text, {"app.py": APP, "init.sql": INIT})
+    mesh.cli("up", "-d", cwd=d, check=True)
+    agent_pid = mesh.agent_pid()
+    assert agent_pid is not None
+    os.kill(agent_pid, signal.SIGKILL)
+    mesh.wait_for(lambda: not alive(agent_pid), what="agent death")
+    mesh.cli("up", "-d", cwd=d, check=True)  # a new agent adopts app
+    assert "adopted running pid" in (mesh.home / "agent.log").read_text()
+    row = mesh.wait_for(
+        lambda: (r := mesh.services("lite")["app"])["health_probes"] >= 5 and r,
+        what="five probes of the adopted service",
+    )
+    assert (row["health"], row["health_failures"]) == ("healthy", 0)
+    mesh.cli("down", "--volumes", cwd=d, check=True)
+
+
 class psycopg_free_sqlite:
     """A sqlite3 connection that commits and closes on exit."""
 

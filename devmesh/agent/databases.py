@@ -177,6 +177,24 @@ class Databases:
             return {}, f"database: {entry.error}"
         return dict(entry.env or {}), None
 
+    def recorded_env(self, project: str, svc: model.Service) -> dict[str, str]:
+        """The database variables of an existing database, from files only (no server).
+
+        For the probes of a process adopted after an agent restart: it was started with
+        them, and its health command may use them. Docker's would need the engine (a
+        network call at start-up), so an adopted process of that provider gets none until
+        it is started again.
+        """
+        r = self.record(project).get(svc.name, {})
+        name = r.get("provider")
+        if name not in ("native", "sqlite") or svc.db is None:
+            return {}
+        provider = self.native(project) if name == "native" else self.sqlite(project)
+        try:
+            return wiring.environment(provider.conninfo(self.spec(project, svc)))
+        except DbError:
+            return {}
+
     def retry(self, project: str) -> None:
         """An `up` asks again: failed provisioning of ``project`` is tried anew."""
         for key, entry in list(self.entries.items()):

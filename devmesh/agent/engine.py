@@ -100,7 +100,10 @@ class Engine:
             self.runner.tg = tg
             self.databases.tg = tg
             for inst, survivor_launch in adopt.survivors(
-                self.home, self.state.processes, self._applied_by_name()
+                self.home,
+                self.state.processes,
+                self._applied_by_name(),
+                db_env=self.databases.recorded_env,
             ):
                 self.runner.instances[inst.key] = inst
                 self.runner.watch(inst, survivor_launch)
