@@ -533,6 +533,23 @@ def test_switching_provider_of_an_existing_database_is_refused_not_orphaned(
         mesh.cli("down", "--volumes", cwd=d)
 
 
+def test_down_volumes_after_a_rename_of_the_database_leaves_nothing(agent: Mesh) -> None:
+    mesh = agent
+    first = project_yaml("pg", "{engine: postgres, provider: native, init: [init.sql]}")
+    d = mesh.project("pg", first, {"app.py": APP, "init.sql": INIT})
+    try:
+        mesh.cli("up", "-d", cwd=d, check=True)
+        (d / "devmesh.yaml").write_text(
+            first.replace("provider: native", "provider: native, name: renamed")
+        )
+        mesh.cli("up", "-d", cwd=d, check=True)
+        assert curl_json(mesh, "app")["pg"] == "renamed"
+    finally:
+        mesh.cli("down", "--volumes", cwd=d, check=True)
+    dirs = cluster_dirs(mesh, "pg")
+    assert postgres_in(dirs) == [] and not any(p.exists() for p in dirs)
+
+
 def test_db_shell_runs_psql_on_the_service_database(agent: Mesh) -> None:
     mesh = agent
     d = mesh.project(

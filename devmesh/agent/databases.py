@@ -340,6 +340,9 @@ class Databases:
         if record:
             self._save_record(project, record)
         else:
+            # Nothing of the project is left: the whole cluster goes (with any database a
+            # renamed db.name left in it, and its data wherever it was placed), then the rest.
+            self.native(project).destroy()
             shutil.rmtree(self.root(project), ignore_errors=True)
         return dropped
 
