@@ -17,7 +17,10 @@ What is measured:
 - sync: a table of N rows (``where: true``) through ``devmesh.db.sync`` (rows/s), and the
   same rows with ``pg_dump --data-only -t TABLE | psql`` into another empty database with
   the same schema;
-- snapshot and restore of the synced database (template copies).
+- snapshot and restore of the synced database (template copies);
+- with ``--agent``: ``devmesh up -d`` of a service with a native database through a real
+  agent, until the service answers: cold (the project's cluster made), after ``down``
+  (the cluster started again), and the same service without a database as the baseline.
 """
 
 from __future__ import annotations
@@ -62,7 +65,11 @@ def timed(fn):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--agent", action="store_true", help="only the `up` through an agent")
     args = ap.parse_args()
+    if args.agent:
+        _agent_up()
+        return
     home = DbHome()
     try:
         local = home.native("proj")
@@ -137,6 +144,34 @@ def _pg_dump_psql(src_url: str, dst_url: str) -> float:
     dump.stdout.close()
     dump.wait()
     return time.perf_counter() - t
+
+
+def _agent_up() -> None:
+    """`up -d` until ready, through a real agent in a private home (see tests/agentkit)."""
+    from agentkit import PY, SERVER, Mesh
+
+    m = Mesh()
+    try:
+        m.start_agent()  # so that no `up` below includes the agent's start
+        for name, db in (("nodb", ""), ("withdb", "    db: {engine: postgres, provider: native}")):
+            text = f"""
+version: 1
+project: {name}
+services:
+  app:
+    version: 1.0.0
+    command: {PY} server.py
+    port: auto
+{db}
+"""
+            d = m.project(name, text, {"server.py": SERVER})
+            up, _ = timed(lambda d=d: m.cli("up", "-d", cwd=d, check=True))
+            m.cli("down", cwd=d, check=True)
+            again, _ = timed(lambda d=d: m.cli("up", "-d", cwd=d, check=True))
+            print(f"up -d {name:7}: first {up:5.2f} s, after down {again:5.2f} s")
+            m.cli("down", "--volumes", cwd=d, check=True)
+    finally:
+        m.close()
 
 
 if __name__ == "__main__":

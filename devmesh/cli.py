@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "logs",
     "plan",
     "validate",
+    "db",
     "agent",
     "ca",
     "mesh",

@@ -23,7 +23,6 @@ APPLIES = [
     ("policy.balance", HEAD + "policy:\n  balance: round_robin\n", (3, 3)),
     ("services.<name>.branch", HEAD + SERVICE + "    branch: auto\n", (6, 5)),
     ("services.<name>.fallback", HEAD + SERVICE + "    fallback: http://127.0.0.1:9\n", (6, 5)),
-    ("services.<name>.db", HEAD + SERVICE + "    db: {engine: sqlite}\n", (6, 5)),
 ]
 
 # Uses that ask for what already happens: no warning.
@@ -128,10 +127,10 @@ def test_a_satisfied_range_does_not_warn(tmp_path: Path):
 
 # -- the warnings reach every command that loads a file -------------------------------------
 
-FILE = HEAD + SERVICE + "    db: {engine: postgres}\n"
+FILE = HEAD + SERVICE + "    branch: auto\n"
 LINE = (
-    "devmesh.yaml:6:5: warning: services.api.db: not built yet: databases; db is accepted "
-    "but has no effect: no database is created and DATABASE_URL is not set"
+    "devmesh.yaml:6:5: warning: services.api.branch: not built yet: branch namespaces; branch "
+    "is accepted but has no effect: calls are routed without regard to branches"
 )
 
 
@@ -164,8 +163,8 @@ def test_validate_json_lists_the_warning(tmp_path: Path):
         "file": "devmesh.yaml",
         "line": 6,
         "column": 5,
-        "path": "services.api.db",
-        "message": LINE.split("services.api.db: ", 1)[1],
+        "path": "services.api.branch",
+        "message": LINE.split("services.api.branch: ", 1)[1],
         "severity": "warning",
     }
 

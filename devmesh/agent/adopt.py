@@ -14,7 +14,7 @@ What it does not guarantee: the exit status of an adopted process (it is not our
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from devmesh.agent import launch as launch_mod
 from devmesh.agent import state as state_mod
@@ -31,10 +31,12 @@ def survivors(
     home: Home,
     records: Mapping[str, state_mod.ProcessRecord],
     projects: Mapping[str, tuple[state_mod.ProjectRecord, model.Project]],
+    db_env: Callable[[str, model.Service], Mapping[str, str]] | None = None,
 ) -> list[tuple[Instance, launch_mod.Launch | None]]:
     """Instances for the recorded processes that still run; each with its launch, if known.
 
-    The launch (for the health check's environment) is known while the project is applied.
+    The launch (for the health check's environment) is known while the project is applied;
+    ``db_env`` gives the database variables the process was started with, if it has one.
     """
     out: list[tuple[Instance, launch_mod.Launch | None]] = []
     for rec in records.values():
@@ -73,7 +75,15 @@ def survivors(
             inst.tracker = health_core.start(svc.effective_health, proc.started_at)
         launch = None
         if applied is not None:
-            launch = launch_mod.build(home, applied[0], applied[1], svc, port=rec.port, urls=urls)
+            launch = launch_mod.build(
+                home,
+                applied[0],
+                applied[1],
+                svc,
+                port=rec.port,
+                urls=urls,
+                db_env=db_env(rec.project, svc) if db_env and svc.db else None,
+            )
         log.info("%s: adopted running pid %d", plan.key_text(key), proc.pid)
         out.append((inst, launch))
     return out

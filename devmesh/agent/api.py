@@ -10,7 +10,9 @@ Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
   GET  /v1/peers                      the mesh: this node, peers, backends, drop counters
   POST /v1/apply                      {document, directory, source, services, base_env, dry_run}
   GET  /v1/wait?project=P&services=a,b    stream: progress, then {"done": true, "ok": ...}
-  POST /v1/down                       {project, services}; answers when they are stopped
+  POST /v1/down                       {project, services, volumes}; answers when they are
+       stopped (``volumes``: their databases deleted too)
+  /v1/db/...                          the databases (see ``dbapi``)
   GET  /v1/logs?project=P&services=a,b&tail=N|all&since=UNIX_S&follow=1   stream of
        {service, line, time}; proxy=1 (&format=text) for the access log
   GET  /v1/ca                         {path, pem} of the CA signing HTTPS leaves (team or local)
@@ -27,7 +29,7 @@ from typing import Any
 import anyio
 
 from devmesh import __version__
-from devmesh.agent import identity_api, logfeed, meshhost, preflight, snapshot, views
+from devmesh.agent import dbapi, identity_api, logfeed, meshhost, preflight, snapshot, views
 from devmesh.agent import state as state_mod
 from devmesh.agent.engine import Engine
 from devmesh.agent.http_server import ApiError, Request, Response, Router, StreamResponse
@@ -100,9 +102,13 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
         if not isinstance(project, str):
             raise ApiError(400, "down: 'project' must be a project name")
         services = body.get("services") or None
+        volumes = bool(body.get("volumes"))
         if not engine.knows(project):
-            return Response(200, {"project": project, "stopped": [], "known": False})
-        stopped = await engine.down(project, services)
+            dropped = await engine.databases.drop_project(project, services) if volumes else []
+            return Response(
+                200, {"project": project, "stopped": [], "known": False, "dropped": dropped}
+            )
+        stopped = await engine.down(project, services, volumes=volumes)
         await engine.mesh.release(engine.mesh_view())
         return Response(200, {"project": project, "stopped": stopped, "known": True})
 
@@ -135,6 +141,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
         on_shutdown()
         return Response(200, {"stopping": True})
 
+    dbapi.register(router, engine)
     return router
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from devmesh.agent import adopt, launch, meshhost, preflight, reconcile, routing
+from devmesh.agent import adopt, databases, launch, meshhost, preflight, reconcile, routing
 from devmesh.agent import snapshot as snap
 from devmesh.agent import state as state_mod
 from devmesh.agent.paths import Home
@@ -65,6 +65,8 @@ class Engine:
         self.state = state_mod.State()
         self.models: dict[str, model.Project] = {}
         self.runner = reconcile.Runner(clock=clock, rand=rand, wake=self.wake)
+        self.databases = databases.Databases(home, wake=self.wake)
+        """Provisioned before their services start (``databases.Databases.gate``)."""
         self.last_plan = plan.Plan(actions=(), wake_at=None)
         self.started_at = clock()
         self._wake = anyio.Event()
@@ -98,8 +100,12 @@ class Engine:
     ) -> None:
         async with anyio.create_task_group() as tg:
             self.runner.tg = tg
+            self.databases.tg = tg
             for inst, survivor_launch in adopt.survivors(
-                self.home, self.state.processes, self._applied_by_name()
+                self.home,
+                self.state.processes,
+                self._applied_by_name(),
+                db_env=self.databases.recorded_env,
             ):
                 self.runner.instances[inst.key] = inst
                 self.runner.watch(inst, survivor_launch)
@@ -122,7 +128,11 @@ class Engine:
                 self._wake = anyio.Event()
 
     async def shutdown(self) -> None:
-        """Stop every service (dependents first) and forget them: SIGTERM leaves no orphans."""
+        """Stop every service (dependents first) and forget them: SIGTERM leaves no orphans.
+
+        The projects' database servers stop too (their data is kept; `up` starts them).
+        """
+        projects = list(self.state.projects)
         self.state.projects.clear()
         self.models.clear()
         self.wake()
@@ -130,6 +140,12 @@ class Engine:
             while self.runner.instances:
                 generation = self.generation
                 await self.changed(generation)
+        for name in projects:
+            with anyio.move_on_after(60):
+                try:
+                    await self.databases.stop_project(name)
+                except Exception:  # the agent is leaving either way; say what stays up
+                    log.exception("%s: could not stop its databases", name)
         self._save()
 
     def wake(self) -> None:
@@ -238,15 +254,20 @@ class Engine:
         for key, inst in list(self.runner.instances.items()):
             if key[0] == rec.name and inst.phase in (plan.Phase.FAILED, plan.Phase.EXITED):
                 del self.runner.instances[key]
+        self.databases.retry(rec.name)
         self.wake()
 
     def knows(self, project: str) -> bool:
         return project in self.state.projects or any(k[0] == project for k in self.runner.instances)
 
-    async def down(self, project: str, services: list[str] | None) -> list[str]:
+    async def down(
+        self, project: str, services: list[str] | None, *, volumes: bool = False
+    ) -> list[str]:
         """Stop a project (or some of its services) and wait until they are stopped.
 
-        Returns the names of the services that were running or starting.
+        Stopping the whole project also stops what serves its databases (data kept);
+        ``volumes`` deletes the databases of the stopped services. Returns the names of the
+        services that were running or starting.
         """
         targets = [
             k
@@ -266,6 +287,10 @@ class Engine:
             if not any(k in self.runner.instances for k in targets):
                 break
             await self.changed(generation)
+        if volumes:
+            await self.databases.drop_project(project, services)
+        elif services is None:
+            await self.databases.stop_project(project)
         return [k[1] for k in targets]
 
     # ---------------------------------------------------------------- a round
@@ -273,14 +298,19 @@ class Engine:
     def _reconcile(self) -> dict[plan.Key, plan.Want]:
         """Plan and carry out one round; returns the wants it planned for."""
         wants = self.wants()
-        self.last_plan = plan.plan(wants, self.seen(), self.clock())
+        planned = plan.plan(wants, self.seen(), self.clock())
+        actions = self.databases.gate(planned.actions, wants, self.models)
+        self.last_plan = plan.Plan(actions=actions, wake_at=planned.wake_at)
         self.runner.execute(self.last_plan.actions, self._launch, wants)
         return wants
 
     def _launch(self, key: plan.Key) -> launch.Launch:
         rec = self.state.projects[key[0]]
         proj = self.models[key[0]]
-        return launch.fresh(self.home, rec, proj, proj.services[key[1]])
+        db_env, db_error = self.databases.launch_env(key)
+        return launch.fresh(
+            self.home, rec, proj, proj.services[key[1]], db_env=db_env, db_error=db_error
+        )
 
     def _actions(self) -> dict[plan.Key, tuple[plan.Action, ...]]:
         out: dict[plan.Key, list[plan.Action]] = {}

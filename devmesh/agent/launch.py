@@ -53,15 +53,19 @@ def build(
     *,
     port: int | None,
     urls: Mapping[str, str],
+    db_env: Mapping[str, str] | None = None,
+    db_error: str | None = None,
 ) -> Launch:
-    """Describe the process of ``svc`` with ``port`` and ``urls``.
+    """Describe the process of ``svc`` with ``port``, ``urls`` and its database's variables.
 
     A ``${NAME}`` in env or command that has no value gives a launch with ``error`` set and
     no process, so the start fails with that message rather than raising.
     """
     try:
-        env = desired.launch_env(rec.base_env, proj, svc, port=port, urls=urls)
-        argv = desired.launch_argv(proj, svc, port=port, urls=urls)
+        if db_error is not None:
+            raise ValueError(db_error)
+        env = desired.launch_env(rec.base_env, proj, svc, port=port, urls=urls, db_env=db_env)
+        argv = desired.launch_argv(proj, svc, port=port, urls=urls, db_env=db_env)
     except ValueError as exc:
         return Launch(
             service=svc,
@@ -86,7 +90,22 @@ def build(
 
 
 def fresh(
-    home: Home, rec: state_mod.ProjectRecord, proj: model.Project, svc: model.Service
+    home: Home,
+    rec: state_mod.ProjectRecord,
+    proj: model.Project,
+    svc: model.Service,
+    *,
+    db_env: Mapping[str, str] | None = None,
+    db_error: str | None = None,
 ) -> Launch:
     """The launch of a new process of ``svc`` under the project's current record."""
-    return build(home, rec, proj, svc, port=port_of(rec, svc), urls=urls(rec, proj, svc))
+    return build(
+        home,
+        rec,
+        proj,
+        svc,
+        port=port_of(rec, svc),
+        urls=urls(rec, proj, svc),
+        db_env=db_env,
+        db_error=db_error,
+    )

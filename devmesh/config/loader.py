@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from devmesh.config import checks, envfile, marks, report, schema, unbuilt
+from devmesh.config import checks, dbchecks, envfile, marks, report, schema, unbuilt
 from devmesh.core import interpolate, model
 
 Problem = report.Problem
@@ -232,6 +232,7 @@ class _Load:
             if not (p.path == "" and p.message == "missing required key 'version'")
         ]
         self.problems += [self.explain(p) for p in checks.check(data, where, self.file)]
+        self.problems += dbchecks.check(data, where, self.file, self.directory)
         self.problems += unbuilt.warnings(data, where, self.file)
         document = self.merge_env_files(data, where)
         if any(p.is_error for p in self.problems):
@@ -266,6 +267,7 @@ class _Load:
         services = checks.services_of(data)
         keeps = {
             name: interpolate.runtime_names(d for d, _, _ in checks.dependencies(service))
+            | (interpolate.DB_NAMES if isinstance(service.get("db"), dict) else frozenset())
             for name, service in services.items()
         }
 

@@ -84,13 +84,6 @@ TABLE: tuple[Row, ...] = (
         applies=lambda _, service: "command" in service,
         when="the service has a `command`",
     ),
-    Row(
-        key="services.<name>.db",
-        missing=(
-            "databases; db is accepted but has no effect: no database is created and "
-            "DATABASE_URL is not set"
-        ),
-    ),
 )
 
 

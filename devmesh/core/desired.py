@@ -129,10 +129,15 @@ def wants_for(
 
 
 def runtime_vars(
-    project: model.Project, service: model.Service, *, port: int | None, urls: Mapping[str, str]
+    project: model.Project,
+    service: model.Service,
+    *,
+    port: int | None,
+    urls: Mapping[str, str],
+    db_env: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The variables devmesh itself provides to a process."""
-    out = {"DEVMESH_SERVICE": service.name, "DEVMESH_PROJECT": project.name}
+    """The variables devmesh itself provides to a process (``db_env``: its database's)."""
+    out = {**(db_env or {}), "DEVMESH_SERVICE": service.name, "DEVMESH_PROJECT": project.name}
     if port is not None:
         out["PORT"] = str(port)
     for dep, url in urls.items():
@@ -147,16 +152,20 @@ def launch_env(
     *,
     port: int | None,
     urls: Mapping[str, str],
+    db_env: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The complete environment of the process: base, then the service's env, then devmesh's.
 
+    The database's variables (``DATABASE_URL``, ``PG*``) replace those of the base
+    environment, but a value the service's own ``env`` sets explicitly wins over them.
     Raises interpolate.InterpolationError for a ``${NAME}`` left in env that has no value.
     """
-    runtime = runtime_vars(project, service, port=port, urls=urls)
+    runtime = runtime_vars(project, service, port=port, urls=urls, db_env=db_env)
     env = dict(base_env)
+    env.update(runtime)
     for k, v in service.env.items():
         env[k] = interpolate.expand(v, runtime.get)
-    env.update(runtime)
+    env.update({k: v for k, v in runtime.items() if k not in (db_env or {})})
     return env
 
 
@@ -173,9 +182,10 @@ def launch_argv(
     *,
     port: int | None,
     urls: Mapping[str, str],
+    db_env: Mapping[str, str] | None = None,
 ) -> tuple[str, ...]:
     """The command with ``${PORT}``-style runtime names filled in."""
-    runtime = runtime_vars(project, service, port=port, urls=urls)
+    runtime = runtime_vars(project, service, port=port, urls=urls, db_env=db_env)
     return tuple(interpolate.expand(a, runtime.get) for a in service.command or ())
 
 

@@ -31,6 +31,9 @@ RUNTIME_NAMES: frozenset[str] = frozenset(
 )
 """Filled by the supervisor at start, in a service's command, env and health command."""
 
+DB_NAMES: frozenset[str] = frozenset({"PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"})
+"""libpq's variables, also filled at start for a service with a ``db:`` (PostgreSQL)."""
+
 
 def url_variable(dependency: str) -> str:
     """The variable that carries a dependency's URL: ``auth-api`` -> ``AUTH_API_URL``."""

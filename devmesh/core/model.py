@@ -126,12 +126,34 @@ class Stop:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DbSync:
+    """Where a database's staging subset comes from, and which rows it holds."""
+
+    source: str
+    """The source's PostgreSQL URL (``from`` in the file); it holds a password."""
+    tables: Mapping[str, str]
+    """Table -> SQL ``where`` choosing its rows."""
+    limit: int | None = None
+    follow_foreign_keys: bool = True
+    exclude_columns: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    on_first_up: bool = False
+    """Run the sync when the database is created by an ``up``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Db:
     engine: DbEngine
     version: str | None = None
     provider: DbProvider = DbProvider.AUTO
     name: str | None = None
     """Database name; defaults to the service's name."""
+    image: str | None = None
+    """Docker image of the docker provider; None is ``postgres:VERSION``."""
+    init: tuple[str, ...] = ()
+    """Absolute paths of SQL files run once, in order, when the database is created."""
+    sync: DbSync | None = None
+    snapshots_keep: int = 5
+    """Snapshots kept by the one a sync takes first; older ones are deleted."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -347,14 +369,39 @@ def _service(name: str, doc: Mapping[str, Any], directory: str) -> Service:
         share=bool(doc.get("share", False)),
         branch=doc.get("branch"),
         fallback=doc.get("fallback"),
-        db=None
-        if db_doc is None
-        else Db(
-            engine=DbEngine(db_doc["engine"]),
-            version=None if db_doc.get("version") is None else str(db_doc["version"]),
-            provider=DbProvider(_opt(db_doc, "provider", "auto")),
-            name=db_doc.get("name"),
-        ),
+        db=None if db_doc is None else _db(db_doc, directory),
+    )
+
+
+def _db(doc: Mapping[str, Any], directory: str) -> Db:
+    import posixpath
+
+    sync_doc = doc.get("sync")
+    sync = None
+    if sync_doc is not None:
+        sync = DbSync(
+            source=str(sync_doc["from"]),
+            tables={str(k): str(v) for k, v in (sync_doc.get("tables") or {}).items()},
+            limit=sync_doc.get("limit"),
+            follow_foreign_keys=bool(_opt(sync_doc, "follow_foreign_keys", True)),
+            exclude_columns={
+                str(k): tuple(str(c) for c in v)
+                for k, v in (sync_doc.get("exclude_columns") or {}).items()
+            },
+            on_first_up=bool(_opt(sync_doc, "on_first_up", False)),
+        )
+    init = doc.get("init") or ()
+    if isinstance(init, str):
+        init = (init,)
+    return Db(
+        engine=DbEngine(doc["engine"]),
+        version=None if doc.get("version") is None else str(doc["version"]),
+        provider=DbProvider(_opt(doc, "provider", "auto")),
+        name=doc.get("name"),
+        image=doc.get("image"),
+        init=tuple(posixpath.normpath(posixpath.join(directory, str(f))) for f in init),
+        sync=sync,
+        snapshots_keep=int(_opt(doc.get("snapshots") or {}, "keep", 5)),
     )
 
 
@@ -483,6 +530,21 @@ def service_document(s: Service) -> dict[str, Any]:
             db["version"] = s.db.version
         if s.db.name is not None:
             db["name"] = s.db.name
+        if s.db.image is not None:
+            db["image"] = s.db.image
+        if s.db.init:
+            db["init"] = list(s.db.init)
+        if s.db.sync is not None:
+            sy = s.db.sync
+            db["sync"] = {
+                "from": sy.source,
+                "tables": dict(sy.tables),
+                **({"limit": sy.limit} if sy.limit is not None else {}),
+                "follow_foreign_keys": sy.follow_foreign_keys,
+                "exclude_columns": {k: list(v) for k, v in sy.exclude_columns.items()},
+                "on_first_up": sy.on_first_up,
+            }
+        db["snapshots"] = {"keep": s.db.snapshots_keep}
         out["db"] = db
     return out
 

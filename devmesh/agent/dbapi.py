@@ -1,0 +1,166 @@
+"""The control API's database endpoints: what `devmesh db` asks the agent.
+
+Why through the agent: the agent owns the databases (it provisions, adopts and stops them),
+so a second owner in the CLI would race it, and the CLI may not import the drivers. Every
+driver call blocks, so each runs in a worker thread (``anyio.to_thread``): the proxy and
+the rest of the API stay live during a long sync.
+
+Endpoints (JSON; ``sync`` answers NDJSON):
+  GET  /v1/db/status?project=P              one row per service with a database
+  GET  /v1/db/url?project=P&service=S       {url, env}: the full URL, password included
+  GET  /v1/db/shell?project=P&service=S     {argv, env} of psql or sqlite3 on it
+  POST /v1/db/sync        {project, service}     stream: progress per table, then done
+  POST /v1/db/snapshot    {project, service, name?}
+  POST /v1/db/restore     {project, service, name}
+  GET  /v1/db/snapshots?project=P&service=S
+Errors are 404 (no such project or service), 409 (a database error, naming the cause).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import anyio
+
+from devmesh.agent import databases
+from devmesh.agent.engine import Engine
+from devmesh.agent.http_server import ApiError, Request, Response, Router, StreamResponse
+from devmesh.core import model
+from devmesh.db import sync as sync_mod
+from devmesh.db.errors import DbError
+
+T = TypeVar("T")
+log = logging.getLogger("devmesh.agent")
+
+
+def register(router: Router, engine: Engine) -> None:
+    dbs = engine.databases
+
+    @router.route("GET", "/v1/db/status")
+    async def status(req: Request) -> Response:
+        project, proj = _project(engine, req.query.get("project"))
+        rows = await _call(dbs.status_blocking, project, proj)
+        return Response(200, {"project": project, "databases": rows})
+
+    @router.route("GET", "/v1/db/url")
+    async def url(req: Request) -> Response:
+        project, proj = _project(engine, req.query.get("project"))
+        return Response(200, await _call(dbs.url_blocking, project, proj, _service(req.query)))
+
+    @router.route("GET", "/v1/db/shell")
+    async def shell(req: Request) -> Response:
+        project, proj = _project(engine, req.query.get("project"))
+        return Response(200, await _call(dbs.shell_blocking, project, proj, _service(req.query)))
+
+    @router.route("GET", "/v1/db/snapshots")
+    async def snapshots(req: Request) -> Response:
+        project, proj = _project(engine, req.query.get("project"))
+        rows = await _call(dbs.snapshots_blocking, project, proj, _service(req.query))
+        return Response(200, {"snapshots": rows})
+
+    @router.route("POST", "/v1/db/snapshot")
+    async def snapshot(req: Request) -> Response:
+        body = _body(req)
+        project, proj = _project(engine, body.get("project"))
+        name = body.get("name") or None
+        info = await _call(dbs.snapshot_blocking, project, proj, _service(body), name)
+        return Response(200, info)
+
+    @router.route("POST", "/v1/db/restore")
+    async def restore(req: Request) -> Response:
+        body = _body(req)
+        project, proj = _project(engine, body.get("project"))
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "restore: 'name' must be a snapshot name")
+        await _call(dbs.restore_blocking, project, proj, _service(body), name)
+        return Response(200, {"restored": name})
+
+    @router.route("POST", "/v1/db/sync")
+    async def sync(req: Request) -> StreamResponse:
+        body = _body(req)
+        project, proj = _project(engine, body.get("project"))
+        service = _service(body)
+        assert dbs.tg is not None
+        send, recv = anyio.create_memory_object_stream[dict[str, Any]](1000)
+
+        def progress(p: sync_mod.Progress) -> None:
+            item = {
+                "table": p.table,
+                "rows": p.rows,
+                "bytes": p.bytes,
+                "rows_total": p.rows_total,
+                "done": p.done,
+            }
+            # The CLI may have gone (Ctrl-C): the sync still ends, all or nothing.
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                anyio.from_thread.run(send.send, {"progress": item})
+
+        async def worker() -> None:
+            async with send:
+                try:
+                    result = await anyio.to_thread.run_sync(
+                        dbs.sync_blocking, project, proj, service, progress
+                    )
+                except (DbError, databases.DbCommandError) as exc:
+                    last = {"done": True, "ok": False, "error": _message(exc)}
+                except Exception as exc:  # a driver bug: say so rather than hang up
+                    log.exception("%s/%s: sync failed", project, service)
+                    last = {"done": True, "ok": False, "error": repr(exc)}
+                else:
+                    last = {"done": True, "ok": True, "result": result}
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await send.send(last)
+
+        dbs.tg.start_soon(worker)
+
+        async def items() -> AsyncIterator[dict[str, Any]]:
+            async with recv:
+                async for item in recv:
+                    yield item
+
+        return StreamResponse(200, items())
+
+
+async def _call(func: Callable[..., T], *args: Any) -> T:
+    try:
+        return await anyio.to_thread.run_sync(func, *args)
+    except databases.DbCommandError as exc:
+        raise ApiError(409, str(exc)) from None
+    except DbError as exc:
+        raise ApiError(409, exc.message) from None
+
+
+def _message(exc: Exception) -> str:
+    return exc.message if isinstance(exc, DbError) else str(exc)
+
+
+def _body(req: Request) -> dict[str, Any]:
+    body = req.json()
+    if not isinstance(body, dict):
+        raise ApiError(400, "expected a JSON object")
+    return body
+
+
+def _project(engine: Engine, project: Any) -> tuple[str, model.Project]:
+    if not isinstance(project, str) or not project:
+        raise ApiError(400, "'project' must be a project name")
+    proj = engine.models.get(project)
+    if proj is None:
+        known = ", ".join(sorted(engine.models)) or "none"
+        raise ApiError(
+            404,
+            f"project {project} is not applied to this agent (projects: {known}); "
+            f"`devmesh up` it first",
+        )
+    return project, proj
+
+
+def _service(q: dict[str, Any]) -> str:
+    service = q.get("service")
+    if not isinstance(service, str) or not service:
+        raise ApiError(400, "'service' must be a service name")
+    return service
