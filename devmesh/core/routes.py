@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -273,6 +274,12 @@ def _ranges(request: Request) -> str:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _parse_range(text: str) -> versions.Range:
+    """Ranges come from a handful of depends_on entries and are read on every call: parse once."""
+    return versions.parse_range(text)
+
+
 def _version_check(request: Request, version: str | None) -> tuple[bool, str]:
     """Whether ``version`` satisfies every requirement, and the words for it."""
     if not request.requirements:
@@ -286,7 +293,7 @@ def _version_check(request: Request, version: str | None) -> tuple[bool, str]:
     failed = [
         r.range_text
         for r in request.requirements
-        if not versions.parse_range(r.range_text).contains(parsed)
+        if not _parse_range(r.range_text).contains(parsed)
     ]
     if failed:
         return False, "outside " + ", ".join(failed)
@@ -297,36 +304,42 @@ def _branch_text(branch: str | None) -> str:
     return f"branch {branch}" if branch else "the default namespace"
 
 
-def _fresh(
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Screened:
+    """A mesh instance after the filters: ``words`` is the skip reason or the version words."""
+
+    target: Target
+    routable: bool
+    compatible: bool
+    words: str
+
+
+def _screen(
     request: Request,
     target: Target,
+    *,
     health_problem: str | None,
-    down: tuple[float | None, str],
+    down_until_s: float | None,
+    down_reason: str,
     now_s: float,
-) -> tuple[bool, bool, str]:
-    """(routable, compatible, reason-if-skipped) for a mesh instance."""
+) -> _Screened:
+    """Apply the branch, down-mark, health and version rules, in that order."""
     name = describe(request.service, target)
+
+    def skipped(words: str) -> _Screened:
+        return _Screened(target=target, routable=False, compatible=False, words=words)
+
     if target.branch != request.branch:
-        return (
-            False,
-            False,
-            (
-                f"skipped {name}: in {_branch_text(target.branch)}, "
-                f"not {_branch_text(request.branch)}"
-            ),
+        return skipped(
+            f"skipped {name}: in {_branch_text(target.branch)}, not {_branch_text(request.branch)}"
         )
-    down_until_s, down_reason = down
     if down_until_s is not None and now_s < down_until_s:
         why = f" ({down_reason})" if down_reason else ""
-        return (
-            False,
-            False,
-            (f"{name} is marked down{why} for another {down_until_s - now_s:.1f} s"),
-        )
+        return skipped(f"{name} is marked down{why} for another {down_until_s - now_s:.1f} s")
     if health_problem is not None:
-        return False, False, f"{name} is {health_problem}"
+        return skipped(f"{name} is {health_problem}")
     ok, words = _version_check(request, target.version)
-    return True, ok, words
+    return _Screened(target=target, routable=True, compatible=ok, words=words)
 
 
 def _local_problem(local: LocalInstance) -> str | None:
@@ -381,20 +394,17 @@ def select(
     random and no ``rng`` is given.
     """
     service = request.service
-    considered: list[tuple[Target, bool, bool, str]] = []
+    considered: list[_Screened] = []
     if candidates.local is not None:
         local = candidates.local
-        target = Target(kind=Kind.LOCAL, version=local.version, branch=local.branch)
         considered.append(
-            (
-                target,
-                *_fresh(
-                    request,
-                    target,
-                    _local_problem(local),
-                    (local.down_until_s, local.down_reason),
-                    now_s,
-                ),
+            _screen(
+                request,
+                Target(kind=Kind.LOCAL, version=local.version, branch=local.branch),
+                health_problem=_local_problem(local),
+                down_until_s=local.down_until_s,
+                down_reason=local.down_reason,
+                now_s=now_s,
             )
         )
     for peer in sorted(candidates.peers, key=lambda p: (p.node_name, p.node_id)):
@@ -405,18 +415,25 @@ def select(
             version=peer.version,
             branch=peer.branch,
         )
-        problem = None if peer.health is Health.HEALTHY else peer.health.value
         considered.append(
-            (
+            _screen(
+                request,
                 target,
-                *_fresh(request, target, problem, (peer.down_until_s, peer.down_reason), now_s),
+                health_problem=None if peer.health is Health.HEALTHY else peer.health.value,
+                down_until_s=peer.down_until_s,
+                down_reason=peer.down_reason,
+                now_s=now_s,
             )
         )
     fallback = Target(kind=Kind.FALLBACK, url=candidates.fallback) if candidates.fallback else None
 
     def tier(kind: Kind, compatible: bool) -> list[Target]:
-        chosen = [t for t, ok, comp, _ in considered if ok and comp == compatible]
-        return [t for t in chosen if t.kind is kind]
+        """Equal candidates: same kind, same compatibility, all routable."""
+        return [
+            c.target
+            for c in considered
+            if c.routable and c.compatible == compatible and c.target.kind is kind
+        ]
 
     mesh_order = (
         (Kind.PEER, Kind.LOCAL) if settings.prefer is model.Prefer.PEER else (Kind.LOCAL, Kind.PEER)
@@ -476,13 +493,14 @@ def _mismatch(request: Request, found: list[Target], *, reject: bool) -> str:
 
 def _verdicts(
     request: Request,
-    considered: list[tuple[Target, bool, bool, str]],
+    considered: list[_Screened],
     fallback: Target | None,
     targets: list[Target],
 ) -> tuple[Verdict, ...]:
     chosen = targets[0] if targets else None
     out: list[Verdict] = []
-    for target, ok, compatible, words in considered:
+    for c in considered:
+        target, ok, compatible, words = c.target, c.routable, c.compatible, c.words
         name = describe(request.service, target)
         verb = "chose" if target == chosen else "then"
         if not ok:
