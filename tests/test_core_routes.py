@@ -603,3 +603,27 @@ def test_property_round_robin_is_exactly_even(n, k, start) -> None:
         counts[where(d.chosen)] += 1
         cursor = d.next_cursor
     assert sorted(counts.values()) == [k] * n
+
+
+@given(
+    st.lists(
+        st.builds(
+            lambda i, name, v, b: PeerInstance(
+                node_id=f"{i:032x}", node_name=name, version=v, health=Health.HEALTHY, branch=b
+            ),
+            st.integers(0, 50),
+            st.text(max_size=20),
+            st.one_of(st.none(), st.text(max_size=20)),
+            st.one_of(st.none(), st.text(max_size=10)),
+        ),
+        max_size=5,
+    ),
+    request_st,
+    settings_st,
+)
+def test_property_never_raises_on_odd_announced_data(peers, request, settings) -> None:
+    d = routes.select(
+        request, Candidates(peers=tuple(peers)), settings, now_s=0.0, rng=random.Random(1)
+    )
+    assert len(d.verdicts) == len(peers)
+    assert d.explanation
