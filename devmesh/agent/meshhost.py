@@ -7,7 +7,9 @@ its settings, as the proxy's ports come from the project that started the agent.
 project whose ``mesh:`` differs is refused as a whole (naming both projects and the
 differing keys) before anything of it is applied; projects without ``mesh:`` are not
 concerned. When the last project with a ``mesh:`` goes down, the node says goodbye and
-stops, so the next project may bring other settings.
+stops, so the next project may bring other settings. When the team identity changes under
+a running node (``mesh join``, ``mesh init --force``), the node says goodbye and starts
+again with the new one (``reload_identity``).
 
 The node's catalog is computed from the applied projects after every reconcile round:
 the services marked ``share: true`` that run here and are enabled, with their health. The
@@ -263,6 +265,32 @@ class MeshHost:
             ",".join(mesh.discovery.interfaces) if mesh.discovery.broadcast else "seeds",
             mesh.discovery.port,
         )
+
+    async def reload_identity(self) -> dict[str, Any]:
+        """Restart the running node with the team identity now in ``DEVMESH_HOME/mesh``.
+
+        Why: ``mesh join`` and ``mesh init --force`` replace the identity while a project's
+        mesh runs; a node kept on the old one would go on announcing the old team (its
+        certificate and secret) until the agent restarts. The old node says goodbye first,
+        so its teammates drop it at once, then a node with the same ``mesh:`` settings
+        starts with the new identity. When that cannot start (say the project's
+        ``mesh.name`` is not the new team's), the mesh stays stopped and the answer says
+        why: the old identity is gone, so the old node cannot come back.
+
+        Returns ``{"restarted": bool, "error": str | None}``; ``restarted`` is false with
+        no error when no node runs (the next ``up`` starts one with the new identity).
+        """
+        if self.node is None or self.settings is None or self.owner is None:
+            return {"restarted": False, "error": None}
+        owner, mesh = self.owner, self.settings
+        log.info("mesh: the team identity changed; leaving the mesh to rejoin with it")
+        await self.stop()
+        try:
+            await self._start(owner, mesh)
+        except MeshError as exc:
+            log.error("mesh: not restarted with the new team identity: %s", exc)
+            return {"restarted": False, "error": str(exc)}
+        return {"restarted": True, "error": None}
 
     async def restore(self, applied: Iterable[Applied]) -> None:
         """After an agent restart: run the mesh of the first applied project that has one."""
