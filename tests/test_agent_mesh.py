@@ -315,7 +315,7 @@ def test_a_new_team_identity_restarts_the_running_mesh_node_with_it(team: Team) 
     bundle = ana.root / "team-y.bundle"
     yuri.cli("mesh", "export", str(bundle), check=True)
     joined = ana.cli("mesh", "join", "--force", str(bundle), "--node-name", "ana", check=True)
-    assert "Joined the team" in joined.stdout
+    assert "Joined the team" in joined.stdout and "rejoined with this one" in joined.stdout
 
     # The old identity says goodbye to team X; the new one is seen by team Y, with its
     # catalog, from the same agent process.
@@ -329,3 +329,27 @@ def test_a_new_team_identity_restarts_the_running_mesh_node_with_it(team: Team) 
     assert ana.peers()["running"] is True and ana.peers()["project"] == "shop"
     assert "the team identity changed" in ana.agent_log()
     ana.wait_for(lambda: ana.alive_peers() == {"ben"}, what="ana to see team Y's ben only")
+
+
+@pytest.mark.slow
+def test_a_rejoin_keeps_the_node_and_an_unfit_identity_stops_the_mesh_saying_why(
+    team: Team,
+) -> None:
+    ana = team.add("ana")
+    assert team.up(ana, "shop", shared={"api": "1.0.0"}).returncode == 0
+    assert ana.peers()["running"] is True
+
+    # Joining the team it is in, under the same name, changes no file: the node stays.
+    bundle = ana.root / "own.bundle"
+    ana.cli("mesh", "export", str(bundle), check=True)
+    again = ana.cli("mesh", "join", str(bundle), "--node-name", "ana", check=True)
+    assert "rejoined" not in again.stdout
+    assert "the team identity changed" not in ana.agent_log()
+
+    # A new team whose name is not shop's mesh.name: written, but the node cannot run it.
+    r = ana.cli("mesh", "init", "--force", "other", "--node-name", "ana", check=True)
+    assert "Created the team other" in r.stdout
+    assert "warning: the mesh is stopped" in r.stderr
+    assert "mesh.name is team" in r.stderr and "project shop" in r.stderr
+    assert ana.peers() == {"running": False}
+    assert ana.services("shop")["api"]["state"] == "running"  # the services keep running

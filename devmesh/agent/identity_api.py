@@ -14,10 +14,10 @@ Endpoints (JSON):
   GET  /v1/mesh/bundle       {"bundle": TEXT} for `mesh export` (the only way the secret
                              leaves DEVMESH_HOME)
 
-A running mesh node follows the identity: when ``init`` or ``join`` changes the files,
-``on_change`` (the agent's ``MeshHost.reload_identity``) makes the node say goodbye and
-start again with the new certificate and secret, and the answer carries its outcome as
-``"mesh": {"restarted": bool, "error": str | None}``.
+A running mesh node follows the identity: when ``init`` or ``join`` changes the team or the
+node's name, ``on_change`` (the agent's ``MeshHost.reload_identity``) makes the node say
+goodbye and start again with the new certificate and secret, and the answer carries its
+outcome as ``"mesh": {"restarted": bool, "error": str | None}``.
 
 The secret is never logged: log lines name the mesh, the node and the CA fingerprint only.
 """
@@ -44,16 +44,16 @@ OnChange = Callable[[], Awaitable[dict[str, Any]]]
 def register(router: Router, home: Path, on_change: OnChange | None = None) -> None:
     """Add the identity endpoints to the control API's router for the agent of ``home``.
 
-    ``on_change`` runs after an ``init`` or ``join`` that changed the identity's files,
+    ``on_change`` runs after an ``init`` or ``join`` that changed who this node is,
     under the same lock, so two joins cannot interleave their node restarts.
     """
     lock = anyio.Lock()
 
     async def change(func: Callable[[], dict[str, Any]]) -> Response:
         async with lock:
-            before = await anyio.to_thread.run_sync(_files, home)
+            before = await anyio.to_thread.run_sync(_current, home)
             response = await _answer(home, func)
-            after = await anyio.to_thread.run_sync(_files, home)
+            after = await anyio.to_thread.run_sync(_current, home)
             if on_change is not None and after != before:
                 response.body["mesh"] = await on_change()
             return response
@@ -108,13 +108,14 @@ async def _answer(home: Path, func: Callable[[], dict[str, Any]]) -> Response:
         raise ApiError(500, f"{where}: {exc.strerror or exc}") from None
 
 
-def _files(home: Path) -> dict[str, bytes]:
-    """The identity's files (name -> content), to tell whether a request changed them: a
-    rejoin of the same team under the same name leaves the running node alone."""
-    d = identity.mesh_dir(home)
-    if not d.is_dir():
-        return {}
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+def _current(home: Path) -> identity.Identity | None:
+    """Who this node is (team CA, secret, node id and name), to tell whether a request
+    changed it: a rejoin of the same team under the same name re-issues the node
+    certificate for the same names, and leaves the running node alone."""
+    try:
+        return identity.load(home) if identity.exists(home) else None
+    except identity.IdentityError:
+        return None
 
 
 _NO_IDENTITY = (
