@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import anyio
+
 from devmesh.core import catalog as catalogs
 from devmesh.core import model, plan
 from devmesh.mesh import discovery, node
@@ -174,6 +176,9 @@ class MeshHost:
         self.settings: model.MeshSettings | None = None
         self._services: tuple[catalogs.SharedService, ...] = ()
         self._warned: set[tuple[str, str]] = set()
+        self._lock = anyio.Lock()
+        """One change of the node at a time: an ``up`` and a ``mesh join`` arriving together
+        must not both stop and start it."""
 
     # ---------------------------------------------------------------- checks and start
 
@@ -203,6 +208,10 @@ class MeshHost:
         Raises MeshError naming the cause; the node that ran before is kept (or restarted
         as it was) when the new one cannot start, so a failed apply changes nothing.
         """
+        async with self._lock:
+            await self._ensure(proj, others)
+
+    async def _ensure(self, proj: model.Project, others: Iterable[Applied]) -> None:
         mesh = proj.mesh
         if mesh is None:
             return
@@ -215,7 +224,7 @@ class MeshHost:
             return
         previous = self.settings
         if self.node is not None:
-            await self.stop()
+            await self._stop()
         try:
             await self._start(proj.name, mesh)
         except MeshError:
@@ -280,17 +289,18 @@ class MeshHost:
         Returns ``{"restarted": bool, "error": str | None}``; ``restarted`` is false with
         no error when no node runs (the next ``up`` starts one with the new identity).
         """
-        if self.node is None or self.settings is None or self.owner is None:
-            return {"restarted": False, "error": None}
-        owner, mesh = self.owner, self.settings
-        log.info("mesh: the team identity changed; leaving the mesh to rejoin with it")
-        await self.stop()
-        try:
-            await self._start(owner, mesh)
-        except MeshError as exc:
-            log.error("mesh: not restarted with the new team identity: %s", exc)
-            return {"restarted": False, "error": str(exc)}
-        return {"restarted": True, "error": None}
+        async with self._lock:
+            if self.node is None or self.settings is None or self.owner is None:
+                return {"restarted": False, "error": None}
+            owner, mesh = self.owner, self.settings
+            log.info("mesh: the team identity changed; leaving the mesh to rejoin with it")
+            await self._stop()
+            try:
+                await self._start(owner, mesh)
+            except MeshError as exc:
+                log.error("mesh: not restarted with the new team identity: %s", exc)
+                return {"restarted": False, "error": str(exc)}
+            return {"restarted": True, "error": None}
 
     async def restore(self, applied: Iterable[Applied]) -> None:
         """After an agent restart: run the mesh of the first applied project that has one."""
@@ -306,15 +316,20 @@ class MeshHost:
     async def release(self, applied: Iterable[Applied]) -> None:
         """After a down: stop the node when no applied project asks for a mesh any more."""
         holders = [a.name for a in applied if a.project.mesh is not None]
-        if not holders:
-            if self.node is not None:
-                log.info("mesh: no applied project has a mesh: section; leaving the mesh")
-            await self.stop()
-        elif self.owner not in holders:
-            self.owner = holders[0]
+        async with self._lock:
+            if not holders:
+                if self.node is not None:
+                    log.info("mesh: no applied project has a mesh: section; leaving the mesh")
+                await self._stop()
+            elif self.owner not in holders:
+                self.owner = holders[0]
 
     async def stop(self) -> None:
         """Say goodbye and close the node (idempotent)."""
+        async with self._lock:
+            await self._stop()
+
+    async def _stop(self) -> None:
         n, self.node, self.settings = self.node, None, None
         self.owner = None
         if n is not None:
