@@ -162,6 +162,46 @@ def test_sqlite_database_is_made_before_the_service_kept_by_down_deleted_by_volu
     assert not (mesh.home / "db" / "lite").exists()
 
 
+def test_db_status_outside_a_project_folder_lists_every_applied_project(mesh: Mesh) -> None:
+    for project, service in (("shop", "api"), ("blog", "web")):
+        yaml_text = project_yaml(project, "{engine: sqlite, init: [init.sql]}")
+        d = mesh.project(
+            project, yaml_text.replace("  app:", f"  {service}:"), {"app.py": APP, "init.sql": INIT}
+        )
+        mesh.cli("up", "-d", cwd=d, check=True)
+    plain = mesh.project("plain", "version: 1\nproject: plain\nservices: {}\n")
+    mesh.cli("up", "-d", cwd=plain, check=True)  # applied, with no database: no row
+    elsewhere = mesh.root / "elsewhere"  # no devmesh.yaml here or above
+    elsewhere.mkdir()
+
+    data = json.loads(mesh.cli("db", "status", "--json", cwd=elsewhere, check=True).stdout)
+    assert data["project"] is None
+    got = [(r["project"], r["service"], r["engine"], r["state"]) for r in data["databases"]]
+    assert got == [("blog", "web", "sqlite", "running"), ("shop", "api", "sqlite", "running")]
+
+    text = mesh.cli("db", "status", cwd=elsewhere, check=True).stdout
+    header, *lines = text.splitlines()
+    assert header.split()[:3] == ["PROJECT", "SERVICE", "ENGINE"]
+    assert [line.split()[:4] for line in lines] == [
+        ["blog", "web", "sqlite", "sqlite"],
+        ["shop", "api", "sqlite", "sqlite"],
+    ]
+
+    # A project named (-p, -f, or the devmesh.yaml in reach): that project only, as before.
+    one = json.loads(mesh.cli("db", "status", "--json", "-p", "shop", cwd=elsewhere).stdout)
+    assert [(r["project"], r["service"]) for r in one["databases"]] == [("shop", "api")]
+    text = mesh.cli("db", "status", cwd=mesh.root / "blog", check=True).stdout
+    assert text.split()[0] == "SERVICE" and "shop" not in text and "web" in text
+    blog = str(mesh.root / "blog" / "devmesh.yaml")
+    one = json.loads(mesh.cli("db", "status", "--json", "-f", blog, cwd=elsewhere).stdout)
+    assert [r["service"] for r in one["databases"]] == ["web"]
+
+    for project in ("shop", "blog", "plain"):
+        mesh.cli("down", "--volumes", cwd=mesh.root / project, check=True)
+    empty = mesh.cli("db", "status", cwd=elsewhere, check=True).stdout
+    assert "No applied project has a service with a database." in empty
+
+
 def test_down_volumes_deletes_the_data_of_a_project_the_agent_no_longer_runs(
     mesh: Mesh,
 ) -> None:

@@ -297,3 +297,59 @@ def test_a_restarted_agent_rejoins_the_mesh_of_its_restored_projects(team: Team)
         what="ana back, with its api, on ben",
     )
     assert ana.peers()["project"] == "shop"
+
+
+@pytest.mark.slow
+def test_a_new_team_identity_restarts_the_running_mesh_node_with_it(team: Team) -> None:
+    ana = team.add("ana")  # team X
+    xena = team.add("xena", team_of=ana)
+    yuri = team.add("yuri")  # team Y: its own CA and secret, the same mesh name
+    ben = team.add("ben", team_of=yuri)
+    assert team.up(ana, "shop", shared={"api": "1.0.0"}).returncode == 0
+    assert team.up(xena, "front", shared={}).returncode == 0
+    assert team.up(ben, "back", shared={}).returncode == 0
+    xena.wait_for(lambda: services_of(xena, "ana"), what="ana's api in xena's status (team X)")
+    assert services_of(ben, "ana") == []  # another team's node is kept out
+    pid = ana.agent_pid()
+
+    bundle = ana.root / "team-y.bundle"
+    yuri.cli("mesh", "export", str(bundle), check=True)
+    joined = ana.cli("mesh", "join", "--force", str(bundle), "--node-name", "ana", check=True)
+    assert "Joined the team" in joined.stdout and "rejoined with this one" in joined.stdout
+
+    # The old identity says goodbye to team X; the new one is seen by team Y, with its
+    # catalog, from the same agent process.
+    xena.wait_for(lambda: "ana" not in xena.alive_peers(), what="xena to drop ana")
+    got = ben.wait_for(
+        lambda: [s for s in services_of(ben, "ana") if s["health"] == "healthy"],
+        what="ana's api, healthy, in ben's status (team Y)",
+    )
+    assert [s["name"] for s in got] == ["api"]
+    assert ana.agent_pid() == pid
+    assert ana.peers()["running"] is True and ana.peers()["project"] == "shop"
+    assert "the team identity changed" in ana.agent_log()
+    ana.wait_for(lambda: ana.alive_peers() == {"ben"}, what="ana to see team Y's ben only")
+
+
+@pytest.mark.slow
+def test_a_rejoin_keeps_the_node_and_an_unfit_identity_stops_the_mesh_saying_why(
+    team: Team,
+) -> None:
+    ana = team.add("ana")
+    assert team.up(ana, "shop", shared={"api": "1.0.0"}).returncode == 0
+    assert ana.peers()["running"] is True
+
+    # Joining the team it is in, under the same name, changes no file: the node stays.
+    bundle = ana.root / "own.bundle"
+    ana.cli("mesh", "export", str(bundle), check=True)
+    again = ana.cli("mesh", "join", str(bundle), "--node-name", "ana", check=True)
+    assert "rejoined" not in again.stdout
+    assert "the team identity changed" not in ana.agent_log()
+
+    # A new team whose name is not shop's mesh.name: written, but the node cannot run it.
+    r = ana.cli("mesh", "init", "--force", "other", "--node-name", "ana", check=True)
+    assert "Created the team other" in r.stdout
+    assert "warning: the mesh is stopped" in r.stderr
+    assert "mesh.name is team" in r.stderr and "project shop" in r.stderr
+    assert ana.peers() == {"running": False}
+    assert ana.services("shop")["api"]["state"] == "running"  # the services keep running

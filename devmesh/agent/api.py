@@ -38,7 +38,8 @@ from devmesh.core import desired, model, plan
 
 def build_router(engine: Engine, on_shutdown: Any) -> Router:
     router = Router()
-    identity_api.register(router, engine.home.root)  # /v1/mesh/*: `devmesh mesh ...`
+    # /v1/mesh/*: `devmesh mesh ...`; a new identity restarts the running mesh node with it
+    identity_api.register(router, engine.home.root, on_change=engine.mesh.reload_identity)
 
     @router.route("GET", "/v1/status")
     async def status(req: Request) -> Response:

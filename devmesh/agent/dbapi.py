@@ -6,7 +6,8 @@ driver call blocks, so each runs in a worker thread (``anyio.to_thread``): the p
 the rest of the API stay live during a long sync.
 
 Endpoints (JSON; ``sync`` answers NDJSON):
-  GET  /v1/db/status?project=P              one row per service with a database
+  GET  /v1/db/status?project=P              one row per service with a database; without
+                                            ``project``, those of every applied project
   GET  /v1/db/url?project=P&service=S       {url, env}: the full URL, password included
   GET  /v1/db/shell?project=P&service=S     {argv, env} of psql or sqlite3 on it
   POST /v1/db/sync        {project, service}     stream: progress per table, then done
@@ -41,9 +42,19 @@ def register(router: Router, engine: Engine) -> None:
 
     @router.route("GET", "/v1/db/status")
     async def status(req: Request) -> Response:
-        project, proj = _project(engine, req.query.get("project"))
-        rows = await _call(dbs.status_blocking, project, proj)
-        return Response(200, {"project": project, "databases": rows})
+        # No project: every applied one, as `devmesh status` lists services across projects
+        # (`devmesh db status` run outside a project folder). Each row names its project.
+        if req.query.get("project") is None:
+            projects = sorted(engine.models.items())
+            name = None
+        else:
+            name, proj = _project(engine, req.query.get("project"))
+            projects = [(name, proj)]
+        rows = []
+        for project, proj in projects:
+            for row in await _call(dbs.status_blocking, project, proj):
+                rows.append({"project": project, **row})
+        return Response(200, {"project": name, "databases": rows})
 
     @router.route("GET", "/v1/db/url")
     async def url(req: Request) -> Response:

@@ -14,6 +14,11 @@ Endpoints (JSON):
   GET  /v1/mesh/bundle       {"bundle": TEXT} for `mesh export` (the only way the secret
                              leaves DEVMESH_HOME)
 
+A running mesh node follows the identity: when ``init`` or ``join`` changes the team or the
+node's name, ``on_change`` (the agent's ``MeshHost.reload_identity``) makes the node say
+goodbye and start again with the new certificate and secret, and the answer carries its
+outcome as ``"mesh": {"restarted": bool, "error": str | None}``.
+
 The secret is never logged: log lines name the mesh, the node and the CA fingerprint only.
 """
 
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +38,29 @@ from devmesh.mesh import identity
 log = logging.getLogger("devmesh.agent.identity")
 
 
-def register(router: Router, home: Path) -> None:
-    """Add the identity endpoints to the control API's router for the agent of ``home``."""
+OnChange = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def register(router: Router, home: Path, on_change: OnChange | None = None) -> None:
+    """Add the identity endpoints to the control API's router for the agent of ``home``.
+
+    ``on_change`` runs after an ``init`` or ``join`` that changed who this node is,
+    under the same lock, so two joins cannot interleave their node restarts.
+    """
     lock = anyio.Lock()
+
+    async def change(func: Callable[[], dict[str, Any]]) -> Response:
+        async with lock:
+            before = await anyio.to_thread.run_sync(_current, home)
+            response = await _answer(home, func)
+            after = await anyio.to_thread.run_sync(_current, home)
+            if on_change is not None and after != before:
+                response.body["mesh"] = await on_change()
+            return response
 
     async def run(func: Callable[[], dict[str, Any]]) -> Response:
         async with lock:
-            try:
-                return Response(200, await anyio.to_thread.run_sync(func))
-            except identity.IdentityError as exc:
-                raise ApiError(400, str(exc)) from None
-            except OSError as exc:
-                where = exc.filename or identity.mesh_dir(home)
-                raise ApiError(500, f"{where}: {exc.strerror or exc}") from None
+            return await _answer(home, func)
 
     @router.route("GET", "/v1/mesh/identity")
     async def show(req: Request) -> Response:
@@ -59,7 +74,7 @@ def register(router: Router, home: Path) -> None:
         force = body.get("force") is True
         if mesh is None:
             raise ApiError(400, "mesh init: 'mesh' (the mesh name) is required")
-        return await run(lambda: _init(home, mesh, node_name, force))
+        return await change(lambda: _init(home, mesh, node_name, force))
 
     @router.route("POST", "/v1/mesh/join")
     async def join(req: Request) -> Response:
@@ -69,7 +84,7 @@ def register(router: Router, home: Path) -> None:
         force = body.get("force") is True
         if path is None or not Path(path).is_absolute():
             raise ApiError(400, "mesh join: 'path' must be the bundle file's absolute path")
-        return await run(lambda: _join(home, Path(path), node_name, force))
+        return await change(lambda: _join(home, Path(path), node_name, force))
 
     @router.route("GET", "/v1/mesh/bundle")
     async def bundle(req: Request) -> Response:
@@ -81,6 +96,26 @@ def register(router: Router, home: Path) -> None:
             return {"bundle": identity.encode_bundle(ident.team).decode("ascii")}
 
         return await run(export)
+
+
+async def _answer(home: Path, func: Callable[[], dict[str, Any]]) -> Response:
+    try:
+        return Response(200, await anyio.to_thread.run_sync(func))
+    except identity.IdentityError as exc:
+        raise ApiError(400, str(exc)) from None
+    except OSError as exc:
+        where = exc.filename or identity.mesh_dir(home)
+        raise ApiError(500, f"{where}: {exc.strerror or exc}") from None
+
+
+def _current(home: Path) -> identity.Identity | None:
+    """Who this node is (team CA, secret, node id and name), to tell whether a request
+    changed it: a rejoin of the same team under the same name re-issues the node
+    certificate for the same names, and leaves the running node alone."""
+    try:
+        return identity.load(home) if identity.exists(home) else None
+    except identity.IdentityError:
+        return None
 
 
 _NO_IDENTITY = (

@@ -7,7 +7,9 @@ its settings, as the proxy's ports come from the project that started the agent.
 project whose ``mesh:`` differs is refused as a whole (naming both projects and the
 differing keys) before anything of it is applied; projects without ``mesh:`` are not
 concerned. When the last project with a ``mesh:`` goes down, the node says goodbye and
-stops, so the next project may bring other settings.
+stops, so the next project may bring other settings. When the team identity changes under
+a running node (``mesh join``, ``mesh init --force``), the node says goodbye and starts
+again with the new one (``reload_identity``).
 
 The node's catalog is computed from the applied projects after every reconcile round:
 the services marked ``share: true`` that run here and are enabled, with their health. The
@@ -25,6 +27,8 @@ import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
+
+import anyio
 
 from devmesh.core import catalog as catalogs
 from devmesh.core import model, plan
@@ -172,6 +176,9 @@ class MeshHost:
         self.settings: model.MeshSettings | None = None
         self._services: tuple[catalogs.SharedService, ...] = ()
         self._warned: set[tuple[str, str]] = set()
+        self._lock = anyio.Lock()
+        """One change of the node at a time: an ``up`` and a ``mesh join`` arriving together
+        must not both stop and start it."""
 
     # ---------------------------------------------------------------- checks and start
 
@@ -201,6 +208,10 @@ class MeshHost:
         Raises MeshError naming the cause; the node that ran before is kept (or restarted
         as it was) when the new one cannot start, so a failed apply changes nothing.
         """
+        async with self._lock:
+            await self._ensure(proj, others)
+
+    async def _ensure(self, proj: model.Project, others: Iterable[Applied]) -> None:
         mesh = proj.mesh
         if mesh is None:
             return
@@ -213,7 +224,7 @@ class MeshHost:
             return
         previous = self.settings
         if self.node is not None:
-            await self.stop()
+            await self._stop()
         try:
             await self._start(proj.name, mesh)
         except MeshError:
@@ -264,6 +275,33 @@ class MeshHost:
             mesh.discovery.port,
         )
 
+    async def reload_identity(self) -> dict[str, Any]:
+        """Restart the running node with the team identity now in ``DEVMESH_HOME/mesh``.
+
+        Why: ``mesh join`` and ``mesh init --force`` replace the identity while a project's
+        mesh runs; a node kept on the old one would go on announcing the old team (its
+        certificate and secret) until the agent restarts. The old node says goodbye first,
+        so its teammates drop it at once, then a node with the same ``mesh:`` settings
+        starts with the new identity. When that cannot start (say the project's
+        ``mesh.name`` is not the new team's), the mesh stays stopped and the answer says
+        why: the old identity is gone, so the old node cannot come back.
+
+        Returns ``{"restarted": bool, "error": str | None}``; ``restarted`` is false with
+        no error when no node runs (the next ``up`` starts one with the new identity).
+        """
+        async with self._lock:
+            if self.node is None or self.settings is None or self.owner is None:
+                return {"restarted": False, "error": None}
+            owner, mesh = self.owner, self.settings
+            log.info("mesh: the team identity changed; leaving the mesh to rejoin with it")
+            await self._stop()
+            try:
+                await self._start(owner, mesh)
+            except MeshError as exc:
+                log.error("mesh: not restarted with the new team identity: %s", exc)
+                return {"restarted": False, "error": str(exc)}
+            return {"restarted": True, "error": None}
+
     async def restore(self, applied: Iterable[Applied]) -> None:
         """After an agent restart: run the mesh of the first applied project that has one."""
         items = list(applied)
@@ -278,15 +316,20 @@ class MeshHost:
     async def release(self, applied: Iterable[Applied]) -> None:
         """After a down: stop the node when no applied project asks for a mesh any more."""
         holders = [a.name for a in applied if a.project.mesh is not None]
-        if not holders:
-            if self.node is not None:
-                log.info("mesh: no applied project has a mesh: section; leaving the mesh")
-            await self.stop()
-        elif self.owner not in holders:
-            self.owner = holders[0]
+        async with self._lock:
+            if not holders:
+                if self.node is not None:
+                    log.info("mesh: no applied project has a mesh: section; leaving the mesh")
+                await self._stop()
+            elif self.owner not in holders:
+                self.owner = holders[0]
 
     async def stop(self) -> None:
         """Say goodbye and close the node (idempotent)."""
+        async with self._lock:
+            await self._stop()
+
+    async def _stop(self) -> None:
         n, self.node, self.settings = self.node, None, None
         self.owner = None
         if n is not None:

@@ -11,12 +11,14 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from devmesh.commands import _common
 
 EXAMPLE = """examples:
-  devmesh db status                 every database of ./devmesh.yaml's project
+  devmesh db status                 every database of ./devmesh.yaml's project (outside
+                                    a project folder: of every applied project)
   psql "$(devmesh db url api)"      the full URL, for scripts
   devmesh db shell api              psql (or sqlite3) on api's database
   devmesh db sync api               copy the staging subset of api's db.sync block
@@ -81,21 +83,45 @@ def _client() -> Any:
     return _common.client(_common.home(), timeout_s=3600)
 
 
+def _status_project(args: argparse.Namespace) -> str | None:
+    """The project `db status` shows, or None for every applied one.
+
+    None when nothing names a project (no ``-f``, no ``-p``) and no devmesh.yaml is in
+    this folder or a parent: run from anywhere, it lists what `devmesh status` would.
+    """
+    if args.project or args.file or getattr(args, "project_file", None):
+        return _common.project_name(args)
+    from devmesh.config import loader
+
+    try:
+        path = loader.find_config(Path.cwd())
+    except loader.ConfigNotFound:
+        return None
+    return str(_common.load_file(str(path)).project.name)
+
+
 def _status(args: argparse.Namespace) -> int:
-    project = _common.project_name(args)
-    data = _client().request("GET", "/v1/db/status", query={"project": project})
+    project = _status_project(args)
+    query = {"project": project} if project is not None else None
+    data = _client().request("GET", "/v1/db/status", query=query)
     rows = data.get("databases") or []
     if args.json:
         print(json.dumps(data, indent=2))
         return _common.EXIT_OK
     if not rows:
-        print(f"Project {project} has no service with a database.")
+        if project is None:
+            print("No applied project has a service with a database.")
+        else:
+            print(f"Project {project} has no service with a database.")
         return _common.EXIT_OK
-    table = [("SERVICE", "ENGINE", "PROVIDER", "STATE", "SIZE", "URL", "LAST SYNC", "SNAPSHOTS")]
+    every = project is None
+    head = ("SERVICE", "ENGINE", "PROVIDER", "STATE", "SIZE", "URL", "LAST SYNC", "SNAPSHOTS")
+    table = [(("PROJECT",) if every else ()) + head]
     for r in rows:
         sync = r.get("last_sync") or {}
         table.append(
-            (
+            ((r["project"],) if every else ())
+            + (
                 r["service"],
                 r["engine"],
                 r.get("provider") or "-",
@@ -111,7 +137,8 @@ def _status(args: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     for r in rows:
         if r.get("error"):
-            print(f"{r['service']}: {r['error']}", file=sys.stderr)
+            where = f"{r['project']}/{r['service']}" if every else r["service"]
+            print(f"{where}: {r['error']}", file=sys.stderr)
     return _common.EXIT_OK
 
 

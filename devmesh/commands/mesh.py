@@ -181,6 +181,11 @@ def _node(ident: dict[str, Any]) -> str:
 def _said_aside(result: dict[str, Any]) -> None:
     if result.get("set_aside"):
         print(f"The previous team identity is kept in {result['set_aside']}.")
+    mesh = result.get("mesh") or {}  # the running mesh node, restarted with the new identity
+    if mesh.get("restarted"):
+        print("The running mesh node left with the old identity and rejoined with this one.")
+    elif mesh.get("error"):
+        print(f"warning: the mesh is stopped: {mesh['error']}", file=sys.stderr)
 
 
 def _mesh_name_from_config(file: str | None) -> str:
