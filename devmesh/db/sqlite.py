@@ -23,6 +23,8 @@ import json
 import os
 import sqlite3
 import tempfile
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -123,12 +125,12 @@ class Sqlite:
                 contextlib.closing(self._open(live)) as src,
                 contextlib.closing(sqlite3.connect(tmp)) as dst,
             ):
-                src.backup(dst)
+                src.backup(dst, progress=self._deadline(live))
                 dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
             meta = {"devmesh_snapshot_of": spec.database, "name": name, "at": now.isoformat()}
             target.with_suffix(".json").write_text(json.dumps(meta))
             os.replace(tmp, target)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, _BusyError) as exc:
             raise SnapshotError(
                 f"snapshot {name!r} of SQLite database {live} failed: {exc}"
             ) from None
@@ -151,8 +153,8 @@ class Sqlite:
                 contextlib.closing(sqlite3.connect(f"{source.as_uri()}?mode=ro", uri=True)) as src,
                 contextlib.closing(self._open(live)) as dst,
             ):
-                src.backup(dst)
-        except sqlite3.Error as exc:
+                src.backup(dst, progress=self._deadline(live))
+        except (sqlite3.Error, _BusyError) as exc:
             raise SnapshotError(
                 f"restore of SQLite database {live} from {name!r} failed: {exc}"
             ) from None
@@ -190,5 +192,27 @@ class Sqlite:
     def _open(self, path: Path) -> sqlite3.Connection:
         return sqlite3.connect(path, timeout=self.busy_timeout_s)
 
+    def _deadline(self, path: Path) -> Callable[[int, int, int], None]:
+        """A backup ``progress`` that gives up past ``busy_timeout_s`` of lock waits.
+
+        Why: Python's ``Connection.backup`` retries a busy database forever (it ignores the
+        busy timeout), so a writer holding its transaction open would hang the agent.
+        """
+        deadline = time.monotonic() + self.busy_timeout_s
+
+        def progress(status: int, remaining: int, total: int) -> None:
+            busy = status in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if busy and time.monotonic() > deadline:
+                raise _BusyError(
+                    f"{path} stayed locked by another connection's transaction for "
+                    f"{self.busy_timeout_s:g} s"
+                )
+
+        return progress
+
     def _conninfo(self, path: Path) -> ConnInfo:
         return ConnInfo(engine=Engine.SQLITE, path=path)
+
+
+class _BusyError(Exception):
+    """The database stayed locked past the busy timeout during a backup."""
