@@ -57,6 +57,11 @@ READY = "ready"
 FAILED = "failed"
 
 
+Snapshotting = NativePostgres | DockerPostgres | Sqlite
+"""The providers with snapshots (all of them): ``snapshot``, ``restore``, ``snapshots``,
+``prune_snapshots``."""
+
+
 class DbCommandError(Exception):
     """A ``devmesh db`` request that cannot be done; the message names the cause."""
 
@@ -399,7 +404,7 @@ class Databases:
                 try:
                     st = provider.status(spec)
                     row.update(state=st.state.value, size_bytes=st.size_bytes, url=st.url)
-                    if isinstance(provider, NativePostgres) and st.state is DbState.RUNNING:
+                    if isinstance(provider, Snapshotting) and st.state is DbState.RUNNING:
                         row["snapshots"] = len(provider.snapshots(spec))
                 except DbError as exc:
                     row["error"] = exc.message
@@ -474,7 +479,7 @@ class Databases:
             raise DbCommandError(f"service {svc.name!r}: a sync needs a PostgreSQL database")
         spec = self.spec(project, svc)
         snap_name = None
-        if snapshot and isinstance(provider, NativePostgres):
+        if snapshot:
             snap_name = "pre-sync-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
             provider.snapshot(spec, snap_name)
             provider.prune_snapshots(spec, svc.db.snapshots_keep)
@@ -505,35 +510,41 @@ class Databases:
             ],
         }
 
-    def _native_target(
+    def _snap_target(
         self, project: str, proj: model.Project, service: str
-    ) -> tuple[model.Service, NativePostgres, DbSpec]:
-        svc, name, provider, spec = self._target(project, proj, service)
-        if not isinstance(provider, NativePostgres):
-            _close(provider)
-            raise DbCommandError(
-                f"service {service!r}: snapshots are for native PostgreSQL; this database is {name}"
-            )
-        return svc, provider, spec
+    ) -> tuple[Snapshotting, DbSpec]:
+        """The service's provider for a snapshot command: every provider takes them."""
+        _, _, provider, spec = self._target(project, proj, service)
+        assert isinstance(provider, Snapshotting)
+        return provider, spec
 
     def snapshot_blocking(
         self, project: str, proj: model.Project, service: str, name: str | None
     ) -> dict[str, Any]:
-        _, provider, spec = self._native_target(project, proj, service)
-        info = provider.snapshot(spec, name)
+        provider, spec = self._snap_target(project, proj, service)
+        try:
+            info = provider.snapshot(spec, name)
+        finally:
+            _close(provider)
         return {"name": info.name, "created_at": info.created_at, "size_bytes": info.size_bytes}
 
     def restore_blocking(self, project: str, proj: model.Project, service: str, name: str) -> None:
-        _, provider, spec = self._native_target(project, proj, service)
-        provider.restore(spec, name)
+        provider, spec = self._snap_target(project, proj, service)
+        try:
+            provider.restore(spec, name)
+        finally:
+            _close(provider)
 
     def snapshots_blocking(
         self, project: str, proj: model.Project, service: str
     ) -> list[dict[str, Any]]:
-        _, provider, spec = self._native_target(project, proj, service)
+        provider, spec = self._snap_target(project, proj, service)
+        try:
+            snaps = provider.snapshots(spec)
+        finally:
+            _close(provider)
         return [
-            {"name": s.name, "created_at": s.created_at, "size_bytes": s.size_bytes}
-            for s in provider.snapshots(spec)
+            {"name": s.name, "created_at": s.created_at, "size_bytes": s.size_bytes} for s in snaps
         ]
 
 

@@ -19,6 +19,12 @@ container from a configurable image that follows the official ``postgres`` image
   login with the service's password works from here. The container also carries the same
   check as its Docker health check, for ``docker ps``.
 
+- **Snapshots as template copies** inside the container's server, exactly as for the native
+  cluster (``devmesh.db.snapshots``): the image's ``POSTGRES_USER`` is a superuser, and the
+  copies are made from the ``postgres`` maintenance database, so no session of ours holds
+  the service's database open while it is copied or swapped. They live in the same data
+  volume, so ``drop`` deletes them with the data.
+
 What it does not guarantee: images are not pulled from a registry unless asked
 (``pull=True``); a missing image is an error naming it.
 """
@@ -30,12 +36,16 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 
-from devmesh.db import wiring
+from devmesh.db import snapshots, wiring
 from devmesh.db.errors import DatabaseNotFoundError, PermanentDbError, TemporaryDbError
+from devmesh.db.snapshots import SnapshotInfo
 from devmesh.db.spec import ConnInfo, DbSpec, DbState, DbStatus, Engine
 
 LABEL = "devmesh"
@@ -262,6 +272,61 @@ class DockerPostgres:
     def admin_conninfo(self, spec: DbSpec) -> str:
         """The target of a sync: the image's POSTGRES_USER is the container's superuser."""
         return wiring.url(self.conninfo(spec))
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    def snapshot(self, spec: DbSpec, name: str | None = None) -> SnapshotInfo:
+        """Copy the service's database inside its server; ``name`` defaults to the UTC time."""
+        now = datetime.now(UTC)
+        name = name or now.strftime("%Y%m%d-%H%M%S-%f")
+        with self._admin(spec) as (conn, database):
+            return snapshots.take(conn, database, name, now.isoformat())
+
+    def restore(self, spec: DbSpec, name: str) -> None:
+        """Make the service's database a copy of snapshot ``name`` (owner: the service's role)."""
+        info = self.conninfo(spec)
+        with self._admin(spec) as (conn, database):
+            snapshots.restore(conn, database, info.user, name)
+
+    def snapshots(self, spec: DbSpec) -> list[SnapshotInfo]:
+        with self._admin(spec) as (conn, database):
+            return snapshots.listing(conn, database)
+
+    def prune_snapshots(self, spec: DbSpec, keep: int) -> list[str]:
+        """Keep the newest ``keep`` snapshots; returns the names deleted."""
+        with self._admin(spec) as (conn, database):
+            return snapshots.prune(conn, database, keep)
+
+    @contextlib.contextmanager
+    def _admin(self, spec: DbSpec) -> Iterator[tuple[psycopg.Connection[TupleRow], str]]:
+        """(superuser connection to ``postgres``, autocommit; the service's database name)."""
+        container = self._existing(spec)
+        container.reload()
+        if container.status != "running":
+            raise DatabaseNotFoundError(
+                f"the database container of service {spec.service!r} is {container.status}, "
+                f"not running; `devmesh up` starts it"
+            )
+        info = self._conninfo(spec, container)
+        admin = wiring.url(
+            ConnInfo(
+                engine=Engine.POSTGRES,
+                host=info.host,
+                port=info.port,
+                user=info.user,
+                password=info.password,
+                database="postgres",
+            )
+        )
+        try:
+            conn = psycopg.connect(admin, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise TemporaryDbError(
+                f"database container of service {spec.service!r}: cannot connect as its "
+                f"superuser: {wiring.scrub(str(exc).strip(), [info.password])}"
+            ) from None
+        with conn:
+            yield conn, info.database
 
     # -- helpers ------------------------------------------------------------------------
 

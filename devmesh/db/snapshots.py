@@ -38,15 +38,19 @@ class SnapshotInfo:
     size_bytes: int
 
 
-def snapshot_db(database: str, name: str) -> str:
-    """The database holding snapshot ``name`` of ``database``; ``SnapshotError`` when invalid."""
-    full = f"{database}{SEP}{name}"
-    if not _NAME.match(name) or len(full.encode()) > _MAX_IDENT:
+def check_name(database: str, name: str, max_chars: int) -> None:
+    """``SnapshotError`` unless ``name`` is a-z, 0-9, '_' and '-', at most ``max_chars``."""
+    if not _NAME.match(name) or len(name) > max_chars:
         raise SnapshotError(
             f"snapshot name {name!r} of database {database!r}: use a-z, 0-9, '_' and '-', "
-            f"at most {_MAX_IDENT - len(database) - len(SEP)} characters"
+            f"at most {max_chars} characters"
         )
-    return full
+
+
+def snapshot_db(database: str, name: str) -> str:
+    """The database holding snapshot ``name`` of ``database``; ``SnapshotError`` when invalid."""
+    check_name(database, name, _MAX_IDENT - len(database.encode()) - len(SEP))
+    return f"{database}{SEP}{name}"
 
 
 def _quiesce(conn: psycopg.Connection[TupleRow], database: str) -> None:
