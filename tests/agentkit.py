@@ -112,8 +112,34 @@ class Mesh:
             start_new_session=True,
         )
         log.close()
-        self.wait_for((self.home / "agent.sock").exists, what="agent socket")
+        agent = self.agent
+
+        def up_or_dead() -> bool:
+            if agent.poll() is not None:
+                raise AssertionError(
+                    f"the agent exited with {agent.returncode} before its socket appeared:\n"
+                    + self._agent_output()
+                )
+            return (self.home / "agent.sock").exists()
+
+        try:
+            self.wait_for(up_or_dead, what="agent socket")
+        except AssertionError as exc:
+            if "exited with" in str(exc):
+                raise
+            raise AssertionError(f"{exc}\n{self._agent_output()}") from None
         return self.agent
+
+    def _agent_output(self) -> str:
+        """The last lines the agent wrote, for a test that fails while starting one."""
+        parts = []
+        for path in (self.root / "agent-fg.log", self.home / "agent.log"):
+            try:
+                lines = path.read_text(errors="replace").splitlines()[-30:]
+            except OSError:
+                continue
+            parts.append(f"--- {path}:\n" + "\n".join(lines))
+        return "\n".join(parts) or "(the agent wrote nothing)"
 
     def agent_pid(self) -> int | None:
         try:
