@@ -433,6 +433,9 @@ def test_a_taken_port_fails_the_start_naming_the_holder_and_up_recovers(agent: M
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         mesh.cli("down", cwd=d, check=True)
         with socket.socket() as holder:
+            # As servers do: the cluster's own closed connections may leave the port in
+            # TIME_WAIT, which is not a holder; only a listener is.
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             holder.bind(("127.0.0.1", port))
             holder.listen()
             r = mesh.cli("up", "-d", cwd=d)
