@@ -17,7 +17,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from devmesh.core import hostroute
+from devmesh.core import hostroute, routes
 
 
 class State(enum.Enum):
@@ -52,10 +52,101 @@ class Backend:
     """For a restarting service: which restart comes next (1 for the first)."""
     retry_at: float | None = None
     """For a restarting service: when the next start is due, in Unix seconds."""
+    version: str | None = None
+    """The service's declared ``version`` (route selection checks callers' ranges on it)."""
+    branch: str | None = None
+    """The branch namespace this instance runs in (``branch:`` resolved); None = default."""
+    shared: bool = False
+    """``share: true``: teammates' proxies may call it through this agent's peer listener."""
+    health: str = "healthy"
+    """Readiness in ``routes.Health`` words; only a healthy, running backend takes mesh calls."""
 
     @property
     def label(self) -> str:
         return f"{self.service}.{self.project}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerInstance:
+    """A teammate's shared instance of a service, reached through its agent's peer listener.
+
+    The calling proxy dials ``host:port`` with TLS, presents this node's certificate
+    (``RouteTable.peer_tls``), checks the peer's certificate against the team CA for
+    ``server_name``, and names the service it wants in the ``x-devmesh-service`` header
+    (``SERVICE.PROJECT``, the owner's names). It never connects to a peer's service port.
+    """
+
+    node_id: str
+    node_name: str
+    server_name: str
+    """DNS name in the peer's node certificate (``NODE.MESH.devmesh.internal``)."""
+    host: str
+    """The peer listener's address, as discovery saw it."""
+    port: int
+    project: str
+    service: str
+    version: str | None = None
+    branch: str | None = None
+    health: str = "healthy"
+    """As the peer's catalog announces it, in ``routes.Health`` words."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallerRule:
+    """What applies to calls from one caller: its ranges and its routing settings.
+
+    ``caller`` None is the rule for calls with no known caller (a browser, curl): every range
+    the project declares for the service, and the project's policy.
+    """
+
+    caller: str | None
+    requirements: tuple[routes.Requirement, ...] = ()
+    settings: routes.Settings = field(default_factory=routes.Settings)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeshRoute:
+    """Where calls to one service of one local project may go besides its local backend.
+
+    There is one per service that the project declares and that has a local backend, peers'
+    instances, or a ``fallback``; a service that runs only on peers has a MeshRoute and no
+    Backend. The proxy runs ``routes.select`` per request over: the local Backend of
+    (project, service) when there is one, ``peers``, and ``fallback``.
+    """
+
+    project: str
+    service: str
+    peers: tuple[PeerInstance, ...] = ()
+    fallback: str | None = None
+    """The service's ``fallback`` URL (http or https), the last resort."""
+    rules: tuple[CallerRule, ...] = ()
+    """One per caller with a ``depends_on`` edge to the service, and one with caller None."""
+    caller_branches: tuple[tuple[str, str], ...] = ()
+    """(caller service, branch) for local callers started under a branch: their calls
+    through the injected ``NAME_URL`` go to that branch and carry ``X-Devmesh-Branch``."""
+
+    def rule(self, caller: str | None) -> CallerRule:
+        """The caller's rule, else the no-caller rule, else defaults."""
+        fallback_rule = None
+        for r in self.rules:
+            if r.caller == caller:
+                return r
+            if r.caller is None:
+                fallback_rule = r
+        return fallback_rule or CallerRule(caller=caller)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerTLS:
+    """This node's files for the peer channel: paths, so worker processes can load them too."""
+
+    ca_file: str
+    """The team CA certificate (PEM) that peers' certificates must chain to."""
+    cert_file: str
+    """This node's certificate chain (PEM)."""
+    key_file: str
+    node_id: str
+    node_name: str
 
 
 def state_words(backend: Backend, now_s: float) -> str:
@@ -106,6 +197,10 @@ class RouteTable:
     backends: tuple[Backend, ...] = ()
     agent: Backend | None = None
     """Where devmesh.localhost goes (the agent's dashboard); None serves the index page."""
+    mesh: tuple[MeshRoute, ...] = ()
+    """Mesh routing per (project, service); a service absent here routes to its Backend only."""
+    peer_tls: PeerTLS | None = None
+    """Set while this agent is a mesh node; None means no peer can be called."""
     _by_name: dict[str, Backend] = field(init=False, repr=False, compare=False)
     _by_pair: dict[tuple[str, str], Backend] = field(init=False, repr=False, compare=False)
     _resolved: dict[str, Backend | Reserved | Unknown] = field(
