@@ -62,6 +62,7 @@ class Prefer(enum.Enum):
 
 class Balance(enum.Enum):
     ROUND_ROBIN = "round_robin"
+    LEAST_OUTSTANDING = "least_outstanding"
     RANDOM = "random"
     FIRST = "first"
 
@@ -107,6 +108,8 @@ class Dependency:
     version_range: str | None = None
     """Semver range the caller accepts (npm syntax: ^1.4, ~2.3, >=2 <3, 1.x)."""
     condition: Condition = Condition.STARTED
+    versions: VersionPolicy | None = None
+    """``policy.versions`` for this edge only; None follows the project's policy."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -322,6 +325,7 @@ def _dependency(name: str, doc: str | Mapping[str, Any] | None) -> Dependency:
         name=name,
         version_range=doc.get("version"),
         condition=Condition(_opt(doc, "condition", "started")),
+        versions=VersionPolicy(doc["versions"]) if doc.get("versions") else None,
     )
 
 
@@ -510,6 +514,7 @@ def service_document(s: Service) -> dict[str, Any]:
             d.name: {
                 **({"version": d.version_range} if d.version_range is not None else {}),
                 "condition": d.condition.value,
+                **({"versions": d.versions.value} if d.versions is not None else {}),
             }
             for d in s.depends_on
         }
