@@ -315,3 +315,31 @@ def test_a_peer_outside_mesh_allow_cannot_call_a_shared_service_and_is_counted(
     assert route_of(eve, "web", "api")["target"] is None
     code, _, _ = get(api_url(eve, "web"))
     assert code == 502
+
+
+@pytest.mark.slow
+def test_a_version_mismatch_under_warn_routes_to_the_peer_and_is_logged_once(
+    team: Team,
+) -> None:
+    ana = team.add("ana")
+    ben = team.add("ben", team_of=ana)
+    team.up(ana, "owner", service("api", "2.3.0", extra="    share: true\n"))
+    team.up(
+        ben,
+        "caller",
+        service("web", "1.0.0", extra="    depends_on:\n      api: ^3.0\n") + "  api: {}\n",
+    )
+    route = ben.wait_for(
+        lambda: (r := route_of(ben, "web", "api"))["target"] == "peer" and r,
+        what="web -> api routed to ana",
+    )
+    assert route["warning"] == (
+        "web needs api ^3.0; no compatible instance, so routed to ana api 2.3.0"
+    )
+    code, headers, _ = get(api_url(ben, "web"))
+    assert code == 200 and headers["x-devmesh-version-warning"] == route["warning"]
+    line = f"shop: web -> api: {route['warning']}"
+    ben.wait_for(lambda: line in ben.agent_log(), what="the warning in ben's log")
+    # Rounds and catalog refreshes go on; the same warning is not logged again.
+    ben.cli("up", "-d", cwd=ben.root / "caller", timeout=90, check=True)
+    assert ben.agent_log().count(line) == 1
