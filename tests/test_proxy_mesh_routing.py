@@ -136,6 +136,8 @@ def test_nothing_left_is_a_502_naming_every_target_tried(proxy):
     assert f"connection refused on 127.0.0.1:{dead[0]}" in r.text
     assert f"fallback http://127.0.0.1:{dead[1]}: " in r.text
     assert f"connection refused on 127.0.0.1:{dead[1]}" in r.text
+    marks = proxy.on_loop(lambda: proxy.server.forwarder.router.down)[("shop", "api")]
+    assert "local" in marks and "fallback" in marks  # a failed answer clears no mark
 
 
 def test_reject_answers_409_naming_caller_range_and_versions(proxy):

@@ -383,7 +383,8 @@ class Forwarder:
         if ex.counted is not None:
             self.router.leave(*ex.counted)
             ex.counted = None
-            if ex.result.status and ex.plan is not None and ex.hop is not None:
+            answered = ex.result.status and ex.result.error is None  # by the target itself
+            if answered and ex.plan is not None and ex.hop is not None:
                 self.router.mark_up(ex.plan.project, ex.plan.service, ex.hop.target.key)
         self._log(ex)
         conn = ex.client.conn
