@@ -445,3 +445,13 @@ def test_a_standalone_proxy_routes_by_the_mesh_in_its_routes_file(tmp_path):
             assert "route=fallback" in lines[0]
         finally:
             assert p.stop() == ""
+
+
+def test_head_gets_the_proxys_own_answers_without_a_body(proxy):
+    """A HEAD for a page the proxy answers itself (404, 409) gets the head alone: h11 frames
+    it with the page's Content-Length and no body, and the connection stays usable."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
+        for _ in range(2):
+            conn.sendall(b"HEAD / HTTP/1.1\r\nHost: nothing.localhost\r\n\r\n")
+            head = proxykit.read_head(conn)
+            assert head.startswith(b"HTTP/1.1 404 ") and head.endswith(b"\r\n\r\n")
