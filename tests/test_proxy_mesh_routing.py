@@ -455,3 +455,49 @@ def test_head_gets_the_proxys_own_answers_without_a_body(proxy):
             conn.sendall(b"HEAD / HTTP/1.1\r\nHost: nothing.localhost\r\n\r\n")
             head = proxykit.read_head(conn)
             assert head.startswith(b"HTTP/1.1 404 ") and head.endswith(b"\r\n\r\n")
+
+
+def test_a_peer_that_refuses_connections_is_skipped_and_marked_down(tmp_path):
+    a = proxykit.Node(tmp_path, "node-a")
+    b = proxykit.Node(tmp_path, "node-b", bundle=a.bundle)
+    try:
+        with proxykit.upstream() as up:
+            b.set_table(
+                backends=(table.Backend(project="shop", service="api", port=up.port, shared=True),)
+            )
+            gone = table.PeerInstance(
+                node_id="0" * 32,
+                node_name="node-0",  # first in the order of a stable balance
+                server_name="node-0.team.devmesh.internal",
+                host="127.0.0.1",
+                port=proxykit.free_port(),
+                project="shop",
+                service="api",
+            )
+            a.set_table(
+                mesh=(
+                    table.MeshRoute(
+                        project="shop",
+                        service="api",
+                        peers=(gone, b.instance("shop", "api")),
+                        rules=(
+                            table.CallerRule(
+                                caller=None, settings=routes.Settings(balance=routes.Balance.FIRST)
+                            ),
+                        ),
+                    ),
+                )
+            )
+            url = f"http://127.0.0.1:{a.proxy.port}/"
+            for method in ("PUT", "GET"):
+                r = get(url, method, headers={"host": "api.localhost"}, content=b"data")
+                assert r.status_code == 200 and r.json()["body_length"] == 4
+            assert [e["node"] for e in a.proxy.wait_entries(2)] == ["node-b", "node-b"]
+            decision = a.proxy.on_loop(lambda: a.proxy.server.explain("shop", "api"))
+            assert decision.chosen.node_name == "node-b"
+            assert "node-0 api is marked down (service 'api' is not reachable: connection" in (
+                decision.explanation
+            )
+    finally:
+        a.close()
+        b.close()
