@@ -136,6 +136,8 @@ def test_nothing_left_is_a_502_naming_every_target_tried(proxy):
     assert f"connection refused on 127.0.0.1:{dead[0]}" in r.text
     assert f"fallback http://127.0.0.1:{dead[1]}: " in r.text
     assert f"connection refused on 127.0.0.1:{dead[1]}" in r.text
+    marks = proxy.on_loop(lambda: proxy.server.forwarder.router.down)[("shop", "api")]
+    assert "local" in marks and "fallback" in marks  # a failed answer clears no mark
 
 
 def test_reject_answers_409_naming_caller_range_and_versions(proxy):
@@ -340,12 +342,14 @@ def test_round_robin_across_peers_and_explain_does_not_advance(tmp_path):
             node.close()
 
 
-def test_a_peer_without_the_instance_counts_as_a_failed_connection(tmp_path):
-    a = proxykit.Node(tmp_path, "node-a")
+def test_a_peer_without_the_instance_counts_as_a_failed_connection(tmp_path, clock):
+    a = proxykit.Node(tmp_path, "node-a", router=selection.Router(clock=clock))
     b = proxykit.Node(tmp_path, "node-b", bundle=a.bundle)
     try:
-        with proxykit.upstream() as fallback:
-            b.set_table()  # B shares nothing (any more): it answers x-devmesh-unavailable
+        with proxykit.upstream() as fallback, proxykit.upstream() as up:
+            b.set_table(
+                backends=(table.Backend(project="shop", service="api", port=up.port, shared=True),)
+            )
             a.set_table(
                 mesh=(
                     table.MeshRoute(
@@ -356,13 +360,20 @@ def test_a_peer_without_the_instance_counts_as_a_failed_connection(tmp_path):
                     ),
                 )
             )
-            for method in ("GET", "POST"):
-                r = get(
-                    f"http://127.0.0.1:{a.proxy.port}/", method, headers={"host": "api.localhost"}
-                )
-                assert r.status_code == 200 and r.json()["method"] == method
-            entries = a.proxy.wait_entries(2)
-            assert [e["route"] for e in entries] == ["fallback", "fallback"]
+            url = f"http://127.0.0.1:{a.proxy.port}/"
+            with httpx.Client(trust_env=False, timeout=10) as client:
+                assert client.get(url, headers={"host": "api.localhost"}).status_code == 200
+                b.set_table()  # B shares nothing any more: it answers x-devmesh-unavailable
+                # On A's pooled connection to B (the callback execution), then, once the
+                # down mark expired, with a body (a task): both move on to the fallback.
+                r = client.get(url, headers={"host": "api.localhost"})
+                assert r.status_code == 200 and r.json()["method"] == "GET"
+                clock.now += selection.DOWN_MARK_S
+                r = client.post(url, headers={"host": "api.localhost"}, content=b"body")
+                assert r.status_code == 200 and r.json()["body_length"] == 4
+            entries = a.proxy.wait_entries(3)
+            assert [e["route"] for e in entries] == ["peer", "fallback", "fallback"]
+            assert b.proxy.wait_entries(3)[-1]["status"] == 404
             marks = a.proxy.on_loop(lambda: a.proxy.server.forwarder.router.down)
             assert f"peer:{b.identity.node_id}" in marks[("shop", "api")]
     finally:
@@ -443,3 +454,59 @@ def test_a_standalone_proxy_routes_by_the_mesh_in_its_routes_file(tmp_path):
             assert "route=fallback" in lines[0]
         finally:
             assert p.stop() == ""
+
+
+def test_head_gets_the_proxys_own_answers_without_a_body(proxy):
+    """A HEAD for a page the proxy answers itself (404, 409) gets the head alone: h11 frames
+    it with the page's Content-Length and no body, and the connection stays usable."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
+        for _ in range(2):
+            conn.sendall(b"HEAD / HTTP/1.1\r\nHost: nothing.localhost\r\n\r\n")
+            head = proxykit.read_head(conn)
+            assert head.startswith(b"HTTP/1.1 404 ") and head.endswith(b"\r\n\r\n")
+
+
+def test_a_peer_that_refuses_connections_is_skipped_and_marked_down(tmp_path):
+    a = proxykit.Node(tmp_path, "node-a")
+    b = proxykit.Node(tmp_path, "node-b", bundle=a.bundle)
+    try:
+        with proxykit.upstream() as up:
+            b.set_table(
+                backends=(table.Backend(project="shop", service="api", port=up.port, shared=True),)
+            )
+            gone = table.PeerInstance(
+                node_id="0" * 32,
+                node_name="node-0",  # first in the order of a stable balance
+                server_name="node-0.team.devmesh.internal",
+                host="127.0.0.1",
+                port=proxykit.free_port(),
+                project="shop",
+                service="api",
+            )
+            a.set_table(
+                mesh=(
+                    table.MeshRoute(
+                        project="shop",
+                        service="api",
+                        peers=(gone, b.instance("shop", "api")),
+                        rules=(
+                            table.CallerRule(
+                                caller=None, settings=routes.Settings(balance=routes.Balance.FIRST)
+                            ),
+                        ),
+                    ),
+                )
+            )
+            url = f"http://127.0.0.1:{a.proxy.port}/"
+            for method in ("PUT", "GET"):
+                r = get(url, method, headers={"host": "api.localhost"}, content=b"data")
+                assert r.status_code == 200 and r.json()["body_length"] == 4
+            assert [e["node"] for e in a.proxy.wait_entries(2)] == ["node-b", "node-b"]
+            decision = a.proxy.on_loop(lambda: a.proxy.server.explain("shop", "api"))
+            assert decision.chosen.node_name == "node-b"
+            assert "node-0 api is marked down (service 'api' is not reachable: connection" in (
+                decision.explanation
+            )
+    finally:
+        a.close()
+        b.close()
