@@ -157,7 +157,9 @@ def _external_rows(
                 "url": svc.fallback,
                 "node": None,
                 "restarts": 0,
-                "reason": "fallback" if svc.fallback else "not running anywhere known",
+                "reason": "runs elsewhere: on a peer that shares it"
+                + (", else at its fallback" if svc.fallback else "")
+                + " (see routes)",
             }
         )
     return out
@@ -192,49 +194,4 @@ def readiness(snap: Snapshot, project: str, names: list[str]) -> dict[str, tuple
             if bad:
                 out[n] = ("failed", f"not started: dependency {', '.join(bad)} failed")
                 changed = True
-    return out
-
-
-def routes(snap: Snapshot, project: str | None = None) -> list[dict[str, Any]]:
-    """Where each dependency call goes, and why: one entry per caller -> dependency edge."""
-    out: list[dict[str, Any]] = []
-    for p in snap.projects:
-        if project is not None and p.name != project:
-            continue
-        proj = p.project
-        for caller in sorted(p.enabled):
-            svc = proj.services.get(caller)
-            if svc is None:
-                continue
-            urls = p.urls.get(caller, {})
-            for dep in svc.depends_on:
-                target = proj.services.get(dep.name)
-                if target is None:
-                    continue
-                edge_port = p.edges.get(f"{caller}->{dep.name}")
-                if target.runs_here and not target.wants_port:
-                    via, to, why = "none", None, "runs here but listens on no port"
-                elif target.runs_here:
-                    inst = snap.instances.get((p.name, dep.name))
-                    port = inst.port if inst else _planned_port(snap, (p.name, dep.name))
-                    via, to = "local", f"127.0.0.1:{port}" if port else None
-                    why = "runs on this machine"
-                elif target.fallback:
-                    via, to, why = "fallback", target.fallback, "nobody runs it here; fallback URL"
-                else:
-                    via, to, why = "none", None, "does not run here and has no fallback"
-                out.append(
-                    {
-                        "project": p.name,
-                        "caller": caller,
-                        "service": dep.name,
-                        "range": dep.version_range,
-                        "url": urls.get(dep.name),
-                        "listener": f"127.0.0.1:{edge_port}" if edge_port else None,
-                        "via": via,
-                        "target": to,
-                        "version": target.version,
-                        "why": why,
-                    }
-                )
     return out
