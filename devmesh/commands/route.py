@@ -111,7 +111,7 @@ def where(entry: dict[str, Any]) -> str:
     if target == "fallback":
         return "fallback" + (f" {entry['url']}" if entry.get("url") else "")
     if target not in ("local", "peer"):
-        return "no route"
+        return "nowhere"
     who = "local" if target == "local" else entry.get("node") or "peer"
     text = f"{who} {service}" + (f" {entry['version']}" if entry.get("version") else "")
     return text + (f" (branch {entry['branch']})" if entry.get("branch") else "")

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from devmesh.commands import _common
+from devmesh.commands import _common, route
 
 EXAMPLE = """example:
   devmesh status
@@ -135,8 +135,6 @@ def _render_routes(routes: list[dict[str, Any]], out: Any) -> None:
     """
     if not routes:
         return
-    from devmesh.commands import route
-
     print("\nROUTES", file=out)
     by_project: dict[str, list[dict[str, Any]]] = {}
     for r in routes:
@@ -146,7 +144,7 @@ def _render_routes(routes: list[dict[str, Any]], out: Any) -> None:
         edges = [f"{r.get('caller')} → {r.get('service')}" for r in rows]
         width = max(len(e) for e in edges)
         for edge, r in zip(edges, rows, strict=True):
-            goes, why = _route_words(r, route.where(r))
+            goes, why = _route_words(r)
             mark = "!" if r.get("warning") else " "
             line = f"{mark} {edge.ljust(width)}  {goes}" + (f"  {why}" if why else "")
             print(line.rstrip(), file=out)
@@ -154,19 +152,29 @@ def _render_routes(routes: list[dict[str, Any]], out: Any) -> None:
                 print(f"    warning: {r['warning']}", file=out)
 
 
-def _route_words(r: dict[str, Any], goes: str) -> tuple[str, str]:
-    """(where calls go, why) with the choice that the reason repeats left out of the why."""
+def _route_words(r: dict[str, Any]) -> tuple[str, str]:
+    """(where calls go, why): the chosen candidate's words first, then the others' reasons.
+
+    ``url`` of a status route is the caller's NAME_URL, not where calls go: the fallback's
+    URL is read from the decision's own words instead.
+    """
     reason = str(r.get("reason") or "")
     if r.get("warning"):  # printed on a line of its own
         reason = reason.removesuffix(f" (warning: {r['warning']})")
-    if r.get("target") == "fallback" and reason.startswith("chose fallback "):
-        goes = "fallback " + reason.removeprefix("chose fallback ").split(";", 1)[0].strip()
+    goes = route.where({**r, "url": None})
+    parts = reason.split("; ") if reason else []
+    if r.get("target") == "fallback":
+        chosen = next((p for p in parts if p.startswith("chose fallback ")), "")
+        goes = "fallback " + chosen.removeprefix("chose fallback ") if chosen else goes
     lead = f"chose {goes}"
-    if reason.startswith(lead):
-        reason = reason.removeprefix(lead).strip().removeprefix(";").strip()
-    if reason and not reason.startswith("("):
-        reason = f"({reason})"
-    return goes, reason
+    chosen = next((p for p in parts if p == lead or p.startswith(lead + " ")), None)
+    if chosen is None:
+        return goes, f"({reason})" if reason else ""
+    words = chosen.removeprefix(lead).strip()
+    words = words[1:-1] if words.startswith("(") and words.endswith(")") else words
+    others = "; ".join(p for p in parts if p is not chosen)
+    why = "; ".join(w for w in (f"({words})" if words else "", others) if w)
+    return goes, why
 
 
 def _render_local(data: dict[str, Any], services: list[dict[str, Any]], out: Any) -> None:
