@@ -19,6 +19,7 @@ COMMANDS: tuple[str, ...] = (
     "down",
     "run",
     "status",
+    "route",
     "peers",
     "logs",
     "plan",

@@ -383,3 +383,172 @@ def wait_for(predicate: Callable[[], T | None], what: str, timeout_s: float = 10
 def env_without_proxy() -> dict[str, str]:
     """The environment minus *_proxy variables, so clients talk to our proxy directly."""
     return {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+
+
+class InProcessProxy:
+    """A ``ProxyServer`` on an event loop in a thread of its own, fed a table by assignment.
+
+    Two or three of them in one test act as mesh nodes: each is what one agent runs. The
+    test thread keeps using blocking clients (httpx, curl, websockets) against their ports.
+    ``table`` is read on every request, so assigning a new one is a route change.
+    """
+
+    def __init__(
+        self,
+        routes: Any,
+        folder: Path,
+        *,
+        https: bool = False,
+        router: Any = None,
+    ) -> None:
+        import asyncio
+
+        from devmesh.proxy import accesslog, ca, server, settings
+
+        self.table = routes
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log_path = folder / "access.log"
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server = server.ProxyServer(
+            settings.Settings(port=0, https_port=0 if https else None, ipv6=False),
+            lambda: self.table,
+            ca.LocalCA(folder / "ca") if https else None,
+            accesslog.AccessLog(self.log_path, json_lines=True),
+            router=router,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+        async def begin() -> None:
+            self._task = asyncio.ensure_future(self.server.serve())
+
+        self.call(begin())
+        wait_for(lambda: self.server.http_port, "the in-process proxy to listen")
+        self.port: int = self.server.http_port or 0
+
+    def call(self, coro: Any) -> Any:
+        """Run a coroutine of the proxy (set_edges, set_peer_listener) on its loop."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def on_loop(self, fn: Callable[[], T]) -> T:
+        """Call ``fn`` on the proxy's loop (its state is the loop's) and return its value."""
+        import asyncio
+
+        async def run() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The access log's JSON entries so far (flushed every 0.25 s)."""
+        if not self.log_path.exists():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line]
+
+    def wait_entries(self, count: int) -> list[dict[str, Any]]:
+        return wait_for(
+            lambda: (e := self.entries()) and len(e) >= count and e, f"{count} log entries"
+        )
+
+    def close(self) -> None:
+        import asyncio
+
+        async def end() -> None:
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+
+        self.call(end())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+        self.server.access_log.close()
+
+
+class Node:
+    """A mesh node for proxy tests: a team identity (``devmesh.mesh.identity``), its
+    ``PeerTLS`` files, and an in-process proxy with its peer listener open on loopback."""
+
+    def __init__(
+        self,
+        folder: Path,
+        name: str,
+        *,
+        bundle: bytes | None = None,
+        mesh_name: str = "team",
+        refuse: frozenset[str] = frozenset(),
+        https: bool = False,
+        router: Any = None,
+        catalog: bytes = b'{"services": []}',
+    ) -> None:
+        from devmesh.mesh import channel
+        from devmesh.mesh import identity as ids
+        from devmesh.proxy import peering, table
+
+        home = folder / name
+        if bundle is None:
+            self.identity = ids.init(home, mesh_name, node_name=name)
+        else:
+            self.identity = ids.join(home, bundle, node_name=name)
+        self.name = name
+        self.mesh_name = mesh_name
+        self.refuse = set(refuse)
+        self.bundle = ids.encode_bundle(self.identity.team)
+        self.tls = table.PeerTLS(
+            ca_file=str(self.identity.ca_path),
+            cert_file=str(self.identity.node_cert_path),
+            key_file=str(self.identity.node_key_path),
+            node_id=self.identity.node_id,
+            node_name=name,
+        )
+        self.proxy = InProcessProxy(
+            table.RouteTable(peer_tls=self.tls),
+            folder / f"{name}-proxy",
+            https=https,
+            router=router,
+        )
+
+        def authorize(cert: dict[str, object] | None, ip: str) -> Any:
+            peer = channel.peer_identity(cert, mesh_name, ip)
+            if peer is None:
+                return "no team certificate"
+            if peer.node_name in self.refuse:
+                return f"{peer.node_name} is not in mesh.allow"
+            return peering.PeerCaller(node_id=peer.node_id, node_name=peer.node_name, address=ip)
+
+        listener = peering.PeerListener(
+            host="127.0.0.1",
+            port=0,
+            ssl_context=channel.server_context(self.identity),
+            authorize=authorize,
+            catalog=lambda: catalog,
+        )
+        self.peer_port: int = self.proxy.call(self.proxy.server.set_peer_listener(listener))
+
+    def instance(self, project: str, service: str, **kw: Any) -> Any:
+        """This node's shared instance as a peer's table lists it."""
+        from devmesh.proxy import table
+
+        return table.PeerInstance(
+            node_id=self.identity.node_id,
+            node_name=self.name,
+            server_name=self.identity.node_id_dns_name,
+            host="127.0.0.1",
+            port=self.peer_port,
+            project=project,
+            service=service,
+            **kw,
+        )
+
+    def set_table(self, **kw: Any) -> None:
+        from devmesh.proxy import table
+
+        self.proxy.table = table.RouteTable(peer_tls=self.tls, **kw)
+
+    def close(self) -> None:
+        self.proxy.close()

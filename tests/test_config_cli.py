@@ -100,7 +100,10 @@ def test_usage_error_exits_2(tmp_path: Path):
 
 
 def test_json_valid_with_warning(tmp_path: Path):
-    (tmp_path / "devmesh.yaml").write_text("version: 1\nproject: p\npolicy: {balance: first}\n")
+    (tmp_path / "devmesh.yaml").write_text(
+        "version: 1\nproject: p\nservices:\n  api:\n    version: 1.0.0\n"
+        "    env: {TOKEN: '${NOT_SET_ANYWHERE}'}\n"
+    )
     result = run(["--json"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
@@ -109,16 +112,16 @@ def test_json_valid_with_warning(tmp_path: Path):
         "problems": [
             {
                 "file": "devmesh.yaml",
-                "line": 3,
-                "column": 10,
-                "path": "policy.balance",
-                "message": "not built yet: load balancing; each dependency has one candidate "
-                "(the local instance or the fallback), so balance has no effect",
+                "line": 6,
+                "column": 18,
+                "path": "services.api.env.TOKEN",
+                "message": "variable NOT_SET_ANYWHERE is not set (in the environment or .env); "
+                "using an empty string",
                 "severity": "warning",
             },
         ],
         "project": "p",
-        "services": [],
+        "services": ["api"],
     }
 
 

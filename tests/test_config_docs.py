@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import pytest
 
 from devmesh.config import reference, schema, unbuilt
 
@@ -108,6 +107,10 @@ def test_packaged_and_repository_schema_are_the_same_file():
 def test_guide_links_the_reference_and_lists_every_key_not_built_yet():
     guide = GUIDE.read_text(encoding="utf-8")
     assert "(reference.md)" in guide
+    if not unbuilt.TABLE:  # every key is built: the guide has no such section
+        assert "## What is not built yet" not in guide
+        assert "not built yet" not in guide
+        return
     section = guide.split("## What is not built yet", 1)[1].split("\n## ", 1)[0]
     listed = {
         line.split("`")[1]: line.split(" | ")[1]
@@ -117,6 +120,6 @@ def test_guide_links_the_reference_and_lists_every_key_not_built_yet():
     assert listed == {row.key: row.when for row in unbuilt.TABLE}
 
 
-@pytest.mark.parametrize("row", unbuilt.TABLE, ids=lambda r: r.key)
-def test_every_key_not_built_yet_is_a_key_of_the_schema(row: unbuilt.Row):
-    assert row.key in {path for path, _ in schema.key_paths()}
+def test_every_key_not_built_yet_is_a_key_of_the_schema():
+    keys = {path for path, _ in schema.key_paths()}
+    assert [row.key for row in unbuilt.TABLE if row.key not in keys] == []

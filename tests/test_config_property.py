@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devmesh.config import checks, loader, marks, schema
-from devmesh.core import model
+from devmesh.core import branches, model
 
 # Hypothesis writes a patch of the failing example with libcst, whose import warns; that
 # warning must not hide the real failure under filterwarnings=error.
@@ -228,12 +228,23 @@ def _load(environ: dict[str, str]) -> loader.Loaded:
     return loader.load(path, environ=environ, text=TYPED_FILE)
 
 
+BRANCH_LIKE = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,30}", fullmatch=True)
+
+
 @settings(max_examples=150, deadline=None)
-@given(ANY_TEXT, ANY_TEXT)
+@given(ANY_TEXT, st.one_of(ANY_TEXT, BRANCH_LIKE))
 def test_a_variable_in_a_string_field_is_that_text_and_never_changes_the_structure(
     secret: str, branch: str
 ):
-    loaded = _load({"S": secret, "P": "8080", "B": branch})
+    environ = {"S": secret, "P": "8080", "B": branch}
+    if branch != "auto" and branches.problem(branch) is not None:
+        # Text that is no branch name is an error at the branch, and only there.
+        with pytest.raises(loader.ConfigError) as info:
+            _load(environ)
+        errors = [(p.line, p.column, p.path) for p in info.value.problems if p.is_error]
+        assert errors == [(7, 13, "services.api.branch")]
+        return
+    loaded = _load(environ)
     api = loaded.project.service("api")
     assert api.env["S"] == secret.replace("$", "$$")  # kept literal through start time
     assert api.branch == branch

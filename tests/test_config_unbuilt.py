@@ -1,5 +1,11 @@
 """Keys whose feature is not built yet warn at the key, in every command that loads a file;
-a dependency range that the declared version does not satisfy warns naming both places."""
+a dependency range that the declared version does not satisfy warns naming both places and
+saying what route selection will do about it.
+
+Every key of the schema is built today (the table is empty): the mechanism is checked with a
+row the test adds for the duration of a test, and the routing keys that used to be in the
+table are checked to load without a warning.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +22,16 @@ from devmesh.config import loader, unbuilt
 HEAD = "version: 1\n"
 SERVICE = "services:\n  api:\n    version: 1.0.0\n    command: ./api\n"
 
-# (row key, a file that uses it so that it applies, (line, column) of the key)
-APPLIES = [
-    ("policy.versions", HEAD + "policy:\n  versions: reject\n", (3, 3)),
-    ("policy.prefer", HEAD + "policy:\n  prefer: peer\n", (3, 3)),
-    ("policy.balance", HEAD + "policy:\n  balance: round_robin\n", (3, 3)),
-    ("services.<name>.branch", HEAD + SERVICE + "    branch: auto\n", (6, 5)),
-    ("services.<name>.fallback", HEAD + SERVICE + "    fallback: http://127.0.0.1:9\n", (6, 5)),
+# The routing keys: built, so any use of them loads without a warning.
+ROUTING = [
+    HEAD + "policy:\n  versions: reject\n",
+    HEAD + "policy:\n  prefer: peer\n",
+    HEAD + "policy:\n  prefer: fallback\n",
+    HEAD + "policy:\n  balance: round_robin\n",
+    HEAD + "policy:\n  balance: least_outstanding\n",
+    HEAD + SERVICE + "    branch: auto\n",
+    HEAD + SERVICE + "    branch: feature/login\n",
+    HEAD + SERVICE + "    fallback: http://127.0.0.1:9\n",
 ]
 
 # Uses that ask for what already happens: no warning.
@@ -46,25 +55,38 @@ def warnings_of(tmp_path: Path, text: str) -> list[loader.Problem]:
         os.chdir(cwd)
 
 
-def test_the_table_is_covered():
-    assert {key for key, _, _ in APPLIES} == {row.key for row in unbuilt.TABLE}
+def test_every_key_is_built():
+    assert unbuilt.TABLE == ()
 
 
-@pytest.mark.parametrize(("key", "text", "where"), APPLIES, ids=[a[0] for a in APPLIES])
-def test_a_key_not_built_yet_warns_at_the_key(
-    tmp_path: Path, key: str, text: str, where: tuple[int, int]
-):
-    [warning] = warnings_of(tmp_path, text)
-    row = next(r for r in unbuilt.TABLE if r.key == key)
-    assert (warning.line, warning.column) == where
-    assert warning.path == key.replace("<name>", "api")
-    assert warning.message == f"not built yet: {row.missing}"
+@pytest.mark.parametrize("text", ROUTING + WORKS)
+def test_a_routing_key_or_a_use_that_works_does_not_warn(tmp_path: Path, text: str):
+    assert warnings_of(tmp_path, text) == []
+
+
+@pytest.fixture
+def row_not_built(monkeypatch: pytest.MonkeyPatch) -> unbuilt.Row:
+    """A row for ``services.<name>.share: true``, as the table would hold for a new key."""
+    row = unbuilt.Row(
+        key="services.<name>.share",
+        missing="sharing; the service stays private",
+        applies=lambda value, _: value is True,
+        when="`true`",
+    )
+    monkeypatch.setattr(unbuilt, "TABLE", (row,))
+    return row
+
+
+def test_a_key_not_built_yet_warns_at_the_key(tmp_path: Path, row_not_built: unbuilt.Row):
+    [warning] = warnings_of(tmp_path, HEAD + SERVICE + "    share: true\n")
+    assert (warning.line, warning.column) == (6, 5)
+    assert warning.path == "services.api.share"
+    assert warning.message == f"not built yet: {row_not_built.missing}"
     assert warning.severity == "warning"
 
 
-@pytest.mark.parametrize("text", WORKS)
-def test_a_use_that_works_today_does_not_warn(tmp_path: Path, text: str):
-    assert warnings_of(tmp_path, text) == []
+def test_a_row_warns_only_for_the_values_it_applies_to(tmp_path: Path, row_not_built: unbuilt.Row):
+    assert warnings_of(tmp_path, HEAD + SERVICE + "    share: false\n") == []
 
 
 VERSIONS = """\
@@ -95,7 +117,8 @@ def test_a_range_the_local_version_does_not_satisfy_warns_naming_both_places(tmp
             "services.web.depends_on.api",
             "web accepts api ^2.0 (>=2.0.0 <3.0.0), but the local api is 1.0.0 "
             "(services.api.version at devmesh.yaml:5:14); "
-            "calls go to it anyway (policy.versions: warn)",
+            "calls go to a compatible instance on a peer when one is found, "
+            "else to this one with a version warning (policy.versions: warn)",
         ),
         (
             15,
@@ -103,20 +126,35 @@ def test_a_range_the_local_version_does_not_satisfy_warns_naming_both_places(tmp
             "services.web.depends_on.auth.version",
             "web accepts auth ~2.2 (>=2.2.0 <2.3.0), but the declared auth is 2.3.0 "
             "(services.auth.version at devmesh.yaml:8:14); "
-            "calls go to it anyway (policy.versions: warn)",
+            "calls go to a compatible instance on a peer when one is found, "
+            "else to this one with a version warning (policy.versions: warn)",
         ),
     ]
 
 
-def test_under_reject_the_warning_says_reject_is_not_built(tmp_path: Path):
+def test_under_reject_the_warning_says_where_calls_go_instead(tmp_path: Path):
     found = warnings_of(tmp_path, VERSIONS.replace("POLICY", "reject"))
     assert [w.path for w in found] == [
-        "policy.versions",
         "services.web.depends_on.api",
         "services.web.depends_on.auth.version",
     ]
+    assert found[0].message.endswith(
+        "; calls go to a compatible instance on a peer, else they get 409 (policy.versions: reject)"
+    )
     assert found[1].message.endswith(
-        "; policy.versions: reject would refuse it, which is not built yet: calls still go to it"
+        "; calls go to a compatible instance on a peer, else to its fallback "
+        "(policy.versions: reject)"
+    )
+
+
+def test_a_dependency_s_own_versions_rule_is_the_one_named(tmp_path: Path):
+    text = VERSIONS.replace("POLICY", "warn").replace(
+        "condition: started}", "condition: started, versions: reject}"
+    )
+    found = warnings_of(tmp_path, text)
+    assert found[0].message.endswith("(policy.versions: warn)")
+    assert found[1].message.endswith(
+        "else to its fallback (services.web.depends_on.auth.versions: reject)"
     )
 
 
@@ -127,10 +165,12 @@ def test_a_satisfied_range_does_not_warn(tmp_path: Path):
 
 # -- the warnings reach every command that loads a file -------------------------------------
 
-FILE = HEAD + SERVICE + "    branch: auto\n"
+FILE = VERSIONS.replace("POLICY", "warn").replace("~2.2", "^2.3")
 LINE = (
-    "devmesh.yaml:6:5: warning: services.api.branch: not built yet: branch namespaces; branch "
-    "is accepted but has no effect: calls are routed without regard to branches"
+    "devmesh.yaml:14:12: warning: services.web.depends_on.api: web accepts api ^2.0 "
+    "(>=2.0.0 <3.0.0), but the local api is 1.0.0 (services.api.version at devmesh.yaml:5:14); "
+    "calls go to a compatible instance on a peer when one is found, else to this one with a "
+    "version warning (policy.versions: warn)"
 )
 
 
@@ -161,10 +201,10 @@ def test_validate_json_lists_the_warning(tmp_path: Path):
     [problem] = json.loads(result.stdout)["problems"]
     assert problem == {
         "file": "devmesh.yaml",
-        "line": 6,
-        "column": 5,
-        "path": "services.api.branch",
-        "message": LINE.split("services.api.branch: ", 1)[1],
+        "line": 14,
+        "column": 12,
+        "path": "services.web.depends_on.api",
+        "message": LINE.split("services.web.depends_on.api: ", 1)[1],
         "severity": "warning",
     }
 

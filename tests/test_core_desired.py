@@ -255,7 +255,6 @@ def _with(**changes: Any) -> dict[str, Any]:
         _with(env={"K": 1}),
         _with(share=True),
         _with(fallback="http://elsewhere"),
-        _with(branch="feature"),
         _with(restart={"policy": "on-failure"}),
         {"a": {"env": {"K": "1"}, "port": "auto", "command": "srv --x"}},
     ],
@@ -273,6 +272,7 @@ def test_fingerprint_stable_across_spelling_and_routing_only_fields(same) -> Non
         _with(health={"http": "/healthz"}),
         _with(restart={"policy": "always"}),
         _with(cwd="sub"),
+        _with(branch="feature"),  # the process sees it as DEVMESH_BRANCH
     ],
 )
 def test_fingerprint_changes_with_what_needs_a_restart(changed) -> None:

@@ -8,6 +8,7 @@ rejected as a whole with every problem listed (HTTP 422).
 Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
   GET  /v1/status[?project=P]         services, peers, routes, agent
   GET  /v1/peers                      the mesh: this node, peers, backends, drop counters
+  GET  /v1/route?project=P&service=S[&caller=C][&branch=B]   where such a call goes, and why
   POST /v1/apply                      {document, directory, source, services, base_env, dry_run}
   GET  /v1/wait?project=P&services=a,b    stream: progress, then {"done": true, "ok": ...}
   POST /v1/down                       {project, services, volumes}; answers when they are
@@ -29,11 +30,22 @@ from typing import Any
 import anyio
 
 from devmesh import __version__
-from devmesh.agent import dbapi, identity_api, logfeed, meshhost, preflight, snapshot, views
+from devmesh.agent import (
+    dbapi,
+    gitbranch,
+    identity_api,
+    logfeed,
+    meshhost,
+    preflight,
+    routeview,
+    routing,
+    snapshot,
+    views,
+)
 from devmesh.agent import state as state_mod
 from devmesh.agent.engine import Engine
 from devmesh.agent.http_server import ApiError, Request, Response, Router, StreamResponse
-from devmesh.core import desired, model, plan
+from devmesh.core import branches, desired, model, plan
 
 
 def build_router(engine: Engine, on_shutdown: Any) -> Router:
@@ -50,7 +62,9 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
             {
                 "services": views.rows(snap, project),
                 "peers": engine.mesh.peers(),
-                "routes": views.routes(snap, project),
+                "routes": routeview.rows(
+                    snap, engine.routes, engine.explain, engine.node_name(), project
+                ),
                 "agent": {
                     "pid": os.getpid(),
                     "version": __version__,
@@ -65,7 +79,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
     @router.route("POST", "/v1/apply")
     async def apply(req: Request) -> Response:
         body = _object(req.json())
-        rec, proj = _record(engine, body)
+        rec, proj, branch_warnings = await _record(engine, body)
         dry_run = bool(body.get("dry_run"))
         problems = engine.preflight(rec, proj)
         conflict = engine.mesh.conflict(proj, engine.mesh_view())
@@ -77,7 +91,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
             "services": sorted(rec.enabled),
             "actions": [_action(a) for a in preview.actions if a.key[0] == rec.name],
             "problems": problems,
-            "warnings": _warnings(engine, proj, rec),
+            "warnings": branch_warnings + _warnings(engine, proj, rec),
         }
         if problems:
             raise ApiError(422, "; ".join(problems))
@@ -126,6 +140,40 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
             items = _access_text(items)
         return StreamResponse(200, items)
 
+    @router.route("GET", "/v1/route")
+    async def route(req: Request) -> Response:
+        q = req.query
+        project, service = _need(q, "project"), _need(q, "service")
+        caller, branch = q.get("caller") or None, q.get("branch") or None
+        snap = engine.snapshot()
+        applied = snap.project(project)
+        if applied is None:
+            known = ", ".join(p.name for p in snap.projects) or "none"
+            raise ApiError(
+                404, f"no project {project!r} is applied to this agent (projects: {known})"
+            )
+        names = ", ".join(applied.project.services) or "none"
+        if service not in applied.project.services:
+            raise ApiError(404, f"no service {service!r} in project {project} (services: {names})")
+        if caller is not None and caller not in applied.project.services:
+            raise ApiError(404, f"no service {caller!r} in project {project} (services: {names})")
+        if branch is not None and (problem := branches.problem(branch)):
+            raise ApiError(400, problem)
+        decision = engine.explain(project, service, caller=caller, branch=branch)
+        route_, backend = routing.find(engine.routes, project, service)
+        if decision is None:
+            raise ApiError(404, f"service {service} of project {project} has no route")
+        return Response(
+            200,
+            routeview.decision_doc(
+                decision,
+                project=project,
+                route=route_,
+                backend=backend,
+                node_name=engine.node_name(),
+            ),
+        )
+
     @router.route("GET", "/v1/peers")
     async def peers(req: Request) -> Response:
         return Response(200, engine.mesh.status())
@@ -168,7 +216,14 @@ def _need(q: dict[str, str], key: str) -> str:
     return q[key]
 
 
-def _record(engine: Engine, body: dict[str, Any]) -> tuple[state_mod.ProjectRecord, model.Project]:
+async def _record(
+    engine: Engine, body: dict[str, Any]
+) -> tuple[state_mod.ProjectRecord, model.Project, list[str]]:
+    """The record and model an apply would store, and warnings about branches.
+
+    ``branch: auto`` is resolved here, once (git runs in a worker thread); an invalid
+    ``branch: NAME`` refuses the apply (422) before anything changes.
+    """
     doc = body.get("document")
     directory = body.get("directory")
     if not isinstance(doc, dict) or not isinstance(directory, str):
@@ -189,6 +244,10 @@ def _record(engine: Engine, body: dict[str, Any]) -> tuple[state_mod.ProjectReco
                 f"no such service {', '.join(map(repr, unknown))} in project {proj.name} "
                 f"(services: {', '.join(proj.services)})",
             )
+    resolved = await anyio.to_thread.run_sync(gitbranch.resolve, proj)
+    if resolved.problems:
+        raise ApiError(422, f"project {proj.name}: " + "; ".join(resolved.problems))
+    proj = desired.resolve_branches(proj, resolved.branches)
     base_env = body.get("base_env")
     try:
         rec = engine.prepare(
@@ -197,10 +256,11 @@ def _record(engine: Engine, body: dict[str, Any]) -> tuple[state_mod.ProjectReco
             source=str(body.get("source", "")),
             selected=selected,
             base_env={str(k): str(v) for k, v in (base_env or dict(os.environ)).items()},
+            branches=resolved.branches,
         )
     except preflight.NoFreePortError as exc:
         raise ApiError(503, str(exc)) from exc
-    return rec, proj
+    return rec, proj, list(resolved.warnings)
 
 
 def _warnings(engine: Engine, proj: model.Project, rec: state_mod.ProjectRecord) -> list[str]:
@@ -213,14 +273,19 @@ def _warnings(engine: Engine, proj: model.Project, rec: state_mod.ProjectRecord)
             f"but this agent's proxy listens on {agent_ports[0]}/{agent_ports[1]} (one proxy per "
             "agent, set when it started); URLs use the agent's ports"
         )
-    for n in rec.enabled:
-        svc = proj.services[n]
-        urls = engine.dependency_urls(rec, proj, svc)
-        for dep in desired.unreachable(svc, urls):
-            out.append(
-                f"service {n}: dependency {dep} does not run here and has no fallback; "
-                f"{desired.url_var(dep)} is not set"
-            )
+    if proj.mesh is None:
+        # Without a mesh, a dependency that runs elsewhere can only be reached at its
+        # fallback: its NAME_URL (the edge listener) would answer every call with a 502.
+        for n in rec.enabled:
+            svc = proj.services[n]
+            for dep in svc.depends_on:
+                target = proj.services.get(dep.name)
+                if target is not None and not target.runs_here and not target.fallback:
+                    out.append(
+                        f"service {n}: dependency {dep.name} does not run here, has no "
+                        f"fallback and project {proj.name} has no mesh: section; calls to "
+                        f"{desired.url_var(dep.name)} will answer 502"
+                    )
     return out
 
 

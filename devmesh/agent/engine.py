@@ -29,11 +29,20 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from devmesh.agent import adopt, databases, launch, meshhost, preflight, reconcile, routing
+from devmesh.agent import (
+    adopt,
+    databases,
+    launch,
+    meshhost,
+    peerchannel,
+    preflight,
+    reconcile,
+    routing,
+)
 from devmesh.agent import snapshot as snap
 from devmesh.agent import state as state_mod
 from devmesh.agent.paths import Home
-from devmesh.core import desired, model, plan
+from devmesh.core import desired, model, plan, routes
 from devmesh.proxy import accesslog, ca, routesfile, server, table
 from devmesh.supervisor import logs
 
@@ -74,8 +83,18 @@ class Engine:
         self.generation = 0
         """Count of finished reconcile rounds; lets a waiter notice a round it did not await."""
         self._saved: bytes | None = None
-        self.mesh = meshhost.MeshHost(home.root)
-        """The agent's one mesh node (started by the first apply with a ``mesh:``)."""
+        self.mesh = meshhost.MeshHost(
+            home.root,
+            channel=peerchannel.ProxyPeerChannel(lambda: self.proxy),
+            on_change=self.republish,
+        )
+        """The agent's one mesh node (started by the first apply with a ``mesh:``); its peer
+        channel is the proxy's peer listener, and what peers share changes the routes."""
+        self._wants: dict[plan.Key, plan.Want] | None = None
+        """What the last round planned for (None before the first): a republish between
+        rounds builds the table from it."""
+        self._edge_warnings: dict[tuple[str, str, str], str] = {}
+        """(project, caller, service) -> the version warning last logged for that edge."""
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -200,6 +219,7 @@ class Engine:
         source: str,
         selected: list[str] | None,
         base_env: dict[str, str],
+        branches: dict[str, str] | None = None,
     ) -> state_mod.ProjectRecord:
         """The record an apply of ``proj`` would store: enabled services and their ports.
 
@@ -224,6 +244,7 @@ class Engine:
             base_env=base_env,
             ports=preflight.pick_ports(proj, enabled, old.ports if old else {}, taken),
             edges=dict(old.edges) if old else {},
+            branches=dict(branches or {}),
             applied_at=self.clock(),
         )
 
@@ -319,10 +340,68 @@ class Engine:
         return {k: tuple(v) for k, v in out.items()}
 
     def _publish_routes(self, wants: dict[plan.Key, plan.Want]) -> None:
+        self._wants = wants
+        n = self.mesh.node
         self.routes = routing.build_table(
-            self._applied(), wants, self.runner.instances, self._actions()
+            self._applied(),
+            wants,
+            self.runner.instances,
+            self._actions(),
+            mesh_peers=n.registry.peers() if n is not None else (),
+            identity=n.identity if n is not None else None,
         )
         self.publish_route_file()
+        self._log_edge_warnings()
+
+    def republish(self) -> None:
+        """Rebuild the route table now, between rounds: the mesh node says what peers share
+        changed (a catalog arrived, a peer expired or left), or the node started or stopped.
+
+        Nothing is planned or started: only what the proxy routes by is replaced, so a
+        peer's instance takes calls as soon as its catalog is here, not at the next round.
+        """
+        if self._wants is None:
+            return  # the first round publishes anyway
+        try:
+            self._publish_routes(self._wants)
+        except Exception:  # the node's task must not die of it; the next round retries
+            log.exception("cannot rebuild the route table after a mesh change")
+
+    def explain(
+        self, project: str, service: str, *, caller: str | None = None, branch: str | None = None
+    ) -> routes.Decision | None:
+        """Where a call to ``service`` of ``project`` would go now, and why (no cursor moves).
+
+        The proxy answers with its runtime state (down marks, outstanding requests); an
+        engine without a proxy replays the selection over the table alone.
+        """
+        if self.proxy is not None:
+            return self.proxy.explain(project, service, caller=caller, branch=branch)
+        return routing.decide(
+            self.routes, project, service, caller=caller, branch=branch, now_s=self.clock()
+        )
+
+    def node_name(self) -> str | None:
+        """This agent's node name while it is a mesh node."""
+        n = self.mesh.node
+        return n.identity.node_name if n is not None else None
+
+    def _log_edge_warnings(self) -> None:
+        """One log line when an edge's decision starts to warn, and when its warning changes."""
+        now: dict[tuple[str, str, str], str] = {}
+        for rec, proj in self._applied():
+            for caller, service in desired.local_edges(proj, rec.enabled):
+                try:
+                    decision = self.explain(rec.name, service, caller=caller)
+                except Exception:  # explaining must never break publishing
+                    log.debug("cannot explain %s -> %s", caller, service, exc_info=True)
+                    continue
+                if decision is not None and decision.warning:
+                    key = (rec.name, caller, service)
+                    now[key] = decision.warning
+                    if self._edge_warnings.get(key) != decision.warning:
+                        log.warning("%s: %s -> %s: %s", rec.name, caller, service, decision.warning)
+        self._edge_warnings = now
 
     def publish_route_file(self) -> None:
         """Hand the routes and the bound edge ports to the proxy workers (they poll the file).
@@ -438,6 +517,8 @@ class Engine:
 
 
 def _model(rec: state_mod.ProjectRecord) -> model.Project:
-    return model.from_document(
+    """The record's project, with each service's branch as resolved when it was applied."""
+    proj = model.from_document(
         rec.document, directory=rec.directory, default_name=rec.name, source=rec.source
     )
+    return desired.resolve_branches(proj, rec.branches)

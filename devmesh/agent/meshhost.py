@@ -15,6 +15,13 @@ The node's catalog is computed from the applied projects after every reconcile r
 the services marked ``share: true`` that run here and are enabled, with their health. The
 node announces a new revision at once when it changes (``Node.set_services``).
 
+The peer channel (``mesh.port``) is a listener of the agent's proxy, not of the node: a
+teammate's call to a shared service then goes through the proxy's one forwarding path, and
+the catalog is one more answer of that listener. The node opens no listener of its own here
+(``NodeSettings.serve_channel``); its ``PeerChannel`` opens the proxy's before the node first
+announces (the announcement carries the bound port) and closes it after the goodbye. The node
+still decides who may call (``Node.authorize``) and counts refusals and served catalogs.
+
 The team secret lives in the node's identity (``DEVMESH_HOME/mesh``); nothing here prints
 or logs it.
 """
@@ -24,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,6 +52,20 @@ NO_IDENTITY = (
 
 class MeshError(Exception):
     """The mesh cannot run as asked; the message names the project, the key and the fix."""
+
+
+class PeerChannel(Protocol):
+    """Where the agent serves the peer channel for its node (its proxy's peer listener)."""
+
+    def available(self) -> bool:
+        """Whether it can serve now; when not (no proxy), the node serves its own channel."""
+        ...
+
+    async def open(self, n: node.Node, host: str, port: int) -> int:
+        """Listen on ``host:port`` for ``n`` (0 picks a port); the bound port. Raises OSError."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class _Instance(Protocol):
@@ -168,8 +189,19 @@ def _valid(services: tuple[catalogs.SharedService, ...]) -> tuple[catalogs.Share
 class MeshHost:
     """Starts, checks, feeds and stops the agent's one mesh node."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        channel: PeerChannel | None = None,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
         self.home = home
+        self.channel = channel
+        self.on_change = on_change
+        """Called when the node starts or stops and when what peers share changes."""
+        self.hosted = False
+        """Whether the running node's peer channel is ``channel`` (else its own listener)."""
         self.node: node.Node | None = None
         self.owner: str | None = None
         """The project whose ``mesh:`` the node runs with."""
@@ -240,11 +272,14 @@ class MeshHost:
         team_file = ids.mesh_dir(self.home) / "team.json"
         if not team_file.exists():
             raise MeshError(f"{where} has a mesh: section but {NO_IDENTITY}")
+        hosted = self.channel is not None and self.channel.available()
+        settings = dataclasses.replace(node_settings(self.home, mesh), serve_channel=not hosted)
         try:
             n = node.Node(
-                node_settings(self.home, mesh),
+                settings,
                 services=_valid(self._services),
                 log=_log_line,
+                on_change=self.on_change,
             )
         except ids.IdentityError as exc:
             raise MeshError(f"{where}: mesh identity: {exc}") from exc
@@ -256,15 +291,20 @@ class MeshHost:
                 "join that team with `devmesh mesh join FILE`"
             )
         try:
+            if hosted and self.channel is not None:
+                n.channel_port = await self.channel.open(n, settings.channel_host, mesh.port)
             await n.start()
-        except discovery.DiscoveryError as exc:
-            raise MeshError(f"{where}: mesh.discovery: {exc}") from exc
-        except OSError as exc:
+        except (discovery.DiscoveryError, OSError) as exc:
+            if hosted and self.channel is not None:
+                await self.channel.close()
+            if isinstance(exc, discovery.DiscoveryError):
+                raise MeshError(f"{where}: mesh.discovery: {exc}") from exc
             raise MeshError(
                 f"{where}: cannot open the mesh's sockets (peer channel TCP port {mesh.port}, "
                 f"discovery UDP port {mesh.discovery.port}): {exc.strerror or exc}"
             ) from exc
-        self.node, self.owner, self.settings = n, owner, mesh
+        self.node, self.owner, self.settings, self.hosted = n, owner, mesh, hosted
+        self.on_change()
         log.info(
             "mesh %s: node %s (%s), peer channel on port %d, discovery on %s UDP port %d",
             team,
@@ -331,9 +371,13 @@ class MeshHost:
 
     async def _stop(self) -> None:
         n, self.node, self.settings = self.node, None, None
+        hosted, self.hosted = self.hosted, False
         self.owner = None
         if n is not None:
-            await n.stop()
+            await n.stop()  # the goodbye first, then the listener goes
+            if hosted and self.channel is not None:
+                await self.channel.close()
+            self.on_change()
 
     # ---------------------------------------------------------------- catalog
 

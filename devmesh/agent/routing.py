@@ -7,16 +7,26 @@ reached at ``NAME.PROJECT.localhost``), what a request to a service that is not 
 told (restarting, attempt N, next try at T; or stopped; or crash-looping under a bounded
 policy that gave up), and which services have an address at all (a worker without a port
 has none).
+
+Mesh routes: every service an applied project declares gets a ``MeshRoute`` (whether it runs
+here, on peers, or only has a ``fallback``), with the peers' shared instances of the same
+project and service name as the mesh node's registry holds them (live peers only), the
+ranges and policy of each caller (``CallerRule``), and the branch of each caller that runs
+under one. The table is rebuilt after every round and whenever the node reports that what
+peers share changed (a catalog fetched, a peer expired, left or was refused), so a peer's
+instance is routable from the moment its catalog arrives and not after it has gone.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Mapping, Sequence
 
 from devmesh.agent import launch
 from devmesh.agent import state as state_mod
 from devmesh.agent.instance import Instance
-from devmesh.core import desired, model, plan
+from devmesh.core import desired, model, peers, plan, routes
+from devmesh.mesh import identity as ids
 from devmesh.proxy import server, table
 
 
@@ -25,11 +35,17 @@ def build_table(
     wants: Mapping[plan.Key, plan.Want],
     instances: Mapping[plan.Key, Instance],
     actions: Mapping[plan.Key, Sequence[plan.Action]],
+    *,
+    mesh_peers: Sequence[peers.Peer] = (),
+    identity: ids.Identity | None = None,
 ) -> table.RouteTable:
-    """One backend per service with a port, projects in the order they were first applied.
+    """One backend per service with a port, projects in the order they were first applied,
+    and one mesh route per declared service.
 
     The proxy gives the short name to the first backend of a name, so that order is the
-    contract. Services without a port are left out: nothing can route to them.
+    contract. Services without a port have no backend: nothing can route to them here.
+    ``mesh_peers`` are the node's peers and ``identity`` its identity while this agent is
+    a mesh node (the peers' server names and ``peer_tls`` come from it).
     """
     backends: list[table.Backend] = []
     for rec, proj in projects:
@@ -49,9 +65,88 @@ def build_table(
                     inst=inst,
                     want=wants.get(key),
                     actions=actions.get(key, ()),
+                    svc=svc,
                 )
             )
-    return table.RouteTable(tuple(backends))
+    mesh_name = identity.team.mesh if identity is not None else None
+    mesh = tuple(
+        mesh_route(proj, name, mesh_peers if mesh_name is not None else (), mesh_name or "")
+        for _, proj in projects
+        for name in proj.services
+    )
+    return table.RouteTable(tuple(backends), mesh=mesh, peer_tls=peer_tls(identity))
+
+
+def peer_tls(identity: ids.Identity | None) -> table.PeerTLS | None:
+    """The node's files for dialling peers (paths, so proxy workers can load them too)."""
+    if identity is None:
+        return None
+    return table.PeerTLS(
+        ca_file=str(identity.ca_path),
+        cert_file=str(identity.node_cert_path),
+        key_file=str(identity.node_key_path),
+        node_id=identity.node_id,
+        node_name=identity.node_name,
+    )
+
+
+def mesh_route(
+    proj: model.Project, service: str, mesh_peers: Sequence[peers.Peer], mesh_name: str
+) -> table.MeshRoute:
+    """Where calls to ``service`` of ``proj`` may go besides its local backend, and the
+    rules of each caller."""
+    svc = proj.services[service]
+    rules: list[table.CallerRule] = []
+    caller_branches: list[tuple[str, str]] = []
+    for caller, csvc in proj.services.items():
+        dep = next((d for d in csvc.depends_on if d.name == service), None)
+        if dep is None or not csvc.runs_here:
+            continue
+        rules.append(
+            table.CallerRule(
+                caller=caller,
+                requirements=routes.requirements_for(proj, caller, service),
+                settings=routes.Settings.from_policy(proj.policy, versions_override=dep.versions),
+            )
+        )
+        if csvc.branch is not None:
+            caller_branches.append((caller, csvc.branch))
+    rules.append(
+        table.CallerRule(
+            caller=None,
+            requirements=routes.requirements_for(proj, None, service),
+            settings=routes.Settings.from_policy(proj.policy),
+        )
+    )
+    found = []
+    for p in mesh_peers:
+        if p.state is not peers.PeerState.ALIVE or p.catalog is None:
+            continue
+        for s in p.catalog.services:
+            if s.project != proj.name or s.name != service:
+                continue
+            found.append(
+                table.PeerInstance(
+                    node_id=p.node_id,
+                    node_name=p.name,
+                    server_name=ids.node_dns_name(p.node_id, mesh_name),
+                    host=p.address,
+                    port=p.port,
+                    project=s.project,
+                    service=s.name,
+                    version=s.version,
+                    branch=s.branch,
+                    health=s.health,
+                )
+            )
+    return table.MeshRoute(
+        project=proj.name,
+        service=service,
+        peers=tuple(found),
+        fallback=svc.fallback,
+        rules=tuple(rules),
+        caller_branches=tuple(caller_branches),
+    )
 
 
 def hosts(routes: table.RouteTable) -> dict[plan.Key, str]:
@@ -73,6 +168,7 @@ def _backend(
     inst: Instance | None,
     want: plan.Want | None,
     actions: Iterable[plan.Action],
+    svc: model.Service,
 ) -> table.Backend:
     attempt: int | None = None
     retry_at: float | None = None
@@ -107,7 +203,82 @@ def _backend(
         reason=reason,
         attempt=attempt,
         retry_at=retry_at,
+        version=svc.version,
+        branch=svc.branch,
+        shared=svc.share,
+        health=health_word(inst),
     )
+
+
+def find(
+    routes_table: table.RouteTable, project: str, service: str
+) -> tuple[table.MeshRoute | None, table.Backend | None]:
+    """The mesh route and the local backend of (project, service), either may be None."""
+    route = next(
+        (m for m in routes_table.mesh if m.project == project and m.service == service), None
+    )
+    backend = next(
+        (b for b in routes_table.backends if b.project == project and b.service == service), None
+    )
+    return route, backend
+
+
+def decide(
+    routes_table: table.RouteTable,
+    project: str,
+    service: str,
+    *,
+    caller: str | None,
+    branch: str | None,
+    now_s: float,
+) -> routes.Decision | None:
+    """Route selection over the table alone (no down marks, no outstanding requests).
+
+    What the proxy's ``explain`` does with its runtime state; used when no proxy runs. A
+    caller with no explicit branch gets its own (``caller_branches``), as on its edge.
+    """
+    route, backend = find(routes_table, project, service)
+    if route is None and backend is None:
+        return None
+    rule = route.rule(caller) if route is not None else table.CallerRule(caller=caller)
+    if branch is None and caller is not None and route is not None:
+        branch = dict(route.caller_branches).get(caller)
+    local = None
+    if backend is not None:
+        local = routes.LocalInstance(
+            state=routes.LocalState(backend.state),
+            health=routes.Health(backend.health),
+            version=backend.version,
+            branch=backend.branch,
+        )
+    candidates = routes.Candidates(
+        local=local,
+        peers=tuple(
+            routes.PeerInstance(
+                node_id=p.node_id,
+                node_name=p.node_name,
+                version=p.version,
+                health=routes.Health(p.health),
+                branch=p.branch,
+            )
+            for p in (route.peers if route is not None else ())
+        ),
+        fallback=route.fallback if route is not None else None,
+    )
+    request = routes.Request(
+        service=service, caller=caller, requirements=rule.requirements, branch=branch
+    )
+    return routes.select(request, candidates, rule.settings, now_s=now_s, rng=random.Random())
+
+
+def health_word(inst: Instance | None) -> str:
+    """Readiness in ``routes.Health`` words (what the catalog announces, same rule)."""
+    if inst is None or inst.phase is not plan.Phase.RUNNING:
+        return routes.Health.STOPPED.value
+    h = inst.health()
+    if h is plan.Health.NONE:
+        return routes.Health.HEALTHY.value  # no check: running is ready
+    return routes.Health(h.value).value
 
 
 async def sync_edges(

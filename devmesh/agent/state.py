@@ -51,6 +51,9 @@ class ProjectRecord:
     """Ports the agent picked for ``port: auto``; kept so URLs stay stable across restarts."""
     edges: dict[str, int] = field(default_factory=dict)
     """Proxy listener port per dependency edge ("caller->target"), kept for stable NAME_URLs."""
+    branches: dict[str, str] = field(default_factory=dict)
+    """Branch namespace per service, as resolved at apply (``branch: auto`` is the git branch
+    then); a service with a ``branch`` key that is absent here runs in the default one."""
     applied_at: float = 0.0
 
 

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from devmesh.commands import _common
+from devmesh.commands import _common, route
 
 EXAMPLE = """example:
   devmesh status
@@ -125,6 +125,58 @@ def _render_peers(peers: list[dict[str, Any]], out: Any) -> None:
     _table(rows, out)
 
 
+def _render_routes(routes: list[dict[str, Any]], out: Any) -> None:
+    """Per project, each ``caller → service``, where its calls go now and why.
+
+    ``web → api  node-b api 2.3.0  (^2.1 ok)``; a decision that warns (a version outside
+    the caller's range) is marked ``!`` and followed by the warning; one that would answer
+    409 or 502 says so. The words come from route selection itself, as `devmesh route`
+    prints them.
+    """
+    if not routes:
+        return
+    print("\nROUTES", file=out)
+    by_project: dict[str, list[dict[str, Any]]] = {}
+    for r in routes:
+        by_project.setdefault(str(r.get("project")), []).append(r)
+    for project, rows in by_project.items():
+        print(f"{project}", file=out)
+        edges = [f"{r.get('caller')} → {r.get('service')}" for r in rows]
+        width = max(len(e) for e in edges)
+        for edge, r in zip(edges, rows, strict=True):
+            goes, why = _route_words(r)
+            mark = "!" if r.get("warning") else " "
+            line = f"{mark} {edge.ljust(width)}  {goes}" + (f"  {why}" if why else "")
+            print(line.rstrip(), file=out)
+            if r.get("warning"):
+                print(f"    warning: {r['warning']}", file=out)
+
+
+def _route_words(r: dict[str, Any]) -> tuple[str, str]:
+    """(where calls go, why): the chosen candidate's words first, then the others' reasons.
+
+    ``url`` of a status route is the caller's NAME_URL, not where calls go: the fallback's
+    URL is read from the decision's own words instead.
+    """
+    reason = str(r.get("reason") or "")
+    if r.get("warning"):  # printed on a line of its own
+        reason = reason.removesuffix(f" (warning: {r['warning']})")
+    goes = route.where({**r, "url": None})
+    parts = reason.split("; ") if reason else []
+    if r.get("target") == "fallback":
+        chosen = next((p for p in parts if p.startswith("chose fallback ")), "")
+        goes = "fallback " + chosen.removeprefix("chose fallback ") if chosen else goes
+    lead = f"chose {goes}"
+    chosen = next((p for p in parts if p == lead or p.startswith(lead + " ")), None)
+    if chosen is None:
+        return goes, f"({reason})" if reason else ""
+    words = chosen.removeprefix(lead).strip()
+    words = words[1:-1] if words.startswith("(") and words.endswith(")") else words
+    others = "; ".join(p for p in parts if p is not chosen)
+    why = "; ".join(w for w in (f"({words})" if words else "", others) if w)
+    return goes, why
+
+
 def _render_local(data: dict[str, Any], services: list[dict[str, Any]], out: Any) -> None:
     table: list[tuple[str, ...]] = [COLUMNS]
     for r in services:
@@ -143,16 +195,7 @@ def _render_local(data: dict[str, Any], services: list[dict[str, Any]], out: Any
             )
         )
     _table(table, out)
-    links = data.get("routes") or []
-    if links:
-        print("\nROUTES", file=out)
-    for link in links:
-        target = link.get("target") or "-"
-        print(
-            f"  {link['project']}: {link['caller']} -> {link['service']} via {link['via']} "
-            f"({target}; {link['why']})",
-            file=out,
-        )
+    _render_routes(data.get("routes") or [], out)
     notes = [r for r in services if r.get("reason") and r["state"] not in ("running", "external")]
     for r in notes:
         print(f"\n{r['project']}/{r['name']}: {r['state']}: {r['reason']}", file=out)

@@ -1,4 +1,5 @@
-"""Checks the JSON Schema cannot express: references between services, semver, port clashes.
+"""Checks the JSON Schema cannot express: references between services, semver, port clashes,
+and the routing values (a ``fallback`` URL with a host, a valid ``branch`` name).
 
 They run on the interpolated document even when the schema already found problems, so a
 user sees every problem in one run. Each check therefore looks only at the parts that
@@ -8,12 +9,13 @@ have the right shape and silently skips the rest (the schema has reported those)
 from __future__ import annotations
 
 import shlex
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
 from devmesh.config import marks as marks_mod
 from devmesh.config import report
-from devmesh.core import graph, versions
+from devmesh.core import branches, graph, versions
 
 Key = tuple[str | int, ...]
 
@@ -64,6 +66,7 @@ def check(doc: Any, marks: marks_mod.Marks, file: str) -> list[report.Problem]:
     _check_ranges_against_declared(doc, services, out)
     _check_ports(services, out)
     _check_commands(services, out)
+    _check_routing(services, out)
     return out.problems
 
 
@@ -151,19 +154,31 @@ def _check_ranges_against_declared(
                 path = (*path, "version")
             there = out.marks.value(("services", dep, "version"))
             runs = "the local" if "command" in target else "the declared"
-            consequence = (
-                "calls go to it anyway (policy.versions: warn)"
-                if rule != "reject"
-                else "policy.versions: reject would refuse it, which is not built yet: "
-                "calls still go to it"
+            edge_rule = spec.get("versions") if isinstance(spec, dict) else None
+            where_rule = (
+                f"services.{name}.depends_on.{dep}.versions"
+                if edge_rule in ("warn", "reject")
+                else "policy.versions"
             )
+            effective = edge_rule if edge_rule in ("warn", "reject") else rule
             out.add(
                 path,
                 f"{name} accepts {dep} {text}{needs}, but {runs} {dep} is {declared} "
                 f"(services.{dep}.version at {out.file}:{there.line}:{there.column}); "
-                f"{consequence}",
+                f"{_consequence(effective, where_rule, has_fallback=bool(target.get('fallback')))}",
                 severity=report.WARNING,
             )
+
+
+def _consequence(rule: Any, where: str, *, has_fallback: bool) -> str:
+    """What route selection will do with such an instance (see core.routes)."""
+    if rule == "reject":
+        last = "else to its fallback" if has_fallback else "else they get 409"
+        return f"calls go to a compatible instance on a peer, {last} ({where}: reject)"
+    return (
+        "calls go to a compatible instance on a peer when one is found, "
+        f"else to this one with a version warning ({where}: warn)"
+    )
 
 
 def _check_ports(services: dict[str, dict[str, Any]], out: _Out) -> None:
@@ -200,3 +215,41 @@ def _check_commands(services: dict[str, dict[str, Any]], out: _Out) -> None:
                 shlex.split(command)
             except ValueError as exc:
                 out.add(path, f"cannot split the command into words: {str(exc).lower()}")
+
+
+def _check_routing(services: dict[str, dict[str, Any]], out: _Out) -> None:
+    """``fallback`` must be a URL the proxy can connect to; ``branch`` a name it can route by.
+
+    The schema only checks that a fallback starts with http:// or https:// (values that do
+    not are its to report) and that a branch is a non-empty string.
+    """
+    for name, service in services.items():
+        fallback = service.get("fallback")
+        if isinstance(fallback, str) and fallback.startswith(("http://", "https://")):
+            problem = _url_problem(fallback)
+            if problem:
+                out.add(("services", name, "fallback"), f"invalid fallback URL: {problem}")
+        branch = service.get("branch")
+        if isinstance(branch, str) and branch and branch != "auto":
+            problem = branches.problem(branch)
+            if problem:
+                out.add(
+                    ("services", name, "branch"),
+                    f"{problem}; use auto (the git branch of the project folder) or a branch name",
+                )
+
+
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` (http:// or https://) is not an absolute URL with a host, or None."""
+    if any(ch.isspace() for ch in url):
+        return f"{url!r} contains whitespace"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"{url!r}: {exc}"
+    if not parts.hostname:
+        return f"{url!r} names no host (expected e.g. https://api.staging.example.com)"
+    if port == 0:
+        return f"{url!r}: port 0 cannot be connected to"
+    return None

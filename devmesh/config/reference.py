@@ -35,9 +35,9 @@ do not edit: change the schema and run the generator again. -->
 Every key of `devmesh.yaml` (format version 1), with its type, default, an example and
 what it does. `<name>` stands for a name you choose (a service, a dependency), `<VAR>`
 for an environment variable name, and `key[]` for each item of a list. The guide to
-writing the file, to `${VAR}` interpolation and to what is not built yet is
-[config.md](config.md); a commented example of every key is `devmesh.yaml.example` at
-the root of the repository.
+writing the file and to `${VAR}` interpolation is [config.md](config.md), how calls are
+routed across machines is [mesh.md](mesh.md#routing-across-machines); a commented example
+of every key is `devmesh.yaml.example` at the root of the repository.
 """
 
 

@@ -60,10 +60,13 @@ def dependency_urls(
 
 
 def local_edges(project: model.Project, enabled: Iterable[str]) -> list[tuple[str, str]]:
-    """(caller, target) for each dependency edge between services that run here.
+    """(caller, target) for each dependency edge of a service that runs here.
 
     Each gets a proxy listener, so the caller's URL never changes when the target restarts
-    on another port, and the proxy knows who is calling.
+    on another port or moves to a peer, and the proxy knows who is calling. A target that
+    does not run here (no ``command``) gets one too: route selection decides per call
+    between peers' instances and its ``fallback``. Only a target that runs here and
+    listens on no port (a worker) gets none: nothing could answer there.
     """
     out = []
     for name in enabled:
@@ -72,9 +75,26 @@ def local_edges(project: model.Project, enabled: Iterable[str]) -> list[tuple[st
             continue
         for dep in svc.depends_on:
             target = project.services.get(dep.name)
-            if target is not None and target.runs_here and target.wants_port:
+            if target is None:
+                continue
+            if not target.runs_here or target.wants_port:
                 out.append((name, dep.name))
     return out
+
+
+def resolve_branches(project: model.Project, branches: Mapping[str, str]) -> model.Project:
+    """The project with each service's ``branch`` as resolved at apply.
+
+    ``branches`` maps a service to its branch namespace (``branch: auto`` already turned
+    into the git branch by the agent); a service with a ``branch`` key that is absent from
+    it runs in the default namespace (``auto`` outside a git repository, or on a detached
+    HEAD). Services without a ``branch`` key are left as they are.
+    """
+    services = {
+        name: svc if svc.branch is None else replace(svc, branch=branches.get(name))
+        for name, svc in project.services.items()
+    }
+    return replace(project, services=services)
 
 
 def unreachable(service: model.Service, urls: Mapping[str, str]) -> list[str]:
@@ -87,6 +107,10 @@ def instance_spec(
     spec = model.restart_spec(service)
     spec["port"] = port
     spec["dep_urls"] = dict(sorted(urls.items()))
+    if service.branch is not None:
+        # Routing-only in the file, but the process sees it as DEVMESH_BRANCH: a service
+        # whose branch changed (another `git checkout`, then `up`) restarts to learn it.
+        spec["branch"] = service.branch
     return spec
 
 
@@ -138,6 +162,8 @@ def runtime_vars(
 ) -> dict[str, str]:
     """The variables devmesh itself provides to a process (``db_env``: its database's)."""
     out = {**(db_env or {}), "DEVMESH_SERVICE": service.name, "DEVMESH_PROJECT": project.name}
+    if service.branch is not None:
+        out["DEVMESH_BRANCH"] = service.branch
     if port is not None:
         out["PORT"] = str(port)
     for dep, url in urls.items():

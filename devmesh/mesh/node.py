@@ -1,8 +1,11 @@
 """One mesh node: discovery backends, the peer registry and the catalog channel, wired.
 
-Why it exists before the agent embeds it: the mesh must be testable as real processes in
-network namespaces (``python -m devmesh.mesh run``), and the agent will later host the
-same parts (the registry, the backends, ``channel.handle_catalog`` inside its proxy).
+Why it runs standalone as well as inside the agent: the mesh must be testable as real
+processes in network namespaces (``python -m devmesh.mesh run``), where the node serves its
+own catalog channel (``channel.CatalogServer``). Hosted by the agent
+(``NodeSettings.serve_channel`` False) it opens no listener: the agent's proxy serves the
+peer channel, and asks this node who may call (``authorize``) and what to answer at the
+catalog path (``catalog_bytes``), so refusals and served catalogs are counted here either way.
 Nothing here decides anything: ``core.wire`` checks datagrams, ``core.peers`` keeps the
 peers and says when to fetch, ``core.catalog`` checks catalogs. This module owns time
 (wall clock, jittered heartbeat from an injected random source) and I/O.
@@ -61,6 +64,10 @@ class NodeSettings:
     allow: tuple[str, ...] = ("*",)
     status_file: Path | None = None
     fetch_timeout_s: float = 5.0
+    serve_channel: bool = True
+    """Open the node's own catalog channel on ``channel_host:channel_port``. False when the
+    host serves the peer channel itself (the agent's proxy): it then sets ``channel_port``
+    to the port it bound before calling ``start``."""
 
 
 class Node:
@@ -74,8 +81,12 @@ class Node:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         log: Callable[[str], None] = lambda _line: None,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
+        self.on_change = on_change
+        """Called when what peers share may have changed (a catalog fetched, a peer that
+        expired, left, came back or was refused): the host rebuilds what it routes by."""
         self.identity = ids.load(settings.home, node_name=settings.node_name)
         self.keys = wire.derive_keys(self.identity.team.mesh, self.identity.team.secret.reveal())
         self.registry = peers.Registry(
@@ -99,12 +110,17 @@ class Node:
         self.backends: list[discovery.Backend] = []
         self.seeds: discovery.SeedBackend | None = None
         self.broadcast: discovery.BroadcastBackend | None = None
-        self.server = channel.CatalogServer(
-            self.identity,
-            catalog=lambda: self._catalog_bytes,
-            allowed=self._allowed,
-            on_refused=self._on_refused,
+        self.server = (
+            channel.CatalogServer(
+                self.identity,
+                catalog=lambda: self._catalog_bytes,
+                allowed=self._allowed,
+                on_refused=self._on_refused,
+            )
+            if settings.serve_channel
+            else None
         )
+        self._served = 0
         self.channel_refused: list[str] = []
         self._wake_announce = asyncio.Event()
         self._wake_house = asyncio.Event()
@@ -122,7 +138,8 @@ class Node:
         """
         s = self.settings
         try:
-            self.channel_port = await self.server.start(s.channel_host, s.channel_port)
+            if self.server is not None:
+                self.channel_port = await self.server.start(s.channel_host, s.channel_port)
             interfaces = discovery.resolve_interfaces(list(s.interfaces)) if s.broadcast else []
             if s.broadcast:
                 self.broadcast = discovery.BroadcastBackend(
@@ -176,7 +193,8 @@ class Node:
             with contextlib.suppress(Exception):
                 await backend.close()
         self.udp.close()
-        await self.server.close()
+        if self.server is not None:
+            await self.server.close()
 
     def set_services(self, services: tuple[catalogs.SharedService, ...]) -> None:
         """The shared services changed: new revision, announced at once."""
@@ -256,10 +274,42 @@ class Node:
         if seen.new:
             self.log(f"mesh: peer {seen.node_id} seen by {sighting.backend}")
             self._wake_announce.set()
+        if seen.new or seen.gone or seen.refused:
+            self.on_change()  # a peer came back with its catalog, left, or is refused
         peer = self.registry.get(seen.node_id) if seen.node_id else None
         if seen.new or seen.gone or seen.refused or (peer is not None and peer.needs_catalog):
             # A plain heartbeat changes nothing the housekeeper acts on: let it sleep.
             self._wake_house.set()
+
+    # -- the peer channel, when the host serves it -----------------------------------------
+
+    def authorize(self, cert: dict[str, object] | None, address: str) -> channel.PeerIdentity | str:
+        """Who calls on the peer channel, or why they are refused (counted as a refusal).
+
+        ``cert`` is the caller's verified certificate (``getpeercert()``): the TLS layer
+        already checked it chains to the team CA; here its node id and name are read and
+        ``mesh.allow`` is applied, as the node's own channel does.
+        """
+        peer = channel.peer_identity(cert, self.identity.team.mesh, address)
+        if peer is None:
+            why = "no node certificate of this mesh"
+            self._on_refused(address, why)
+            return why
+        refusal = self._allowed(peer)
+        if refusal:
+            self._on_refused(peer.node_name, "refused by mesh.allow")
+            return refusal
+        return peer
+
+    def catalog_bytes(self) -> bytes:
+        """The body of ``GET /mesh/v1/catalog`` (counted as served)."""
+        self._served += 1
+        return self._catalog_bytes
+
+    @property
+    def served(self) -> int:
+        """Catalogs served to peers, by the node's own channel or its host's."""
+        return self.server.served if self.server is not None else self._served
 
     def _allowed(self, peer: channel.PeerIdentity) -> str | None:
         return peers.allowed(self.settings.allow, peer.node_name, (peer.address,))
@@ -277,8 +327,11 @@ class Node:
         interval at most, or a sighting wakes it), so an idle node wakes rarely."""
         while True:
             now = self.clock()
-            for node_id in self.registry.tick(now):
+            expired = self.registry.tick(now)
+            for node_id in expired:
                 self.log(f"mesh: peer {node_id} expired")
+            if expired:
+                self.on_change()
             for peer in self.registry.due_fetches(now):
                 self._spawn(self._fetch(peer))
             self.write_status()
@@ -305,10 +358,12 @@ class Node:
             self.log(f"mesh: catalog of {peer.name}: {exc.problem}")
             if exc.refused:
                 self.registry.refuse(peer.node_id, exc.problem)
+                self.on_change()
             else:
                 self.registry.fetch_failed(peer.node_id, self.clock())
         else:
             self.registry.fetched(peer.node_id, fetched, self.clock())
+            self.on_change()
         self._wake_house.set()
 
     # -- status ----------------------------------------------------------------------------
@@ -321,7 +376,7 @@ class Node:
             "mesh": self.identity.team.mesh,
             "pid": os.getpid(),
             "revision": self.catalog.revision,
-            "channel": {"port": self.channel_port, "served": self.server.served},
+            "channel": {"port": self.channel_port, "served": self.served},
             "sent": {b.name: getattr(b, "sent", 0) for b in self.backends},
             "udp_errors": self.udp.errors,
             "channel_refused": list(self.channel_refused),

@@ -36,7 +36,12 @@ class Entry:
     upstream: str | None
     """host:port of the service used, None when the proxy answered itself."""
     caller: str | None = None
-    """The calling service (service.project) when the request came in on an edge listener."""
+    """The calling service (service.project) when the request came in on an edge listener;
+    ``peer NODE`` on the peer listener."""
+    route: str | None = None
+    """Where the call went: ``local``, ``peer`` or ``fallback``; None when the proxy answered."""
+    node: str | None = None
+    """The peer node that answered (route ``peer``), else None."""
     error: str | None = None
     pid: int | None = None
     """The proxy process that served the request (the agent or one of its workers); the
@@ -60,6 +65,10 @@ def format_text(entry: Entry) -> str:
     ]
     if entry.caller:
         parts.append(f"caller={entry.caller}")
+    if entry.node:
+        parts.append(f"node {entry.node}")
+    elif entry.route and entry.route != "local":
+        parts.append(f"route={entry.route}")
     if entry.error:
         parts.append(f"error={json.dumps(entry.error)}")
     return " ".join(parts)

@@ -94,8 +94,15 @@ def start(
         raise AssertionError("a request without a body did not end")
     assert ex.request is not None
     request = upstream.request_head(
-        ex.request, ex.hdrs, client_ip=client.ip, proto=client.proto, host=ex.host, ws_key=None
+        ex.request,
+        ex.hdrs,
+        client_ip=client.ip,
+        proto=client.proto,
+        host=ex.host,
+        ws_key=None,
+        hop=ex.adjust,
     )
+    forwarder.entered(ex)
     up.writer.write(up.conn.send(request) + up.conn.send(h11.EndOfMessage()))
     down.current = Run(
         down=down, ex=ex, up=up, backend=backend, forwarder=forwarder, inflight=inflight
@@ -195,6 +202,12 @@ class Run:
             elif type(event) is h11.Response:
                 up_hdrs = list(event.headers)
                 status = event.status_code
+                if ex.hop is not None and upstream.unavailable(self.backend, status, up_hdrs):
+                    self._detach()
+                    self.up.close()
+                    refused = upstream.peer_unavailable(self.backend, status)
+                    self.down.run_task(self.forwarder.failover(ex, refused))
+                    return
                 if (
                     headers.get(up_hdrs, b"content-length") is None
                     and status not in (204, 304)
@@ -204,7 +217,7 @@ class Run:
                     self._handover(event)  # a streamed answer: watched by a task
                     return
                 result.status = status
-                out.append(cconn.send(upstream.response_head(event, up_hdrs)))
+                out.append(cconn.send(upstream.response_head(event, up_hdrs, result.extra)))
                 self.head_sent = True
             elif type(event) is h11.InformationalResponse:
                 self._handover(event)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine
 
 import h11
 
-from devmesh.proxy import callbacks, channel, exchange, forward, table
+from devmesh.proxy import callbacks, channel, exchange, forward, peering, table
 
 log = logging.getLogger("devmesh.proxy")
 
@@ -35,9 +35,12 @@ class Connections:
         self.open: set[Downstream] = set()
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def factory(self, proto: str, edge: table.Edge | None) -> Callable[[], Downstream]:
-        """The protocol factory of a listener speaking ``proto`` (for ``edge``, if any)."""
-        return lambda: Downstream(self, proto, edge)
+    def factory(
+        self, proto: str, edge: table.Edge | None, mesh: peering.PeerListener | None = None
+    ) -> Callable[[], Downstream]:
+        """The protocol factory of a listener speaking ``proto`` (for ``edge``, if any; the
+        peer listener's connections carry ``mesh``)."""
+        return lambda: Downstream(self, proto, edge, mesh)
 
     def close(self) -> None:
         """Cancel every exchange task and drop every client connection."""
@@ -50,13 +53,20 @@ class Connections:
 class Downstream(channel.Channel):
     """One client connection. Bytes go into its h11 state as they arrive (``feed``)."""
 
-    __slots__ = ("client", "connections", "current", "edge", "held", "proto")
+    __slots__ = ("client", "connections", "current", "edge", "held", "mesh", "proto")
 
-    def __init__(self, connections: Connections, proto: str, edge: table.Edge | None) -> None:
+    def __init__(
+        self,
+        connections: Connections,
+        proto: str,
+        edge: table.Edge | None,
+        mesh: peering.PeerListener | None = None,
+    ) -> None:
         super().__init__(connections.forwarder.settings.read_size)
         self.connections = connections
         self.proto = proto
         self.edge = edge
+        self.mesh = mesh
         self.client: exchange.Client | None = None
         self.current: callbacks.Run | None = None
         """The exchange running in callbacks, if one is."""
@@ -65,7 +75,11 @@ class Downstream(channel.Channel):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.client = exchange.Client(
-            self, proto=self.proto, edge=self.edge, config=self.connections.forwarder.settings
+            self,
+            proto=self.proto,
+            edge=self.edge,
+            config=self.connections.forwarder.settings,
+            mesh=self.mesh,
         )
         self.consumer = self.feed
         self.on_lost = self._lost

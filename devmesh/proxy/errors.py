@@ -71,6 +71,8 @@ class UpstreamTimeoutError(ProxyError):
         super().__init__(
             f"service {service!r} on {host}:{port} timed out: no {phase} within {timeout_s:g} s"
         )
+        self.phase = phase
+        """``connection`` (nothing was sent: another target may be tried) or ``response``."""
 
 
 class UpstreamProtocolError(ProxyError):
@@ -80,6 +82,30 @@ class UpstreamProtocolError(ProxyError):
 
     def __init__(self, service: str, host: str, port: int, reason: str) -> None:
         super().__init__(f"service {service!r} on {host}:{port} sent a bad response: {reason}")
+
+
+class UpstreamClosedEarlyError(UpstreamProtocolError):
+    """The service closed the connection after the request went out, before a byte of its
+    answer: an idempotent request may be tried once on another target."""
+
+
+class PeerUnavailableError(ProxyError):
+    """A peer answered ``x-devmesh-unavailable: 1``: it forwarded nothing, so the call moves
+    on as after a failed connection."""
+
+    status = 502
+
+    def __init__(self, node: str, status: int) -> None:
+        super().__init__(f"peer {node} has no instance to serve it (answered {status})")
+
+
+class AllTargetsFailedError(ProxyError):
+    """Every target of a routed call failed; the message names each and why."""
+
+    status = 502
+
+    def __init__(self, service: str, tried: list[str]) -> None:
+        super().__init__(f"no target of {service!r} could answer: tried " + "; ".join(tried))
 
 
 class BodyTooLargeError(ProxyError):

@@ -33,7 +33,17 @@ import asyncio
 
 import h11
 
-from devmesh.proxy import channel, errors, headers, pool, settings, table, tunnel, upstream
+from devmesh.proxy import (
+    channel,
+    errors,
+    headers,
+    peering,
+    pool,
+    settings,
+    table,
+    tunnel,
+    upstream,
+)
 
 CONTINUE_WAIT_S = 1.0
 """How long a client's ``Expect: 100-continue`` waits for the service's own answer before the
@@ -54,7 +64,19 @@ class StaleConnectionError(Exception):
 class Client:
     """The client side of one connection: its h11 server state and where it came from."""
 
-    __slots__ = ("conn", "edge", "ip", "max_head", "peer", "proto", "reader", "size", "writer")
+    __slots__ = (
+        "caller",
+        "conn",
+        "edge",
+        "ip",
+        "max_head",
+        "mesh",
+        "peer",
+        "proto",
+        "reader",
+        "size",
+        "writer",
+    )
 
     def __init__(
         self,
@@ -63,17 +85,24 @@ class Client:
         proto: str,
         edge: table.Edge | None,
         config: settings.Settings,
+        mesh: peering.PeerListener | None = None,
     ) -> None:
         self.reader = chan
         self.writer = chan
         self.proto = proto
         self.edge = edge
+        self.mesh = mesh
+        """Set on the peer listener's connections."""
+        self.caller: peering.PeerCaller | str | None = None
+        """On the peer listener: the calling node, or why it is refused."""
         self.size = config.read_size
         self.max_head = config.max_header_bytes
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
         peer = chan.get_extra_info("peername") or ("?", 0)
         self.ip = str(peer[0])
         self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in self.ip else f"{peer[0]}:{peer[1]}"
+        if mesh is not None:
+            self.caller = peering.authorize(mesh, chan.get_extra_info("peercert"), self.ip)
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         """The next h11 event, reading the socket as needed. Raises h11.RemoteProtocolError."""
@@ -92,13 +121,15 @@ class Client:
 class Result:
     """What the access log needs to know about an exchange."""
 
-    __slots__ = ("bytes_in", "bytes_out", "error", "status")
+    __slots__ = ("bytes_in", "bytes_out", "error", "extra", "status")
 
     def __init__(self) -> None:
         self.status = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.error: str | None = None
+        self.extra: headers.Headers | None = None
+        """Headers added to the response head (a version warning); None on the fast path."""
 
 
 async def _next_upstream(
@@ -178,6 +209,7 @@ async def forward(
     config: settings.Settings,
     result: Result,
     attempt: int = 0,
+    hop: upstream.Adjust | None = None,
 ) -> None:
     """Run one exchange. Raises ProxyError before the response head reached the client;
     afterwards failures abort the client connection and are recorded in ``result.error``.
@@ -186,6 +218,7 @@ async def forward(
     made them once, because h11's header sequence is slow to iterate again and again.
     ``attempt`` 1 is the retry of a request whose pooled connection was found closed
     (``may_retry``): it goes out on a new connection and is not retried again.
+    ``hop`` adjusts the request head for a peer or a fallback (``upstream.request_head``).
     """
     ws_key = None
     if headers.wants_upgrade(hdrs) == b"websocket":
@@ -196,7 +229,7 @@ async def forward(
         raise errors.BodyTooLargeError(limit)
     has_body = headers.is_chunked(hdrs) or (length is not None and int(length) > 0)
     up_request = upstream.request_head(
-        request, hdrs, client_ip=client.ip, proto=client.proto, host=host, ws_key=ws_key
+        request, hdrs, client_ip=client.ip, proto=client.proto, host=host, ws_key=ws_key, hop=hop
     )
 
     pump: asyncio.Task[None] | None = None
@@ -343,9 +376,12 @@ async def _respond(
         raise errors.UpstreamProtocolError(
             backend.service, backend.host, backend.port, f"unexpected {type(event).__name__}"
         )
-    result.status = event.status_code
     up_hdrs = list(event.headers)  # once: h11's header sequence is slow to iterate
-    out = [client.conn.send(upstream.response_head(event, up_hdrs))]
+    if upstream.unavailable(backend, event.status_code, up_hdrs):
+        up.close()
+        raise upstream.peer_unavailable(backend, event.status_code)
+    result.status = event.status_code
+    out = [client.conn.send(upstream.response_head(event, up_hdrs, result.extra))]
     watcher = None
     if headers.get(up_hdrs, b"content-length") is None and (pump is None or pump.done()):
         watcher = asyncio.ensure_future(_watch_client(client, up))
@@ -406,6 +442,8 @@ async def _tunnel(
     result.status = 101
     hdrs = headers.response_headers(switch.headers)
     hdrs += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
+    if result.extra:
+        hdrs += result.extra
     client.writer.write(client.conn.send(h11.InformationalResponse(status_code=101, headers=hdrs)))
     client_rest = client.conn.trailing_data[0]
     up_rest = up.conn.trailing_data[0]

@@ -37,10 +37,13 @@ from devmesh.proxy import (
     exchange,
     headers,
     pages,
+    peering,
     pool,
     routing,
+    selection,
     settings,
     table,
+    upstream,
 )
 
 _H11_BAD_LINE = re.compile(r"^(illegal (?:request|header) line): bytearray\((b['\"].*['\"])\)$")
@@ -50,7 +53,20 @@ _H11_BAD_LINE = re.compile(r"^(illegal (?:request|header) line): bytearray\((b['
 class Exchange:
     """One request's bookkeeping, from its head to its access log line."""
 
-    __slots__ = ("backend", "client", "clock", "hdrs", "host", "request", "result", "started")
+    __slots__ = (
+        "adjust",
+        "backend",
+        "client",
+        "clock",
+        "counted",
+        "hdrs",
+        "hop",
+        "host",
+        "plan",
+        "request",
+        "result",
+        "started",
+    )
 
     def __init__(self, client: exchange.Client, request: h11.Request | None) -> None:
         self.client = client
@@ -63,6 +79,14 @@ class Exchange:
         self.clock = time.perf_counter()
         self.result = exchange.Result()
         self.backend: table.Backend | None = None
+        self.plan: selection.Plan | None = None
+        """The targets of a mesh-routed request; None on the fast path."""
+        self.hop: selection.Hop | None = None
+        """The target being tried (``plan.hop``)."""
+        self.adjust: upstream.Adjust | None = None
+        """How the request head differs from the client's (a hop, or the peer listener's)."""
+        self.counted: tuple[str, str, str] | None = None
+        """(project, service, target key) counted as outstanding for this exchange."""
 
 
 class Forwarder:
@@ -74,9 +98,13 @@ class Forwarder:
         table_provider: Callable[[], table.RouteTable],
         upstreams: pool.Pool,
         access_log: accesslog.AccessLog,
+        *,
         clock: Callable[[], float] = time.time,
+        router: selection.Router | None = None,
     ) -> None:
-        """``clock`` gives Unix seconds (a restarting service's page says how long it waits)."""
+        """``clock`` gives Unix seconds (a restarting service's page says how long it waits);
+        ``router`` holds the selection state (its own clock, for down marks)."""
+        self.router = router or selection.Router()
         self.settings = config
         self.table = table_provider
         self.pool = upstreams
@@ -90,51 +118,119 @@ class Forwarder:
         return Exchange(client, request)
 
     def route(self, ex: Exchange) -> table.Backend | None:
-        """The backend ``ex`` goes to; None when the proxy answered it itself."""
+        """The backend ``ex`` goes (first) to; None when the proxy answered it itself."""
+        routes_table = self.table()
+        if routes_table.peer_tls is not self.pool.peer_tls:
+            self.pool.peer_tls = routes_table.peer_tls
+        if ex.client.mesh is not None:
+            return self._route_peer(ex, routes_table)
         try:
             target = routing.choose(
-                self.table(), edge=ex.client.edge, host=ex.host, now_s=self.clock
+                routes_table,
+                edge=ex.client.edge,
+                host=ex.host,
+                hdrs=ex.hdrs,
+                router=self.router,
+                now_s=self.clock,
             )
         except errors.ProxyError as exc:
             self.fail(ex, exc)
             return None
-        if type(target) is routing.OwnPage:
-            rows = pages.service_lines(
-                self.table().backends,
-                port=self.http_port or 0,
-                https_port=self.https_port,
-                now_s=self.clock(),
-            )
-            self.answer(ex, target.status, target.message, services=rows)
+        kind = type(target)
+        if kind is table.Backend:
+            assert isinstance(target, table.Backend)
+            ex.backend = target
+            return target
+        if kind is selection.Plan:
+            assert isinstance(target, selection.Plan)
+            ex.plan = target
+            ex.hop = ex.adjust = target.hop
+            warning = target.decision.warning
+            if warning:
+                ex.result.extra = [(selection.WARNING_HEADER, _header_text(warning))]
+            ex.backend = target.hop.backend
+            return ex.backend
+        if kind is routing.Local:
+            assert isinstance(target, routing.Local)
+            if target.warning:
+                ex.result.extra = [(selection.WARNING_HEADER, _header_text(target.warning))]
+            ex.backend = target.backend
+            return target.backend
+        if kind is routing.Refused:
+            assert isinstance(target, routing.Refused)
+            decision = target.decision
+            self.answer(ex, decision.status or 502, decision.explanation)
             return None
-        assert type(target) is table.Backend
-        ex.backend = target
-        return target
+        assert isinstance(target, routing.OwnPage)
+        rows = pages.service_lines(
+            routes_table.backends,
+            port=self.http_port or 0,
+            https_port=self.https_port,
+            now_s=self.clock(),
+        )
+        self.answer(ex, target.status, target.message, services=rows)
+        return None
+
+    def _route_peer(self, ex: Exchange, routes_table: table.RouteTable) -> table.Backend | None:
+        """A request on the peer listener: a local shared backend, or its own answer."""
+        client, request = ex.client, ex.request
+        assert client.mesh is not None and client.caller is not None and request is not None
+        served = peering.serve(
+            routes_table,
+            client.mesh,
+            client.caller,
+            method=request.method,
+            target=request.target,
+            hdrs=ex.hdrs,
+            node_name=routes_table.peer_tls.node_name if routes_table.peer_tls else "",
+        )
+        if isinstance(served, peering.Answer):
+            extra = [(selection.UNAVAILABLE_HEADER, b"1")] if served.unavailable else []
+            if served.close:
+                extra.append((b"connection", b"close"))
+            self.send(ex, served.status, b"application/json", served.body, extra)
+            if served.status >= 400:
+                ex.result.error = served.body.decode("utf-8", "replace")
+            return None
+        ex.backend = served
+        ex.adjust = peering.STRIP
+        return served
 
     async def run(self, ex: Exchange, backend: table.Backend, *, attempt: int = 0) -> bool:
         """Forward ``ex`` from its request head on, as a task; True when the client
-        connection can serve another request. ``attempt``: see ``exchange.forward``."""
+        connection can serve another request. ``attempt``: see ``exchange.forward``.
+
+        A mesh-routed request moves to its plan's next target when a connection fails
+        before the request is sent, when a peer says it has no instance, and (once, for an
+        idempotent request without a body) when the upstream dies before answering."""
         assert ex.request is not None
-        try:
-            await exchange.forward(
-                ex.client,
-                ex.request,
-                hdrs=ex.hdrs,
-                host=ex.host,
-                backend=backend,
-                upstreams=self.pool,
-                config=self.settings,
-                result=ex.result,
-                attempt=attempt,
-            )
-        except errors.ProxyError as exc:
-            self.fail(ex, exc)
-        except h11.RemoteProtocolError as exc:
-            self.fail(ex, bad_request(exc))
-        except exchange.ClientGoneError as exc:
-            ex.result.error = str(exc)
-            ex.client.writer.transport.abort()
-        return self.finish(ex)
+        while True:
+            self.entered(ex)
+            try:
+                await exchange.forward(
+                    ex.client,
+                    ex.request,
+                    hdrs=ex.hdrs,
+                    host=ex.host,
+                    backend=backend,
+                    upstreams=self.pool,
+                    config=self.settings,
+                    result=ex.result,
+                    attempt=attempt,
+                    hop=ex.adjust,
+                )
+            except errors.ProxyError as exc:
+                following = self._next(ex, exc)
+                if isinstance(following, table.Backend):
+                    backend, attempt = following, 0
+                    continue
+                self.fail(ex, following)
+            except h11.RemoteProtocolError as exc:
+                self.fail(ex, bad_request(exc))
+            except exchange.ClientGoneError as exc:
+                ex.result.error = str(exc)
+                ex.client.writer.transport.abort()
+            return self.finish(ex)
 
     async def resume(self, ex: Exchange, up: pool.Upstream, event: h11.Event) -> bool:
         """Finish, as a task, an exchange whose request went out in callbacks, from the
@@ -151,13 +247,66 @@ class Forwarder:
                 result=ex.result,
             )
         except errors.ProxyError as exc:
-            self.fail(ex, exc)
+            return await self.failover(ex, exc)
         except h11.RemoteProtocolError as exc:
             self.fail(ex, bad_request(exc))
         except exchange.ClientGoneError as exc:
             ex.result.error = str(exc)
             ex.client.writer.transport.abort()
         return self.finish(ex)
+
+    async def failover(self, ex: Exchange, exc: errors.ProxyError) -> bool:
+        """After ``exc`` ended an attempt: the plan's next target (``run``), or the answer."""
+        following = self._next(ex, exc)
+        if isinstance(following, table.Backend):
+            return await self.run(ex, following)
+        self.fail(ex, following)
+        return self.finish(ex)
+
+    def _next(self, ex: Exchange, exc: errors.ProxyError) -> table.Backend | errors.ProxyError:
+        """The next target to try after ``exc``, or the error to answer with."""
+        plan, hop, request = ex.plan, ex.hop, ex.request
+        if plan is None or hop is None or request is None:
+            return exc
+        down = False
+        if isinstance(exc, errors.UpstreamConnectError) or (
+            isinstance(exc, errors.UpstreamTimeoutError) and exc.phase == "connection"
+        ):
+            down = True
+        elif isinstance(exc, errors.PeerUnavailableError):
+            down = ex.result.bytes_in == 0
+            if not down:
+                return exc  # its body is gone: it cannot be sent elsewhere
+        elif (
+            isinstance(exc, errors.UpstreamClosedEarlyError)
+            and not plan.retried
+            and request.method in selection.IDEMPOTENT
+            and ex.result.bytes_in == 0
+            and not _has_body(ex.hdrs)
+        ):
+            plan.retried = True
+        else:
+            return exc
+        plan.tried.append(selection.failed_words(plan, exc.message))
+        if down:
+            self.router.mark_down(plan.project, plan.service, hop.target.key, exc.message)
+        plan.index += 1
+        if plan.index >= len(plan.hops):
+            return errors.AllTargetsFailedError(plan.service, plan.tried)
+        ex.hop = ex.adjust = plan.hop
+        ex.backend = plan.hop.backend
+        return ex.backend
+
+    def entered(self, ex: Exchange) -> None:
+        """Count ``ex`` as outstanding on its current target (and no longer on the last)."""
+        hop, plan = ex.hop, ex.plan
+        if hop is None or plan is None:
+            return
+        router = self.router
+        if ex.counted is not None:
+            router.leave(*ex.counted)
+        ex.counted = (plan.project, plan.service, hop.target.key)
+        router.enter(*ex.counted)
 
     def fail(self, ex: Exchange, exc: errors.ProxyError) -> None:
         """Answer with the proxy's page for ``exc`` (or cut the connection when the answer
@@ -183,12 +332,23 @@ class Forwarder:
                 pass
         accept = headers.get(ex.hdrs, b"accept")
         ctype, body = pages.render(status, message, accept=accept, services=services)
+        self.send(ex, status, ctype, body, [])
+
+    def send(
+        self, ex: Exchange, status: int, ctype: bytes, body: bytes, extra: headers.Headers
+    ) -> None:
+        """Write the proxy's own complete answer (the client's request has been read)."""
+        result, conn = ex.result, ex.client.conn
+        with contextlib.suppress(h11.RemoteProtocolError):  # an empty body ends without I/O
+            while conn.their_state is h11.SEND_BODY and conn.next_event() is not h11.NEED_DATA:
+                pass
         hdrs = [
             (b"content-type", ctype),
             (b"content-length", str(len(body)).encode()),
             (b"via", headers.VIA),
+            *extra,
         ]
-        if conn.their_state is not h11.DONE:
+        if conn.their_state is not h11.DONE and (b"connection", b"close") not in extra:
             hdrs.append((b"connection", b"close"))
         result.status = status
         data = conn.send(
@@ -220,6 +380,11 @@ class Forwarder:
 
     def finish(self, ex: Exchange) -> bool:
         """Log the exchange; True when both sides ended cleanly (the connection lives on)."""
+        if ex.counted is not None:
+            self.router.leave(*ex.counted)
+            ex.counted = None
+            if ex.result.status and ex.plan is not None and ex.hop is not None:
+                self.router.mark_up(ex.plan.project, ex.plan.service, ex.hop.target.key)
         self._log(ex)
         conn = ex.client.conn
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
@@ -228,6 +393,13 @@ class Forwarder:
         if not self.access_log.enabled:
             return  # building the entry costs as much as routing the request
         edge, request, backend, result = ex.client.edge, ex.request, ex.backend, ex.result
+        hop, client = ex.hop, ex.client
+        if edge is not None:
+            caller: str | None = f"{edge.caller_service}.{edge.caller_project}"
+        elif client.mesh is not None and isinstance(client.caller, peering.PeerCaller):
+            caller = f"peer {client.caller.node_name}"
+        else:
+            caller = None
         # The keys are accesslog.Entry's fields, in its order (the JSON lines keep it).
         self.access_log.record_fields(
             {
@@ -241,7 +413,9 @@ class Forwarder:
                 "bytes_out": result.bytes_out,
                 "duration_ms": (time.perf_counter() - ex.clock) * 1000,
                 "upstream": f"{backend.host}:{backend.port}" if backend else None,
-                "caller": f"{edge.caller_service}.{edge.caller_project}" if edge else None,
+                "caller": caller,
+                "route": hop.route if hop is not None else ("local" if backend else None),
+                "node": hop.node if hop is not None else None,
                 "error": result.error,
             }
         )
@@ -277,3 +451,13 @@ def bad_request(exc: h11.RemoteProtocolError) -> errors.BadRequestError:
                 f'malformed request: {what} "{shown}": control byte 0x{byte:02X} at offset {i}',
             )
     return errors.BadRequestError(400, f'malformed request: {what} "{shown}"')
+
+
+def _has_body(hdrs: headers.Headers) -> bool:
+    length = headers.get(hdrs, b"content-length")
+    return headers.is_chunked(hdrs) or (length is not None and length.strip() not in (b"", b"0"))
+
+
+def _header_text(words: str) -> bytes:
+    """A sentence as a header value: printable ASCII only (h11 refuses control bytes)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in words).encode("ascii")

@@ -1,13 +1,15 @@
 """Pages the proxy answers itself: the unknown-host index and error pages.
 
-Why two formats: a browser should see links it can click, curl and test clients should see
-one plain sentence they can read or compare. The Accept header decides; the sentence is the
-same in both, so a test asserting on the plain text covers the HTML page's message too.
+Why three formats: a browser should see links it can click, curl and test clients should see
+one plain sentence they can read or compare, and a program that asks for JSON
+(``Accept: application/json``) gets ``{"status", "error"}``. The Accept header decides; the
+sentence is the same in all, so a test asserting on the plain text covers the others too.
 """
 
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Sequence
 from http import HTTPStatus
 
@@ -46,6 +48,9 @@ def render(
 ) -> tuple[bytes, bytes]:
     """(content type, body) for a status and message, listing services when given."""
     phrase = HTTPStatus(status).phrase
+    if accept is not None and b"application/json" in accept and not _wants_html(accept):
+        doc = {"status": status, "error": message}
+        return b"application/json", (json.dumps(doc) + "\n").encode()
     if _wants_html(accept):
         items = ""
         if services is not None:

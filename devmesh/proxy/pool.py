@@ -48,6 +48,10 @@ class Pool:
         self.settings = config
         self._idle: defaultdict[tuple[str, int, str], list[Upstream]] = defaultdict(list)
         self._tls: ssl.SSLContext | None = None
+        self._verified: ssl.SSLContext | None = None
+        self._peer: tuple[table.PeerTLS, ssl.SSLContext] | None = None
+        self.peer_tls: table.PeerTLS | None = None
+        """This node's files for peer hops (from the route table); None: no peer hop."""
         self.opened = 0
         """Connections dialled since start (tests observe reuse through it)."""
 
@@ -62,6 +66,41 @@ class Pool:
             ctx.set_alpn_protocols(["http/1.1"])
             self._tls = ctx
         return self._tls
+
+    def _verified_context(self) -> ssl.SSLContext:
+        """For an https fallback: a real server on the network, verified as a browser would."""
+        if self._verified is None:
+            ctx = ssl.create_default_context(cafile=self.settings.fallback_ca_file)
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._verified = ctx
+        return self._verified
+
+    def _peer_context(self, backend: table.Backend) -> ssl.SSLContext:
+        """Client side of the peer channel: this node's certificate, the team CA as the one
+        trust anchor, the peer's node name checked. Rebuilt when the files change."""
+        files = self.peer_tls
+        if files is None:
+            raise errors.UpstreamConnectError(
+                backend.service, backend.host, backend.port, "this node is not in a mesh", ""
+            )
+        if self._peer is None or self._peer[0] != files:
+            try:
+                ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=files.ca_file)
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+                ctx.load_cert_chain(files.cert_file, files.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise errors.UpstreamConnectError(
+                    backend.service,
+                    backend.host,
+                    backend.port,
+                    f"the node's TLS files are unusable ({exc})",
+                    "",
+                ) from None
+            ctx.check_hostname = True
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._peer = (files, ctx)
+        return self._peer[1]
 
     def take_idle(self, backend: table.Backend) -> Upstream | None:
         """An idle connection to the backend that still looks open, or None (no I/O)."""
@@ -84,7 +123,16 @@ class Pool:
 
     async def connect(self, backend: table.Backend) -> Upstream:
         key = (backend.host, backend.port, backend.scheme)
-        tls = self._tls_context() if backend.scheme == "https" else None
+        scheme = backend.scheme
+        tls: ssl.SSLContext | None = None
+        server_name = backend.host
+        if scheme == "https":
+            tls = self._tls_context()
+        elif scheme == table.MESH_SCHEME:
+            tls = self._peer_context(backend)
+            server_name = getattr(backend, "server_name", "") or backend.host
+        elif scheme == table.VERIFIED_TLS_SCHEME:
+            tls = self._verified_context()
         timeout = self.settings.connect_timeout_s
         try:
             async with asyncio.timeout(timeout):
@@ -94,7 +142,7 @@ class Pool:
                     backend.host,
                     backend.port,
                     ssl=tls,
-                    server_hostname=backend.host if tls else None,
+                    server_hostname=server_name if tls else None,
                 )
         except TimeoutError:
             raise errors.UpstreamTimeoutError(

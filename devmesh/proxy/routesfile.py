@@ -15,6 +15,11 @@ The format is the standalone proxy's (``python -m devmesh.proxy --routes FILE``)
      "edges": [{"caller_project": "shop", "caller_service": "web",
                 "target_service": "api", "port": 41234}]}
 
+With a mesh, the file also carries ``mesh`` (one object per ``table.MeshRoute``: ``peers``,
+``fallback``, ``rules`` with their requirements and settings, ``caller_branches``) and
+``peer_tls`` (the node's file paths, which workers load themselves), so a worker routes every
+call as the agent does.
+
 Only ``project``, ``service`` and ``port`` are required in a backend; ``write`` always spells
 out every ``table.Backend`` field so a worker's table equals the agent's. An edge's ``port``
 may be null in a hand-written file (the standalone proxy then picks one).
@@ -40,6 +45,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from devmesh.core import model, routes
 from devmesh.proxy import table
 
 _BACKEND_FIELDS = tuple(f.name for f in dataclasses.fields(table.Backend))
@@ -62,6 +68,10 @@ def encode(routes: table.RouteTable, edges: Edges) -> bytes:
     doc: dict[str, Any] = {"backends": [_backend_doc(b) for b in routes.backends]}
     if routes.agent is not None:
         doc["agent"] = _backend_doc(routes.agent)
+    if routes.mesh:
+        doc["mesh"] = [_mesh_doc(m) for m in routes.mesh]
+    if routes.peer_tls is not None:
+        doc["peer_tls"] = dataclasses.asdict(routes.peer_tls)
     doc["edges"] = [
         {
             "caller_project": e.caller_project,
@@ -84,6 +94,8 @@ def decode(data: bytes, path: Path | str = "<routes>") -> Parsed:
             raise TypeError("expected a JSON object at the top")
         backends = tuple(_backend(b) for b in doc.get("backends") or ())
         agent = _backend(doc["agent"]) if doc.get("agent") else None
+        mesh = tuple(_mesh(m) for m in doc.get("mesh") or ())
+        peer_tls = table.PeerTLS(**doc["peer_tls"]) if doc.get("peer_tls") else None
         edges: dict[table.Edge, int | None] = {}
         for e in doc.get("edges") or ():
             port = e.get("port")
@@ -98,7 +110,7 @@ def decode(data: bytes, path: Path | str = "<routes>") -> Parsed:
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         reason = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
         raise RoutesFileError(path, reason) from exc
-    return table.RouteTable(backends, agent), edges
+    return table.RouteTable(backends, agent, mesh, peer_tls), edges
 
 
 def read(path: Path) -> Parsed:
@@ -166,3 +178,53 @@ def _backend(doc: Any) -> table.Backend:
             f"backend {backend.label}: retry_at {backend.retry_at!r} is not a time in seconds"
         )
     return backend
+
+
+def _mesh_doc(route: table.MeshRoute) -> dict[str, Any]:
+    return {
+        "project": route.project,
+        "service": route.service,
+        "peers": [dataclasses.asdict(p) for p in route.peers],
+        "fallback": route.fallback,
+        "rules": [
+            {
+                "caller": r.caller,
+                "requirements": [
+                    {"range": q.range_text, "declared_by": q.declared_by} for q in r.requirements
+                ],
+                "versions": r.settings.versions.value,
+                "prefer": r.settings.prefer.value,
+                "balance": r.settings.balance.value,
+            }
+            for r in route.rules
+        ],
+        "caller_branches": [list(pair) for pair in route.caller_branches],
+    }
+
+
+def _mesh(doc: Any) -> table.MeshRoute:
+    if not isinstance(doc, dict):
+        raise TypeError(f"a mesh route must be an object, got {doc!r}")
+    rules = tuple(
+        table.CallerRule(
+            caller=r.get("caller"),
+            requirements=tuple(
+                routes.Requirement(range_text=str(q["range"]), declared_by=str(q["declared_by"]))
+                for q in r.get("requirements") or ()
+            ),
+            settings=routes.Settings(
+                versions=model.VersionPolicy(r.get("versions", "warn")),
+                prefer=model.Prefer(r.get("prefer", "local")),
+                balance=routes.Balance(r.get("balance", "round_robin")),
+            ),
+        )
+        for r in doc.get("rules") or ()
+    )
+    return table.MeshRoute(
+        project=str(doc["project"]),
+        service=str(doc["service"]),
+        peers=tuple(table.PeerInstance(**p) for p in doc.get("peers") or ()),
+        fallback=doc.get("fallback"),
+        rules=rules,
+        caller_branches=tuple((str(c), str(b)) for c, b in doc.get("caller_branches") or ()),
+    )

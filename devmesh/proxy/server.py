@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 import anyio
 from anyio.abc import TaskStatus
 
+from devmesh.core import routes
 from devmesh.proxy import (
     accesslog,
     ca,
@@ -28,7 +29,9 @@ from devmesh.proxy import (
     dispatch,
     forward,
     listeners,
+    peering,
     pool,
+    selection,
     settings,
     table,
 )
@@ -46,18 +49,23 @@ class ProxyServer:
         table_provider: Callable[[], table.RouteTable],
         authority: ca.CertificateAuthority | None = None,
         access_log: accesslog.AccessLog | None = None,
+        router: selection.Router | None = None,
     ) -> None:
+        """``router`` holds the route selection's state and clock (tests inject one)."""
         self.settings = config
         self._ca = authority
         self.access_log = access_log or accesslog.AccessLog(None)
         self.pool = pool.Pool(config)
-        self.forwarder = forward.Forwarder(config, table_provider, self.pool, self.access_log)
+        self.forwarder = forward.Forwarder(
+            config, table_provider, self.pool, self.access_log, router=router
+        )
         self.http_port: int | None = None
         self.https_port: int | None = None
         self._inflight = callbacks.Inflight()
         self._connections = dispatch.Connections(self.forwarder, self._inflight)
         self._servers: list[asyncio.Server] = []
         self._edges: dict[table.Edge, tuple[int, list[asyncio.Server]]] = {}
+        self._peer: tuple[peering.PeerListener, int, asyncio.Server] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def _listen(
@@ -117,6 +125,9 @@ class ProxyServer:
                 server.close()
         self._servers.clear()
         self._edges.clear()
+        if self._peer is not None:
+            self._peer[2].close()
+            self._peer = None
         self._connections.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -157,3 +168,53 @@ class ProxyServer:
 
     def edge_ports(self) -> dict[table.Edge, int]:
         return {edge: port for edge, (port, _) in self._edges.items()}
+
+    async def set_peer_listener(self, listener: peering.PeerListener | None) -> int | None:
+        """Open (or replace, or with None close) the peer listener; the bound port.
+
+        Replacing closes the old listener first (its open connections finish their current
+        exchange), so the same port can be bound again. Raises OSError when the port is taken.
+        """
+        if self._peer is not None:
+            self._peer[2].close()
+            self._peer = None
+        if listener is None:
+            return None
+        factory = self._connections.factory("https", None, listener)
+        sock = listeners.bind(listener.host, listener.port)
+        server = await asyncio.get_running_loop().create_server(
+            factory, sock=sock, ssl=listener.ssl_context
+        )
+        port = int(sock.getsockname()[1])
+        self._peer = (listener, port, server)
+        return port
+
+    @property
+    def peer_port(self) -> int | None:
+        return self._peer[1] if self._peer is not None else None
+
+    def explain(
+        self,
+        project: str,
+        service: str,
+        *,
+        caller: str | None = None,
+        branch: str | None = None,
+    ) -> routes.Decision | None:
+        """The decision a call to (project, service) from ``caller`` in ``branch`` would get
+        now: the same selection as a request, against the same down marks and outstanding
+        counts, without advancing any cursor. None when (project, service) has neither a
+        MeshRoute nor a Backend. A caller running under a branch is asked for with its
+        branch, as its calls are routed."""
+        routes_table = self.forwarder.table()
+        route = routes_table.mesh_route(project, service)
+        if route is None:
+            backend = routes_table.backend(project, service)
+            if backend is None:
+                return None
+            route = table.MeshRoute(project=backend.project, service=backend.service)
+        if branch is None and caller is not None:
+            branch = dict(route.caller_branches).get(caller)
+        return self.forwarder.router.decide(
+            routes_table, route, caller=caller, branch=branch, advance=False
+        )

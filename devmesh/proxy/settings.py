@@ -44,3 +44,6 @@ class Settings:
     whose self-signed certificates no trust store knows."""
     upstream_ca_file: str | None = None
     """CA bundle used when upstream_verify_tls is on; None uses the system store."""
+    fallback_ca_file: str | None = None
+    """CA bundle that https ``fallback`` URLs are verified against; None uses the system
+    store (a fallback is a real server, unlike a local service's port)."""

@@ -66,6 +66,28 @@ class Backend:
         return f"{self.service}.{self.project}"
 
 
+MESH_SCHEME = "mesh"
+"""The scheme of a peer hop: TLS with this node's certificate, checked against the team CA."""
+VERIFIED_TLS_SCHEME = "https-verified"
+"""The scheme of an https ``fallback``: TLS verified against the system's (or the configured)
+trust store, unlike a local service's self-signed port."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dial(Backend):
+    """A target that is not a local service, as the forwarding path dials it.
+
+    Why a Backend: the one forwarding path (pool, exchange, callbacks, error words) knows how
+    to reach a ``Backend``; a peer hop or a fallback is one more kind of upstream, not a
+    second path. ``scheme`` says how to dial (``MESH_SCHEME`` for a peer).
+    """
+
+    server_name: str = ""
+    """The DNS name the peer's certificate must carry (peer hop only)."""
+    node_name: str = ""
+    """The peer's node name (peer hop only)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PeerInstance:
     """A teammate's shared instance of a service, reached through its agent's peer listener.
@@ -202,6 +224,11 @@ class RouteTable:
     peer_tls: PeerTLS | None = None
     """Set while this agent is a mesh node; None means no peer can be called."""
     _by_name: dict[str, Backend] = field(init=False, repr=False, compare=False)
+    _mesh_by_pair: dict[tuple[str, str], MeshRoute] = field(init=False, repr=False, compare=False)
+    _mesh_by_name: dict[str, MeshRoute] = field(init=False, repr=False, compare=False)
+    projects: frozenset[str] = field(init=False, repr=False, compare=False)
+    """Project names (lower case) that have a backend or a mesh route: a host's middle label
+    that is one of them names a project, not a branch (``core.branches``)."""
     _by_pair: dict[tuple[str, str], Backend] = field(init=False, repr=False, compare=False)
     _resolved: dict[str, Backend | Reserved | Unknown] = field(
         init=False, repr=False, compare=False
@@ -213,6 +240,15 @@ class RouteTable:
         for backend in self.backends:
             by_name.setdefault(backend.service.lower(), backend)  # the first project keeps it
             by_pair[(backend.service.lower(), backend.project.lower())] = backend
+        mesh_by_pair: dict[tuple[str, str], MeshRoute] = {}
+        mesh_by_name: dict[str, MeshRoute] = {}
+        for route in self.mesh:
+            mesh_by_pair[(route.service.lower(), route.project.lower())] = route
+            mesh_by_name.setdefault(route.service.lower(), route)
+        object.__setattr__(self, "_mesh_by_pair", mesh_by_pair)
+        object.__setattr__(self, "_mesh_by_name", mesh_by_name)
+        names = {b.project.lower() for b in self.backends}
+        object.__setattr__(self, "projects", frozenset(names | {p for _, p in mesh_by_pair}))
         object.__setattr__(self, "_by_name", by_name)
         object.__setattr__(self, "_by_pair", by_pair)
         object.__setattr__(self, "_resolved", {})
@@ -247,3 +283,29 @@ class RouteTable:
     def for_edge(self, edge: Edge) -> Backend | None:
         """The target of an edge: the service of that name in the caller's own project."""
         return self._by_pair.get((edge.target_service.lower(), edge.caller_project.lower()))
+
+    def backend(self, project: str, service: str) -> Backend | None:
+        return self._by_pair.get((service.lower(), project.lower()))
+
+    def mesh_route(self, project: str, service: str) -> MeshRoute | None:
+        """The MeshRoute of (project, service), or None: that service routes to its Backend."""
+        return self._mesh_by_pair.get((service.lower(), project.lower()))
+
+    def mesh_host(self, host_header: str) -> tuple[MeshRoute, str | None] | None:
+        """A host that names a MeshRoute rather than a Backend: ``NAME.localhost`` and
+        ``NAME.PROJECT.localhost`` of a service with no local backend, ``NAME.BRANCH.localhost``
+        (BRANCH not a project) and ``NAME.BRANCH.PROJECT.localhost``; (route, branch label)."""
+        labels = hostroute.hostname(host_header).split(".")
+        if not all(labels) or labels[-1] != hostroute.SUFFIX or len(labels) < 2:
+            return None
+        route: MeshRoute | None = None
+        branch: str | None = None
+        if len(labels) == 2:
+            route = self._mesh_by_name.get(labels[0])
+        elif len(labels) == 3 and labels[1] in self.projects:
+            route = self._mesh_by_pair.get((labels[0], labels[1]))
+        elif len(labels) == 3:
+            route, branch = self._mesh_by_name.get(labels[0]), labels[1]
+        elif len(labels) == 4:
+            route, branch = self._mesh_by_pair.get((labels[0], labels[2])), labels[1]
+        return (route, branch) if route is not None else None

@@ -1,0 +1,137 @@
+"""The peer listener: teammates' proxies call this node's shared services here.
+
+Why it is a listener of the proxy and not a server of its own: a call from a peer is one more
+request through the proxy's one forwarding path (``forward``), with its streaming, upgrades,
+timeouts, error pages and access log. What is particular to it is decided here, as plain
+code over the route table:
+
+- who calls: the TLS layer has already required a certificate of the team CA (the listener's
+  ``ssl_context``); ``authorize`` turns that certificate and the address into a caller, or a
+  refusal in words (``mesh.allow``), which gets 403 and a closed connection;
+- ``GET /mesh/v1/catalog``: what this node shares, as the mesh node words it;
+- any other request names ``x-devmesh-service: SERVICE.PROJECT`` and goes ONLY to the local
+  backend of that name when it is shared and healthy: never to a peer or a fallback, whatever
+  the table says, so two nodes announcing each other's services cannot make a loop. A request
+  this node cannot serve is answered with ``x-devmesh-unavailable: 1``: the caller then moves
+  on as after a failed connection (nothing was forwarded here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import ssl
+from collections.abc import Callable
+
+from devmesh.proxy import headers, selection, table
+
+CATALOG_PATH = b"/mesh/v1/catalog"
+REFUSED_BODY = {"error": "refused by mesh.allow"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PeerCaller:
+    """A teammate's node, as its certificate and address say."""
+
+    node_id: str
+    node_name: str
+    address: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PeerListener:
+    """What the agent hands the proxy to open the peer listener (see docs/proxy.md)."""
+
+    host: str
+    """Bind address (the mesh node's channel host)."""
+    port: int
+    """``mesh.port``; 0 picks a free one (tests)."""
+    ssl_context: ssl.SSLContext
+    """Server side, CERT_REQUIRED against the team CA."""
+    authorize: Callable[[dict[str, object] | None, str], PeerCaller | str]
+    """(``getpeercert()``, peer IP) -> the caller, or the refusal in words."""
+    catalog: Callable[[], bytes]
+    """The body of ``GET /mesh/v1/catalog``."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Answer:
+    """The peer listener's own answer to a request it does not forward."""
+
+    status: int
+    body: bytes
+    unavailable: bool = False
+    """Adds ``x-devmesh-unavailable: 1``: the caller may try elsewhere."""
+    close: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Strip:
+    """The request head adjustment for a served call: the service header goes."""
+
+    add: headers.Headers = dataclasses.field(default_factory=list)
+    host: bytes | None = None
+    prefix: bytes = b""
+    drop: frozenset[bytes] = frozenset({selection.SERVICE_HEADER})
+
+
+STRIP = Strip()
+
+
+def _error(status: int, words: str, *, unavailable: bool = False, close: bool = False) -> Answer:
+    body = json.dumps({"error": words}).encode()
+    return Answer(status=status, body=body, unavailable=unavailable, close=close)
+
+
+def authorize(listener: PeerListener, cert: dict[str, object] | None, ip: str) -> PeerCaller | str:
+    """The listener's ``authorize``, never raising: a failure in it is a refusal."""
+    try:
+        return listener.authorize(cert, ip)
+    except Exception as exc:  # the mesh node's code: whatever it raises refuses the caller
+        return f"authorization failed: {exc}"
+
+
+def serve(
+    routes_table: table.RouteTable,
+    listener: PeerListener,
+    caller: PeerCaller | str,
+    *,
+    method: bytes,
+    target: bytes,
+    hdrs: headers.Headers,
+    node_name: str,
+) -> table.Backend | Answer:
+    """What the peer listener does with one request: the local backend to forward it to, or
+    its own answer."""
+    if isinstance(caller, str):
+        return Answer(status=403, body=json.dumps(REFUSED_BODY).encode(), close=True)
+    if target.split(b"?", 1)[0] == CATALOG_PATH:
+        if method not in (b"GET", b"HEAD"):
+            return _error(405, "method not allowed")
+        return Answer(status=200, body=listener.catalog())
+    wanted = headers.get(hdrs, selection.SERVICE_HEADER)
+    if not wanted:
+        return _error(400, "a call over the peer channel names its service in x-devmesh-service")
+    name = wanted.decode("latin-1").strip()
+    service, _, project = name.partition(".")
+    backend = routes_table.backend(project, service)
+    where = f" on node {node_name}" if node_name else ""
+    if backend is None or not backend.shared:
+        return _error(404, f"service {name} is not shared{where}", unavailable=True)
+    if backend.state != table.State.RUNNING.value or backend.health != "healthy":
+        words = backend.state if backend.state != table.State.RUNNING.value else backend.health
+        return _error(503, f"service {name} is {words}{where}", unavailable=True)
+    asked = headers.get(hdrs, selection.BRANCH_HEADER)
+    branch = asked.decode("latin-1").strip() if asked else None
+    if branch != backend.branch:
+        return _error(
+            404,
+            f"service {name} runs in {_namespace(backend.branch)}{where}, "
+            f"not in {_namespace(branch)}",
+            unavailable=True,
+        )
+    return backend
+
+
+def _namespace(branch: str | None) -> str:
+    return f"branch {branch}" if branch else "the default namespace"
