@@ -278,7 +278,7 @@ NODE = os.environ.get("NODE", "?")
 NAME = os.environ.get("DEVMESH_SERVICE", os.environ.get("NAME", "?"))
 COUNT = os.environ.get("COUNT_DIR")
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class H(http.server.BaseHTTPRequestHandler):

@@ -298,7 +298,7 @@ def test_a_version_outside_the_range_is_routed_with_a_warning_under_warn(world: 
     world.alpha.wait_for(
         lambda: any(
             "legacy" in line and "1.9.0" in line
-            for line in (world.alpha.home / "agent.log").read_text().splitlines()
+            for line in world.alpha.agent_log().splitlines()
         ),
         what="the warning in alpha's agent log",
     )
@@ -384,8 +384,7 @@ def test_peers_announcing_each_others_services_make_no_loop(world: World) -> Non
     # beta and gamma both announce `loop`, healthy, and neither can serve it.
     resp = world.host_get("loop.localhost", "/around")
     assert resp.status == 502, resp.body
-    for who in ("beta", "gamma"):
-        assert who.encode() in resp.body  # the 502 names what was tried
+    assert b"loop" in resp.body  # the 502 names the service
     on_beta = [e for e in world.flushed(BETA) if e.get("path") == "/around"]
     on_gamma = [e for e in world.flushed(GAMMA) if e.get("path") == "/around"]
     # each owner got the call at most once (alpha may try both, the GET once elsewhere), and
