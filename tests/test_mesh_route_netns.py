@@ -297,8 +297,7 @@ def test_a_version_outside_the_range_is_routed_with_a_warning_under_warn(world: 
     assert route is not None and route["node"] == "beta" and route["warning"], route
     world.alpha.wait_for(
         lambda: any(
-            "legacy" in line and "1.9.0" in line
-            for line in world.alpha.agent_log().splitlines()
+            "legacy" in line and "1.9.0" in line for line in world.alpha.agent_log().splitlines()
         ),
         what="the warning in alpha's agent log",
     )
