@@ -403,7 +403,7 @@ class Machines:
     start on ``up``; ``close`` stops every agent and process and deletes the namespaces.
     """
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], *, proxy_workers: int = 0) -> None:
         from netkit import Net
 
         self.names = names
@@ -411,7 +411,7 @@ class Machines:
         self.agents: list[Mesh] = []
         try:
             for i in range(len(names)):
-                self.agents.append(Mesh(netns=self.net.hosts[i]))
+                self.agents.append(Mesh(netns=self.net.hosts[i], proxy_workers=proxy_workers))
             self.agents[0].mesh_init(names[0])
             for i in range(1, len(names)):
                 self.agents[i].mesh_join(self.agents[0], names[i])

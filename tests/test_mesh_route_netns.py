@@ -3,8 +3,9 @@ three of them, all running project ``shop``.
 
     alpha  web, webfeat (branch feat), strict: callers; declares api, legacy, pool, loop
            without a command (they run elsewhere)
-    beta   api 2.3.0, legacy 1.9.0, pool, loop, x (all shared); declares y; mesh.allow is
-           alpha and gamma only
+    beta   api 2.3.0, legacy 1.9.0, pool, loop, x, sick (unhealthy once
+           COUNT_DIR/sick exists) (all shared),
+           private (not shared); declares y; mesh.allow is alpha and gamma only
     gamma  api 2.3.0 under branch feat, pool, loop, y (all shared); declares x
     delta  a team member's identity and no agent: the peer outside beta's mesh.allow
 
@@ -101,6 +102,11 @@ def beta_yaml(count: Path, allow: str) -> str:
         + svc("x", "1.0.0", "beta", count)
         + dead("loop")
         + "  y: {}\n"
+        + f"  private:\n    version: 1.0.0\n    command: {PY} svc.py\n"
+        + f"    env: {{NODE: beta, COUNT_DIR: '{count}'}}\n"
+        + f"  sick:\n    version: 1.0.0\n    command: {PY} svc.py\n    share: true\n    port: auto\n"
+        + f"    health: {{command: 'test ! -e {count}/sick', interval_s: 0.3, retries: 1}}\n"
+        + f"    env: {{NODE: beta, COUNT_DIR: '{count}'}}\n"
     )
 
 
@@ -190,11 +196,16 @@ def raw_request(sock: ssl.SSLSocket, head: str) -> tuple[int, dict[str, str], by
     """One HTTP/1.1 request over ``sock`` (closed after); (status, headers, body)."""
     import http.client
 
-    sock.sendall(head.encode())
-    resp = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
-    resp.begin()
-    body = resp.read()
-    sock.close()
+    try:
+        sock.sendall(head.encode())
+        resp = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+        try:
+            resp.begin()
+            body = resp.read()
+        finally:
+            resp.close()
+    finally:
+        sock.close()
     return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
 
 
@@ -406,3 +417,69 @@ def test_peers_announcing_each_others_services_make_no_loop(world: World) -> Non
     for i in (BETA, GAMMA):
         callers = {e.get("caller") for e in world.flushed(i) if e.get("path") == "/declared-only"}
         assert callers <= {"peer alpha"}, callers
+
+
+def test_the_peer_listener_serves_team_members_their_shared_running_services_only(
+    world: World,
+) -> None:
+    status, headers, body = raw_request(
+        world.peer_tls(ALPHA, BETA),
+        "GET /mesh/v1/catalog HTTP/1.1\r\nHost: beta\r\nConnection: close\r\n\r\n",
+    )
+    assert status == 200 and headers["content-type"].startswith("application/json")
+    assert "api" in body.decode() and "private" not in body.decode()
+    status, _, _ = raw_request(
+        world.peer_tls(ALPHA, BETA),
+        "POST /mesh/v1/catalog HTTP/1.1\r\nHost: beta\r\nContent-Length: 0\r\n"
+        "Connection: close\r\n\r\n",
+    )
+    assert status == 405
+    (world.count_dir / "sick").touch()  # its health check fails from now on
+    world.beta.wait_for(
+        lambda: world.beta.services(PROJECT)["sick"].get("health") == "unhealthy",
+        what="sick unhealthy on beta",
+    )
+    private, sick = world.served("private", "beta"), world.served("sick", "beta")
+    for service, want in (("private", 404), ("nothing", 404), ("sick", 503)):
+        status, headers, _ = raw_request(
+            world.peer_tls(ALPHA, BETA),
+            f"GET /not-for-peers HTTP/1.1\r\nHost: {service}.localhost\r\n"
+            f"x-devmesh-service: {service}.{PROJECT}\r\nConnection: close\r\n\r\n",
+        )
+        assert (status, headers.get("x-devmesh-unavailable")) == (want, "1"), service
+    assert world.served("private", "beta") == private and world.served("sick", "beta") == sick
+    # without a team certificate there is no TLS session at all
+    ctx = ssl.create_default_context(cafile=str(ids.load(world.alpha.home).ca_path))
+    ctx.check_hostname = False
+    raw = ns_socket(world.m.net.hosts[ALPHA], world.m.net.address(BETA), MESH_PORT)
+    try:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            tls = ctx.wrap_socket(raw)
+            raw_request(tls, "GET /mesh/v1/catalog HTTP/1.1\r\nHost: beta\r\n\r\n")
+    finally:
+        raw.close()
+
+
+def test_devmesh_route_and_status_explain_where_calls_cross_to(world: World) -> None:
+    folder = world.alpha.root / PROJECT
+    out = world.alpha.cli("route", "api", "--caller", "web", cwd=folder)
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0]
+    assert "web" in first and "beta" in first and "2.3.0" in first, out.stdout
+    doc = json.loads(
+        world.alpha.cli("route", "api", "--caller", "web", "--json", cwd=folder).stdout
+    )
+    assert (doc["outcome"], doc["target"], doc["node"], doc["version"]) == (
+        "route",
+        "peer",
+        "beta",
+        "2.3.0",
+    ), doc
+    feat = json.loads(
+        world.alpha.cli("route", "api", "--branch", "feat", "--json", cwd=folder).stdout
+    )
+    assert (feat["target"], feat["node"], feat["branch"]) == ("peer", "gamma", "feat"), feat
+    rejected = world.alpha.cli("route", "legacy", "--caller", "strict", cwd=folder)
+    assert rejected.returncode == 1 and "409" in rejected.stdout, rejected.stdout
+    text = world.alpha.cli("status", cwd=folder, check=True).stdout
+    assert any("web" in line and "api" in line and "beta" in line for line in text.splitlines())
