@@ -429,16 +429,13 @@ class Machines:
         return d
 
     def kill(self, i: int) -> None:
-        """The machine dies: SIGKILL its agent and every process it started, at once."""
-        m = self.agents[i]
-        pids = set(m.leftovers())
-        if (pid := m.agent_pid()) is not None:
-            pids.add(pid)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        """The machine dies: SIGKILL every process in its namespace (agent, services, and
+        whatever they started), at once."""
+        self.net.kill_all(i)
 
     def close(self) -> None:
         for m in self.agents:
             m.close()
+        for i in range(len(self.agents)):
+            self.net.kill_all(i)  # what outlived its agent (a service that cleared its env)
         self.net.close()

@@ -142,6 +142,23 @@ class Net:
         return subprocess.run(["ip", "netns", "exec", self.hosts[i], *argv], capture_output=True,
                               text=True, check=True, timeout=30)  # fmt: skip
 
+    def pids(self, i: int) -> list[int]:
+        """Every process whose network namespace is host ``i``'s, whoever started it."""
+        out = _ip("netns", "pids", self.hosts[i], check=False).stdout
+        return [int(p) for p in out.split() if p.isdigit()]
+
+    def kill_all(self, i: int) -> list[int]:
+        """SIGKILL every process in host ``i`` (the machine loses power); the pids killed.
+
+        By namespace rather than by environment or session: a service may clear its
+        environment (nginx does) or start its own session, and still dies with the machine.
+        """
+        pids = self.pids(i)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
     def link(self, i: int, up: bool) -> None:
         """Take host ``i``'s cable out of the switch (or plug it back)."""
         _ip("-n", self.switch, "link", "set", f"v{i}", "up" if up else "down")
