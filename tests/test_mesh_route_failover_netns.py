@@ -6,14 +6,16 @@
     gamma  api 2.3.0, shared
 
 ``policy.balance: first`` sends every call to beta while it lives (node names order equal
-candidates), so the moment calls move to gamma is observable. Beta is killed (agent and
-services, SIGKILL: the machine dies) while four clients keep GETs in flight; then gamma.
-One test, because it changes what runs.
+candidates), so the moment calls move to gamma is observable. Beta is killed (every process
+in its namespace, SIGKILL: the machine dies) while four clients keep GETs in flight; then
+gamma. Another test kills only beta's api process, its agent alive. Each test has machines
+of its own, since it changes what runs.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentkit import PY, ROUTE_SERVICE, Machines
+from agentkit import PY, ROUTE_SERVICE, Machines, Mesh
 from netkit import NsHTTP, have_netns, wait_for
 
 pytestmark = [
@@ -134,9 +136,8 @@ def machines(tmp_path: Path) -> Iterator[Machines]:
         m.close()
 
 
-def test_calls_move_to_gamma_then_to_the_fallback_without_a_failed_get(
-    machines: Machines,
-) -> None:
+def start(machines: Machines) -> int:
+    """Up the three projects, wait until alpha routes web -> api to beta; web's edge port."""
     files = {"svc.py": ROUTE_SERVICE}
     machines.up(BETA, PROJECT, owner_yaml("beta"), files)
     machines.up(GAMMA, PROJECT, owner_yaml("gamma"), files)
@@ -152,13 +153,20 @@ def test_calls_move_to_gamma_then_to_the_fallback_without_a_failed_get(
         ) and {"beta", "gamma"} <= set(peers)
 
     alpha.wait_for(owners_healthy, timeout=60, what="api healthy on beta and gamma, seen by alpha")
+    alpha.wait_for(lambda: route(alpha).get("node") == "beta", what="web -> api routed to beta")
+    return _edge_port(machines)
 
-    def route() -> dict[str, Any]:
-        rows = alpha.status(PROJECT).get("routes") or []
-        return next((r for r in rows if r["caller"] == "web" and r["service"] == "api"), {})
 
-    alpha.wait_for(lambda: route().get("node") == "beta", what="web -> api routed to beta")
-    edge = _edge_port(machines)
+def route(alpha: Mesh) -> dict[str, Any]:
+    rows = alpha.status(PROJECT).get("routes") or []
+    return next((r for r in rows if r["caller"] == "web" and r["service"] == "api"), {})
+
+
+def test_calls_move_to_gamma_then_to_the_fallback_without_a_failed_get(
+    machines: Machines,
+) -> None:
+    alpha = machines.agents[0]
+    edge = start(machines)
     load = Load(machines.net.hosts[ALPHA], edge)
     try:
         wait_for("40 answers from beta", lambda: len(load.after(0, "beta")) >= 40)
@@ -187,7 +195,9 @@ def test_calls_move_to_gamma_then_to_the_fallback_without_a_failed_get(
     failed = [a for a in answers if a.status != 200]
     assert not failed, f"{len(failed)} of {len(answers)} GETs failed: {failed[:5]}"
     print(f"calls moved to gamma {moved_s * 1000:.0f} ms after beta was killed")
-    alpha.wait_for(lambda: route().get("target") == "fallback", what="web -> api on the fallback")
+    alpha.wait_for(
+        lambda: route(alpha).get("target") == "fallback", what="web -> api on the fallback"
+    )
 
 
 def _edge_port(machines: Machines) -> int:
@@ -200,3 +210,28 @@ def _edge_port(machines: Machines) -> int:
     url = env["API_URL"]
     assert url.startswith("http://127.0.0.1:"), url
     return int(url.rsplit(":", 1)[1].strip("/"))
+
+
+def test_when_betas_service_dies_but_its_agent_lives_no_get_fails(machines: Machines) -> None:
+    # The machine stays; only its api process is killed (its agent will start it again).
+    # Calls in flight on beta and those that arrive before beta's agent has noticed must
+    # end on gamma, not as beta's own 502.
+    edge = start(machines)
+    beta = machines.agents[BETA]
+    pid = int(beta.services(PROJECT)["api"]["pid"])
+    load = Load(machines.net.hosts[ALPHA], edge)
+    try:
+        wait_for("40 answers from beta", lambda: len(load.after(0, "beta")) >= 40)
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(
+            "the first answer from gamma after beta's api was killed",
+            lambda: load.after(killed, "gamma"),
+            timeout_s=FAILOVER_DEADLINE_S,
+        )
+        wait_for("40 answers from gamma", lambda: len(load.after(killed, "gamma")) >= 40)
+    finally:
+        load.close()
+    answers = load.snapshot()
+    failed = [a for a in answers if a.status != 200]
+    assert not failed, f"{len(failed)} of {len(answers)} GETs failed: {failed[:5]}"
