@@ -82,7 +82,7 @@ def test_up_detached_starts_services_and_injects_urls(mesh: Mesh) -> None:
     assert web_env["API_URL"].startswith("http://127.0.0.1:")
     assert web_env["API_URL"] != f"http://127.0.0.1:{svc['api']['port']}"
     assert web_env["API_URL"] == route["url"]
-    assert route["target"] == f"127.0.0.1:{svc['api']['port']}"
+    assert (route["target"], route["version"]) == ("local", svc["api"]["version"])
     assert web_env["PORT"] == str(svc["web"]["port"])
     assert web_env["DEVMESH_PROJECT"] == "shop"
     assert get_json(web_env["API_URL"])["LOG_LEVEL"] == "debug"

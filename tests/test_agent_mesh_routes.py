@@ -96,8 +96,8 @@ def get(url: str, *headers: str) -> tuple[int, dict[str, str], str]:
     for h in headers:
         args += ["-H", h]
     r = subprocess.run(args, capture_output=True, text=True, check=False)
-    head, _, body = r.stdout.partition("\r\n\r\n")
-    lines = head.split("\r\n")
+    head, _, body = r.stdout.partition("\n\n")  # text mode turned CRLF into LF
+    lines = head.split("\n")
     if not lines[0]:
         return 0, {}, r.stderr
     code = int(lines[0].split()[1])
@@ -252,8 +252,11 @@ def test_a_branch_auto_service_runs_in_its_git_branch_across_the_mesh(team: Team
         service("web", "1.0.0", extra="    depends_on: [api]\n") + "  api: {}\n",
     )
 
-    # The owner's process knows its branch; the catalog announces it.
-    env = json.loads(get(f"http://127.0.0.1:{ana.proxy_port}/", "Host: api.localhost")[2])["env"]
+    # The owner's process knows its branch (a browser names it in the host); the catalog
+    # announces it.
+    home = f"http://127.0.0.1:{ana.proxy_port}/"
+    assert get(home, "Host: api.localhost")[0] == 502  # not in the default namespace
+    env = json.loads(get(home, "Host: api.feat-login.localhost")[2])["env"]
     assert env["DEVMESH_BRANCH"] == "feat-login"
 
     def announced() -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from devmesh.agent import gitbranch, routing
+from devmesh.agent import state as state_mod
 from devmesh.core import catalog, desired, model, peers, routes
 from devmesh.proxy import table
 
@@ -104,8 +105,23 @@ def test_each_caller_gets_its_ranges_and_policy_and_a_rule_for_no_caller() -> No
 
 
 def test_the_table_has_a_route_per_declared_service_and_peer_tls_only_as_a_node() -> None:
-    rt = routing.build_table([], {}, {}, {})
-    assert rt.mesh == () and rt.peer_tls is None
+    proj = project(
+        {
+            "web": {"version": "1.2.0", "command": "web", "port": 8000, "share": True,
+                    "branch": "feat", "depends_on": ["api", "worker"]},
+            "worker": {"version": "1.0.0", "command": "w", "health": {"tcp": False}},
+            "api": {},
+        }
+    )  # fmt: skip
+    rec = state_mod.ProjectRecord(
+        name="shop", document={}, directory="/tmp/shop", source="x", enabled=[], base_env={}
+    )
+    rt = routing.build_table([(rec, proj)], {}, {}, {})
+    # The worker listens on nothing: no backend, and no route here or anywhere.
+    assert [(m.project, m.service) for m in rt.mesh] == [("shop", "web"), ("shop", "api")]
+    [web] = rt.backends
+    assert (web.version, web.branch, web.shared, web.health) == ("1.2.0", "feat", True, "stopped")
+    assert rt.peer_tls is None  # not a mesh node
 
 
 def test_decide_over_the_table_goes_to_a_compatible_peer_and_says_why() -> None:

@@ -203,6 +203,12 @@ def test_catalog_path_and_methods(nodes):
     assert got.endswith(b'{"node": "node-b"}')
     got = _raw(ctx, b.peer_port, b"POST /mesh/v1/catalog HTTP/1.1\r\nHost: b\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 405 ")
+    with (
+        socket.create_connection(("127.0.0.1", b.peer_port), timeout=10) as sock,
+        ctx.wrap_socket(sock, server_hostname="peer") as tls,
+    ):
+        tls.sendall(b"HEAD /mesh/v1/catalog HTTP/1.1\r\nHost: b\r\n\r\n")
+        assert proxykit.read_head(tls).startswith(b"HTTP/1.1 200 ")
 
 
 def test_a_certificate_of_another_ca_fails_in_tls(nodes, tmp_path):

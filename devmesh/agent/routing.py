@@ -9,12 +9,14 @@ policy that gave up), and which services have an address at all (a worker withou
 has none).
 
 Mesh routes: every service an applied project declares gets a ``MeshRoute`` (whether it runs
-here, on peers, or only has a ``fallback``), with the peers' shared instances of the same
-project and service name as the mesh node's registry holds them (live peers only), the
-ranges and policy of each caller (``CallerRule``), and the branch of each caller that runs
-under one. The table is rebuilt after every round and whenever the node reports that what
-peers share changed (a catalog fetched, a peer expired, left or was refused), so a peer's
-instance is routable from the moment its catalog arrives and not after it has gone.
+here, on peers, or only has a ``fallback``), except one that runs here and listens on no port
+(a worker: it has no address, here or anywhere, as it has no ``NAME_URL``). A route holds the
+peers' shared instances of the same project and service name as the mesh node's registry
+holds them (live peers only), the ranges and policy of each caller (``CallerRule``), and the
+branch of each caller that runs under one. The table is rebuilt after every round and
+whenever the node reports that what peers share changed (a catalog fetched, a peer expired,
+left or was refused), so a peer's instance is routable from the moment its catalog arrives
+and not after it has gone.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def build_table(
     mesh = tuple(
         mesh_route(proj, name, mesh_peers if mesh_name is not None else (), mesh_name or "")
         for _, proj in projects
-        for name in proj.services
+        for name, svc in proj.services.items()
+        if not svc.runs_here or svc.wants_port  # a worker here listens on nothing: no route
     )
     return table.RouteTable(tuple(backends), mesh=mesh, peer_tls=peer_tls(identity))
 

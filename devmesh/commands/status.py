@@ -164,8 +164,8 @@ def _route_words(r: dict[str, Any]) -> tuple[str, str]:
     goes = route.where({**r, "url": None})
     parts = reason.split("; ") if reason else []
     if r.get("target") == "fallback":
-        chosen = next((p for p in parts if p.startswith("chose fallback ")), "")
-        goes = "fallback " + chosen.removeprefix("chose fallback ") if chosen else goes
+        named = next((p for p in parts if p.startswith("chose fallback ")), "")
+        goes = "fallback " + named.removeprefix("chose fallback ") if named else goes
     lead = f"chose {goes}"
     chosen = next((p for p in parts if p == lead or p.startswith(lead + " ")), None)
     if chosen is None:

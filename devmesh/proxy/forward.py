@@ -356,10 +356,12 @@ class Forwarder:
                 status_code=status, headers=hdrs, reason=HTTPStatus(status).phrase.encode()
             )
         )
-        data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
-        ex.client.writer.write(data)
         head_only = ex.request is not None and ex.request.method == b"HEAD"
-        result.bytes_out += 0 if head_only else len(body)
+        if not head_only:  # h11 frames a HEAD answer's Content-Length with no body
+            data += conn.send(h11.Data(data=body))
+            result.bytes_out += len(body)
+        data += conn.send(h11.EndOfMessage())
+        ex.client.writer.write(data)
 
     def reject(self, client: exchange.Client, exc: h11.RemoteProtocolError) -> None:
         """Answer bytes that are not a request (400, or 431 for a head too large) and log
@@ -383,7 +385,8 @@ class Forwarder:
         if ex.counted is not None:
             self.router.leave(*ex.counted)
             ex.counted = None
-            if ex.result.status and ex.plan is not None and ex.hop is not None:
+            answered = ex.result.status and ex.result.error is None  # by the target itself
+            if answered and ex.plan is not None and ex.hop is not None:
                 self.router.mark_up(ex.plan.project, ex.plan.service, ex.hop.target.key)
         self._log(ex)
         conn = ex.client.conn

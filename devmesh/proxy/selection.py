@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import random
 import time
 import urllib.parse
@@ -100,6 +101,7 @@ class Router:
         self.down: dict[tuple[str, str], dict[str, tuple[float, str]]] = {}
         self._memo_table: table.RouteTable | None = None
         self._memo: dict[tuple[str, str, str | None], routes.Decision] = {}
+        self._plans: dict[tuple[object, ...], tuple[routes.Decision, tuple[Hop, ...]]] = {}
 
     # -- the fast path ----------------------------------------------------------------------
 
@@ -114,8 +116,7 @@ class Router:
         table: only the caller's version ranges decide it (the backend's state is the
         forwarding path's business, as without a mesh)."""
         if routes_table is not self._memo_table:
-            self._memo_table = routes_table
-            self._memo = {}
+            self._memo_table, self._memo, self._plans = routes_table, {}, {}
         key = (route.project, route.service, caller)
         decision = self._memo.get(key)
         if decision is None:
@@ -218,12 +219,44 @@ class Router:
                 if who == caller:
                     name, propagate = caller_branch, True
                     break
+        pair = (route.project, route.service)
+        memo_key = None
+        if not self.down.get(pair) and route.rule(caller).settings.balance in _MEMO_BALANCE:
+            # Nothing but the cursor moves the decision: remember it per cursor position.
+            period = _period(1 + len(route.peers))
+            if period:
+                cursor = self.cursors.get((*pair, caller), 0)
+                memo_key = (*pair, caller, name, propagate, cursor % period)
+                if routes_table is not self._memo_table:
+                    self._memo_table, self._memo, self._plans = routes_table, {}, {}
+                hit = self._plans.get(memo_key)
+                if hit is not None:
+                    self.cursors[(*pair, caller)] = cursor + 1
+                    return Plan(
+                        project=route.project,
+                        service=route.service,
+                        hops=list(hit[1]),
+                        decision=hit[0],
+                    )
         decision = self.decide(routes_table, route, caller=caller, branch=name)
         if decision.outcome is not routes.Outcome.ROUTE:
             return decision
+        hops = self._hops(routes_table, route, decision, name, propagate)
+        if memo_key is not None:
+            self._plans[memo_key] = (decision, tuple(hops))
+        return Plan(project=route.project, service=route.service, hops=hops, decision=decision)
+
+    def _hops(
+        self,
+        routes_table: table.RouteTable,
+        route: table.MeshRoute,
+        decision: routes.Decision,
+        name: str | None,
+        propagate: bool,
+    ) -> list[Hop]:
         backend = routes_table.backend(route.project, route.service)
         branch_add = [(BRANCH_HEADER, name.encode())] if propagate and name else []
-        hops = []
+        hops: list[Hop] = []
         for target in decision.targets:
             if target.kind is routes.Kind.LOCAL:
                 assert backend is not None
@@ -266,7 +299,7 @@ class Router:
                         prefix=prefix,
                     )
                 )
-        return Plan(project=route.project, service=route.service, hops=hops, decision=decision)
+        return hops
 
     # -- runtime state ----------------------------------------------------------------------
 
@@ -291,6 +324,17 @@ class Router:
         marks = self.down.get((project, service))
         if marks and key in marks:
             del marks[key]
+
+
+_MEMO_BALANCE = (routes.Balance.ROUND_ROBIN, routes.Balance.FIRST)
+MEMO_MAX_PERIOD = 60
+
+
+@functools.lru_cache(maxsize=64)
+def _period(candidates: int) -> int:
+    """After how many cursor steps every tier's rotation repeats (0: too many to remember)."""
+    period = math.lcm(*range(1, candidates + 1))
+    return period if period <= MEMO_MAX_PERIOD else 0
 
 
 def _peer_dial(peer: table.PeerInstance) -> table.Dial:

@@ -13,7 +13,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/healthz":
             self._send(200, {"status": "ok"})
         elif self.path == "/items":
-            self._send(200, {"items": ITEMS, "served_by": os.environ.get("DEVMESH_SERVICE")})
+            served_by = f"{os.environ.get('DEVMESH_SERVICE')} of {os.environ.get('OWNER')}"
+            self._send(200, {"items": ITEMS, "served_by": served_by})
         else:
             self._send(404, {"error": f"no route {self.path}"})
 
