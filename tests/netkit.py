@@ -314,7 +314,7 @@ def ns_socket(netns: str, host: str, port: int, timeout_s: float = 10.0) -> sock
     t.join()
     if "exc" in out:
         raise out["exc"]
-    return out["sock"]  # type: ignore[no-any-return]
+    return out["sock"]
 
 
 class NsHTTP:
@@ -353,7 +353,7 @@ class NsHTTP:
             self.conn.close()
             raise
         if not stream:
-            resp.body = resp.read()
+            resp.body = resp.read()  # type: ignore[attr-defined]
             if resp.will_close:
                 self.conn.close()
         return resp

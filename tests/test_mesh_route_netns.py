@@ -142,14 +142,14 @@ class World:
         with self.service(caller) as c:
             status, doc = c.get_json("/env")
         assert status == 200, doc
-        return doc  # type: ignore[no-any-return]
+        return doc
 
     def call(self, caller: str, dep: str, path: str = "/") -> dict[str, Any]:
         """What ``caller`` got when it called its ``DEP_URL`` + path."""
         with self.service(caller) as c:
             status, doc = c.get_json(f"/call?dep={dep}&path={path}")
         assert status == 200, doc
-        return doc  # type: ignore[no-any-return]
+        return doc
 
     def host_get(self, host: str, path: str = "/", headers: dict[str, str] | None = None) -> Any:
         with self.proxy() as c:
@@ -177,7 +177,7 @@ class World:
         agent = self.m.agents[i]
         with NsHTTP(self.m.net.hosts[i], "127.0.0.1", agent.proxy_port) as c:
             c.request("GET", mark, headers={"Host": f"nothing.localhost:{agent.proxy_port}"})
-        return wait_for(  # type: ignore[no-any-return]
+        return wait_for(
             f"the marker in {NAMES[i]}'s access log",
             lambda: (e := agent.access_entries()) and any(x.get("path") == mark for x in e) and e,
         )
@@ -198,7 +198,7 @@ def raw_request(sock: ssl.SSLSocket, head: str) -> tuple[int, dict[str, str], by
 
     try:
         sock.sendall(head.encode())
-        resp = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+        resp = http.client.HTTPResponse(sock)
         try:
             resp.begin()
             body = resp.read()
@@ -357,7 +357,7 @@ def test_sse_crosses_the_hop_event_by_event(world: World) -> None:
         resp = c.request("GET", "/sse?n=5&interval=0.05", stream=True)
         assert resp.status == 200
         assert resp.getheader("Content-Type", "").startswith("text/event-stream")
-        events = []
+        events: list[str] = []
         while len(events) < 5:
             line = resp.fp.readline()
             assert line, f"stream ended after {events}"
