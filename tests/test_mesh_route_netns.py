@@ -46,7 +46,7 @@ MESH_PORT = 7701
 PROJECT = "shop"
 
 
-def mesh_yaml(allow: str = "") -> str:
+def mesh_yaml(allow: str = "", policy: str = "") -> str:
     return (
         "version: 1\n"
         f"project: {PROJECT}\n"
@@ -55,6 +55,7 @@ def mesh_yaml(allow: str = "") -> str:
         f"  port: {MESH_PORT}\n"
         f"{allow}"
         "  discovery:\n    interval_s: 0.3\n    interfaces: [eth0]\n"
+        f"{policy}"
         "services:\n"
     )
 
@@ -79,7 +80,7 @@ def dead(name: str) -> str:
 def alpha_yaml(count: Path) -> str:
     caller = f"    command: {PY} svc.py\n    env: {{NODE: alpha, COUNT_DIR: '{count}'}}\n"
     return (
-        mesh_yaml()
+        mesh_yaml(policy="policy:\n  versions: warn\n  balance: round_robin\n")
         + "  web:\n    version: 1.0.0\n"
         + caller
         + "    depends_on:\n      api: ^2.1\n      legacy: ^2.0\n      pool: ^1.0\n"

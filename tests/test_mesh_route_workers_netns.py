@@ -48,11 +48,18 @@ def test_worker_processes_route_calls_to_a_peer(machines: Machines) -> None:
     port = alpha.proxy_port
     host = {"Host": f"api.localhost:{port}"}
 
-    def routed() -> bool:
-        with NsHTTP(machines.net.hosts[ALPHA], "127.0.0.1", port) as c:
-            return c.request("GET", "/", headers=host).status == 200
+    streak = [0]
 
-    alpha.wait_for(routed, what="api routed to beta by alpha's proxy")
+    def routed_by_all() -> bool:
+        # Workers poll the routes file (every quarter second), so each process learns the
+        # mesh route on its own: wait until ten new connections in a row were served, which
+        # a process that never learns it would not allow (the kernel spreads connections).
+        with NsHTTP(machines.net.hosts[ALPHA], "127.0.0.1", port) as c:
+            ok = c.request("GET", "/", headers=host).status == 200
+        streak[0] = streak[0] + 1 if ok else 0
+        return streak[0] >= 10
+
+    alpha.wait_for(routed_by_all, what="api routed to beta by alpha's proxy and its workers")
     # the routes file the workers read carries the mesh (their routing is only visible there)
     routes = json.loads((alpha.home / "proxy-routes.json").read_text())
     assert "beta" in json.dumps(routes.get("mesh")) and routes.get("peer_tls"), routes.keys()
