@@ -346,3 +346,26 @@ def test_a_version_mismatch_under_warn_routes_to_the_peer_and_is_logged_once(
     # Rounds and catalog refreshes go on; the same warning is not logged again.
     ben.cli("up", "-d", cwd=ben.root / "caller", timeout=90, check=True)
     assert ben.agent_log().count(line) == 1
+
+
+def test_without_a_mesh_a_dependency_that_runs_elsewhere_gets_an_edge_that_says_why(
+    mesh: Mesh,
+) -> None:
+    d = mesh.project(
+        "solo",
+        "version: 1\nproject: solo\nservices:\n"
+        + service("web", "1.0.0", extra="    depends_on: [api]\n")
+        + "  api: {}\n",
+        {"echo.py": ECHO},
+    )
+    r = mesh.cli("up", "-d", cwd=d, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "dependency api does not run here, has no fallback" in r.stderr
+    assert "API_URL will answer 502" in r.stderr
+    url = api_url(mesh, "web")
+    assert url.startswith("http://127.0.0.1:")  # an edge listener all the same
+    code, _, body = get(url)
+    assert code == 502 and "no route to api" in body
+    route = route_of(mesh, "web", "api")
+    assert route["target"] is None and route["node"] is None
+    assert "no instance runs here or on any peer" in route["reason"]

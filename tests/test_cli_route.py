@@ -28,6 +28,9 @@ services:
   old:
     version: 2.0.0
     command: {py} server.py
+  legacy:
+    version: 1.0.0
+    command: {py} server.py
   auth:
     version: 1.4.0
     fallback: http://127.0.0.1:9
@@ -38,6 +41,7 @@ services:
       api: {{version: "^2.1", condition: healthy}}
       auth: ^1.2
       old: {{version: "^3.0", versions: reject}}
+      legacy: ^2.0
 """
 
 
@@ -111,7 +115,7 @@ def test_an_unknown_service_is_a_usage_error_naming_it_and_what_exists(shop: Sho
     error = r.stderr.splitlines()[-1]  # after the file's own warning about `old`
     assert error.startswith("devmesh route: ")
     assert "'nosuch'" in error
-    assert all(name in error for name in ("api", "auth", "old", "web")), error
+    assert all(name in error for name in ("api", "auth", "legacy", "old", "web")), error
 
 
 def test_an_unknown_project_is_a_usage_error_naming_it(shop: Shop) -> None:
@@ -128,6 +132,17 @@ def test_a_call_versions_reject_refuses_exits_1_and_says_why(shop: Shop) -> None
     assert "^3.0" in first and "2.0.0" in first
     code, data = shop.route_json("old", "--caller", "web")
     assert (code, data["outcome"], data["status"], data["target"]) == (1, "reject", 409, None)
+
+
+def test_a_call_outside_the_range_under_warn_is_routed_with_a_warning(shop: Shop) -> None:
+    r = shop.cli("route", "legacy", "--caller", "web")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "web → legacy: local legacy 1.0.0 (outside ^2.0, no compatible instance)"
+    assert lines[-1].startswith("warning: web needs legacy ^2.0; no compatible instance")
+    code, data = shop.route_json("legacy", "--caller", "web")
+    assert (code, data["outcome"], data["target"]) == (0, "route", "local")
+    assert str(data["warning"]).startswith("web needs legacy ^2.0")
 
 
 def test_an_invalid_branch_is_a_usage_error(shop: Shop) -> None:
@@ -150,17 +165,24 @@ def test_status_shows_where_each_dependency_goes(shop: Shop) -> None:
     assert rows["web → api"].split(None, 3)[3] == "local api 2.3.0  (^2.1 ok)"
     assert "fallback http://127.0.0.1:9" in rows["web → auth"]
     assert "409" in rows["web → old"] or "reject" in rows["web → old"], rows["web → old"]
+    warned = rows["web → legacy"]
+    assert warned.startswith("! web → legacy"), warned
+    after = section[section.index(warned) + 1]
+    assert after.startswith("    warning: web needs legacy ^2.0"), after
+    assert not rows["web → api"].startswith("!")
 
 
 def test_status_json_passes_the_routes_through(shop: Shop) -> None:
     routes = json.loads(shop.cli("status", "--json").stdout)["routes"]
     edges = {(r["caller"], r["service"]): r for r in routes}
-    assert set(edges) == {("web", "api"), ("web", "auth"), ("web", "old")}
+    assert set(edges) == {("web", "api"), ("web", "auth"), ("web", "old"), ("web", "legacy")}
     for r in routes:
         assert {"project", "caller", "service", "target", "node", "version", "branch"} <= set(r)
         assert {"reason", "warning"} <= set(r)
     assert (edges["web", "api"]["target"], edges["web", "api"]["version"]) == ("local", "2.3.0")
     assert edges["web", "auth"]["target"] == "fallback"
+    assert edges["web", "api"]["warning"] is None
+    assert str(edges["web", "legacy"]["warning"]).startswith("web needs legacy ^2.0")
 
 
 def test_with_no_agent_route_says_so_as_other_commands_do(mesh: Mesh) -> None:

@@ -342,12 +342,14 @@ def test_round_robin_across_peers_and_explain_does_not_advance(tmp_path):
             node.close()
 
 
-def test_a_peer_without_the_instance_counts_as_a_failed_connection(tmp_path):
-    a = proxykit.Node(tmp_path, "node-a")
+def test_a_peer_without_the_instance_counts_as_a_failed_connection(tmp_path, clock):
+    a = proxykit.Node(tmp_path, "node-a", router=selection.Router(clock=clock))
     b = proxykit.Node(tmp_path, "node-b", bundle=a.bundle)
     try:
-        with proxykit.upstream() as fallback:
-            b.set_table()  # B shares nothing (any more): it answers x-devmesh-unavailable
+        with proxykit.upstream() as fallback, proxykit.upstream() as up:
+            b.set_table(
+                backends=(table.Backend(project="shop", service="api", port=up.port, shared=True),)
+            )
             a.set_table(
                 mesh=(
                     table.MeshRoute(
@@ -358,13 +360,20 @@ def test_a_peer_without_the_instance_counts_as_a_failed_connection(tmp_path):
                     ),
                 )
             )
-            for method in ("GET", "POST"):
-                r = get(
-                    f"http://127.0.0.1:{a.proxy.port}/", method, headers={"host": "api.localhost"}
-                )
-                assert r.status_code == 200 and r.json()["method"] == method
-            entries = a.proxy.wait_entries(2)
-            assert [e["route"] for e in entries] == ["fallback", "fallback"]
+            url = f"http://127.0.0.1:{a.proxy.port}/"
+            with httpx.Client(trust_env=False, timeout=10) as client:
+                assert client.get(url, headers={"host": "api.localhost"}).status_code == 200
+                b.set_table()  # B shares nothing any more: it answers x-devmesh-unavailable
+                # On A's pooled connection to B (the callback execution), then, once the
+                # down mark expired, with a body (a task): both move on to the fallback.
+                r = client.get(url, headers={"host": "api.localhost"})
+                assert r.status_code == 200 and r.json()["method"] == "GET"
+                clock.now += selection.DOWN_MARK_S
+                r = client.post(url, headers={"host": "api.localhost"}, content=b"body")
+                assert r.status_code == 200 and r.json()["body_length"] == 4
+            entries = a.proxy.wait_entries(3)
+            assert [e["route"] for e in entries] == ["peer", "fallback", "fallback"]
+            assert b.proxy.wait_entries(3)[-1]["status"] == 404
             marks = a.proxy.on_loop(lambda: a.proxy.server.forwarder.router.down)
             assert f"peer:{b.identity.node_id}" in marks[("shop", "api")]
     finally:

@@ -157,7 +157,9 @@ def _external_rows(
                 "url": svc.fallback,
                 "node": None,
                 "restarts": 0,
-                "reason": "fallback" if svc.fallback else "not running anywhere known",
+                "reason": "runs elsewhere: on a peer that shares it"
+                + (", else at its fallback" if svc.fallback else "")
+                + " (see routes)",
             }
         )
     return out

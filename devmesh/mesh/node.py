@@ -86,7 +86,8 @@ class Node:
         self.settings = settings
         self.on_change = on_change
         """Called when what peers share may have changed (a catalog fetched, a peer that
-        expired, left, came back or was refused): the host rebuilds what it routes by."""
+        expired, left or came back, a peer's channel refused): the host rebuilds what it
+        routes by."""
         self.identity = ids.load(settings.home, node_name=settings.node_name)
         self.keys = wire.derive_keys(self.identity.team.mesh, self.identity.team.secret.reveal())
         self.registry = peers.Registry(
@@ -274,8 +275,10 @@ class Node:
         if seen.new:
             self.log(f"mesh: peer {seen.node_id} seen by {sighting.backend}")
             self._wake_announce.set()
-        if seen.new or seen.gone or seen.refused:
-            self.on_change()  # a peer came back with its catalog, left, or is refused
+        if seen.new or seen.gone:
+            # A peer came back with the catalog held for it, or left. (A peer refused by
+            # mesh.allow is refused from its first sighting: it never had routes to remove.)
+            self.on_change()
         peer = self.registry.get(seen.node_id) if seen.node_id else None
         if seen.new or seen.gone or seen.refused or (peer is not None and peer.needs_catalog):
             # A plain heartbeat changes nothing the housekeeper acts on: let it sleep.

@@ -231,6 +231,20 @@ async def forward(
     up_request = upstream.request_head(
         request, hdrs, client_ip=client.ip, proto=client.proto, host=host, ws_key=ws_key, hop=hop
     )
+    ask_peer = (
+        has_body
+        and backend.scheme == table.MESH_SCHEME
+        and not client.conn.they_are_waiting_for_100_continue
+    )
+    if ask_peer:
+        # A peer that cannot serve the call says so before the body leaves the client, so
+        # the call can still move on (``x-devmesh-unavailable``) with its body intact.
+        up_request = h11.Request(
+            method=up_request.method,
+            target=up_request.target,
+            headers=[*up_request.headers.raw_items(), (b"expect", b"100-continue")],
+            _parsed=True,
+        )
 
     pump: asyncio.Task[None] | None = None
     up = await (upstreams.connect(backend) if attempt else upstreams.acquire(backend))
@@ -246,6 +260,8 @@ async def forward(
                 event: h11.Event | None = None
                 if has_body and client.conn.they_are_waiting_for_100_continue:
                     event = await _expect_continue(client, up, backend, config)
+                elif ask_peer:
+                    event = await _peer_continue(up, backend, config)
                 if has_body and event is None:
                     pump = asyncio.ensure_future(_pump_body(client, up, limit, result))
                 if event is None:
@@ -311,6 +327,21 @@ async def _expect_continue(
                 h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
             )
         )
+    return event
+
+
+async def _peer_continue(
+    up: pool.Upstream, backend: table.Backend, config: settings.Settings
+) -> h11.Event | None:
+    """Wait for the peer's ``100 Continue`` to the expectation the proxy added: its final
+    answer when it came first, None when the body may go (after CONTINUE_WAIT_S at most)."""
+    try:
+        async with asyncio.timeout(CONTINUE_WAIT_S):
+            event = await _next_upstream(up, backend, config)
+    except TimeoutError:
+        return None
+    if type(event) is h11.InformationalResponse and event.status_code == 100:
+        return None
     return event
 
 

@@ -220,8 +220,13 @@ class Router:
                     name, propagate = caller_branch, True
                     break
         pair = (route.project, route.service)
+        marks = self.down.get(pair)
+        if marks:  # an expired mark decides nothing: the next call is the probe
+            now = self.clock()
+            for key in [k for k, (until, _) in marks.items() if until <= now]:
+                del marks[key]
         memo_key = None
-        if not self.down.get(pair) and route.rule(caller).settings.balance in _MEMO_BALANCE:
+        if not marks and route.rule(caller).settings.balance in _MEMO_BALANCE:
             # Nothing but the cursor moves the decision: remember it per cursor position.
             period = _period(1 + len(route.peers))
             if period:
