@@ -484,3 +484,17 @@ def test_devmesh_route_and_status_explain_where_calls_cross_to(world: World) -> 
     assert rejected.returncode == 1 and "409" in rejected.stdout, rejected.stdout
     text = world.alpha.cli("status", cwd=folder, check=True).stdout
     assert any("web" in line and "api" in line and "beta" in line for line in text.splitlines())
+
+
+def test_a_large_body_crosses_the_hop(world: World) -> None:
+    body = bytes(range(256)) * (16 * 1024)  # 4 MiB
+    with world.proxy() as c:
+        resp = c.request(
+            "POST",
+            "/upload",
+            body=body,
+            headers={"Host": f"api.localhost:{world.alpha.proxy_port}"},
+        )
+    assert resp.status == 200, resp.body[:300]
+    doc = json.loads(resp.body)
+    assert (doc["node"], doc["method"], doc["body_length"]) == ("beta", "POST", len(body))
