@@ -154,6 +154,18 @@ class Mesh:
         except OSError:
             return ""
 
+    def access_entries(self) -> list[dict[str, Any]]:
+        """The proxy's access log as it stands (JSON lines; flushed every quarter second)."""
+        try:
+            text = (self.home / "logs" / "proxy.log").read_text(errors="replace")
+        except OSError:
+            return []
+        out = []
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
     # ---------------------------------------------------------------- mesh
 
     def mesh_init(self, node_name: str, mesh: str = "team") -> None:
@@ -251,3 +263,179 @@ if os.environ.get("MARK"):
 print(os.environ["DEVMESH_SERVICE"], "ready on", os.environ["PORT"], flush=True)
 srv.serve_forever()
 """
+
+
+# A service for routing tests: answers every path with who it is (service, NODE, branch) and
+# what it received (headers, path); /call?dep=API&path=/x does what a caller does (GET
+# $API_URL/x) and reports the status, headers and body it got; /sse streams events; /ws is a
+# WebSocket echo; /work?ms=N answers after N ms; /healthz is not counted. Every other request
+# appends a line to $COUNT_DIR/SERVICE-NODE.log when COUNT_DIR is set, so a test counts the
+# requests each instance served. Binds $BIND (default 127.0.0.1) on $PORT.
+ROUTE_SERVICE = r"""
+import base64, hashlib, http.server, json, os, socket, socketserver, struct, sys, time, urllib.error, urllib.parse, urllib.request
+
+NODE = os.environ.get("NODE", "?")
+NAME = os.environ.get("DEVMESH_SERVICE", os.environ.get("NAME", "?"))
+COUNT = os.environ.get("COUNT_DIR")
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, *a):
+        pass
+
+    def _json(self, status, doc, extra=()):
+        body = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_POST(self):
+        self.do_GET()
+
+    def do_GET(self):
+        url = urllib.parse.urlsplit(self.path)
+        q = dict(urllib.parse.parse_qsl(url.query))
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if url.path == "/healthz":
+            return self._json(200, {"ok": True})
+        if COUNT:
+            with open(os.path.join(COUNT, f"{NAME}-{NODE}.log"), "a") as f:
+                f.write(f"{self.command} {self.path}\n")
+        if url.path == "/env":
+            return self._json(200, dict(os.environ))
+        if url.path == "/call":  # what a caller does: GET $DEP_URL + path, and say what came back
+            target = os.environ[q.get("dep", "API") + "_URL"].rstrip("/") + q.get("path", "/")
+            try:
+                with OPENER.open(target, timeout=20) as r:
+                    status, headers, got = r.status, dict(r.headers), r.read()
+            except urllib.error.HTTPError as e:
+                status, headers, got = e.code, dict(e.headers), e.read()
+            try:
+                got_doc = json.loads(got)
+            except ValueError:
+                got_doc = got.decode(errors="replace")
+            return self._json(200, {"url": target, "status": status,
+                                    "headers": {k.lower(): v for k, v in headers.items()},
+                                    "body": got_doc})
+        if url.path == "/sse":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            for i in range(int(q.get("n", "5"))):
+                self.wfile.write(f"id: {i}\ndata: {NODE} {i}\n\n".encode())
+                self.wfile.flush()
+                time.sleep(float(q.get("interval", "0.05")))
+            return
+        if url.path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
+            return self._websocket()
+        if url.path == "/work":
+            time.sleep(float(q.get("ms", "0")) / 1000)
+        self._json(200, {"service": NAME, "node": NODE, "branch": os.environ.get("DEVMESH_BRANCH"),
+                         "method": self.command, "path": self.path, "body_length": len(body),
+                         "headers": {k.lower(): v for k, v in self.headers.items()}})
+
+    def _websocket(self):
+        # Echo text frames prefixed with the node name (client frames are masked).
+        key = self.headers["Sec-WebSocket-Key"]
+        accept = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        rf = self.rfile
+        while True:
+            head = rf.read(2)
+            if len(head) < 2:
+                return
+            opcode, n = head[0] & 0x0F, head[1] & 0x7F
+            if n == 126:
+                n = struct.unpack("!H", rf.read(2))[0]
+            elif n == 127:
+                n = struct.unpack("!Q", rf.read(8))[0]
+            mask = rf.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+            data = bytes(b ^ mask[i % 4] for i, b in enumerate(rf.read(n)))
+            if opcode == 8:  # close: answer it and stop
+                self.wfile.write(b"\x88\x02" + (data[:2] or b"\x03\xe8"))
+                self.wfile.flush()
+                return
+            if opcode == 9:  # ping -> pong
+                self.wfile.write(bytes([0x8A, len(data)]) + data)
+                self.wfile.flush()
+                continue
+            out = f"{NODE}: ".encode() + data
+            hdr = bytes([0x81, len(out)]) if len(out) < 126 else bytes([0x81, 126]) + struct.pack("!H", len(out))
+            self.wfile.write(hdr + out)
+            self.wfile.flush()
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+
+srv = Server((os.environ.get("BIND", "127.0.0.1"), int(os.environ["PORT"])), H)
+print(NAME, "on", NODE, "ready on", os.environ["PORT"], flush=True)
+srv.serve_forever()
+"""
+
+
+class Machines:
+    """N network-namespace "machines" (tests/netkit.py), one agent each, in one team.
+
+    ``names[i]`` is machine i's node name; all join the team that machine 0 creates. Agents
+    start on ``up``; ``close`` stops every agent and process and deletes the namespaces.
+    """
+
+    def __init__(self, names: list[str], *, proxy_workers: int = 0) -> None:
+        from netkit import Net
+
+        self.names = names
+        self.net = Net(len(names))
+        self.agents: list[Mesh] = []
+        try:
+            for i in range(len(names)):
+                self.agents.append(Mesh(netns=self.net.hosts[i], proxy_workers=proxy_workers))
+            self.agents[0].mesh_init(names[0])
+            for i in range(1, len(names)):
+                self.agents[i].mesh_join(self.agents[0], names[i])
+        except BaseException:
+            self.close()
+            raise
+
+    def up(self, i: int, project: str, yaml_text: str, files: dict[str, str]) -> Path:
+        """Start machine i's agent if needed and ``devmesh up -d`` the project there."""
+        m = self.agents[i]
+        if m.agent is None:
+            m.start_agent()
+        d = m.project(project, yaml_text, files)
+        m.cli("up", "-d", cwd=d, timeout=90, check=True)
+        return d
+
+    def kill(self, i: int) -> None:
+        """The machine dies: SIGKILL every process in its namespace (agent, services, and
+        whatever they started), at once."""
+        self.net.kill_all(i)
+
+    def close(self) -> None:
+        for m in self.agents:
+            m.close()
+        for i in range(len(self.agents)):
+            self.net.kill_all(i)  # what outlived its agent (a service that cleared its env)
+        self.net.close()

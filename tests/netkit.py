@@ -19,6 +19,7 @@ started with ``Net.run`` see no other interface than ``lo`` and their ``eth0``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -141,6 +142,23 @@ class Net:
         return subprocess.run(["ip", "netns", "exec", self.hosts[i], *argv], capture_output=True,
                               text=True, check=True, timeout=30)  # fmt: skip
 
+    def pids(self, i: int) -> list[int]:
+        """Every process whose network namespace is host ``i``'s, whoever started it."""
+        out = _ip("netns", "pids", self.hosts[i], check=False).stdout
+        return [int(p) for p in out.split() if p.isdigit()]
+
+    def kill_all(self, i: int) -> list[int]:
+        """SIGKILL every process in host ``i`` (the machine loses power); the pids killed.
+
+        By namespace rather than by environment or session: a service may clear its
+        environment (nginx does) or start its own session, and still dies with the machine.
+        """
+        pids = self.pids(i)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
     def link(self, i: int, up: bool) -> None:
         """Take host ``i``'s cable out of the switch (or plug it back)."""
         _ip("-n", self.switch, "link", "set", f"v{i}", "up" if up else "down")
@@ -252,3 +270,106 @@ class NodeProc:
             if stream:
                 stream.close()
         return err
+
+
+# -- clients inside a namespace, from the test process ---------------------------------------
+#
+# A namespace's loopback (its agent's proxy and edge listeners, its services) is reachable only
+# from inside it. Rather than one subprocess per request, a socket is made inside: a short-lived
+# thread enters the namespace (setns(2) changes the calling thread only), connects, and exits;
+# the connected socket stays in that namespace and any thread may use it. Real clients then run
+# over it: http.client (keep-alive, streaming) and websockets (``sock=``).
+
+CLONE_NEWNET = 0x40000000
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def ns_socket(netns: str, host: str, port: int, timeout_s: float = 10.0) -> socket.socket:
+    """A TCP connection to ``host:port`` made inside namespace ``netns``."""
+    import ctypes
+    import threading
+
+    out: dict[str, Any] = {}
+
+    def inside() -> None:
+        try:
+            with open(f"/run/netns/{netns}") as f:
+                if _libc().setns(f.fileno(), CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+            sock = socket.create_connection((host, port), timeout=timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            out["sock"] = sock
+        except BaseException as exc:  # handed to the caller's thread
+            out["exc"] = exc
+
+    t = threading.Thread(target=inside, name=f"setns-{netns}")
+    t.start()
+    t.join()
+    if "exc" in out:
+        raise out["exc"]
+    return out["sock"]
+
+
+class NsHTTP:
+    """An ``http.client`` connection whose socket lives in a namespace (keep-alive, reconnects).
+
+    ``host_header`` is what the request names (``api.localhost:PORT``); ``host``/``port`` is
+    where the socket goes inside ``netns``.
+    """
+
+    def __init__(self, netns: str, host: str, port: int, timeout_s: float = 10.0) -> None:
+        import http.client
+
+        self.netns, self.host, self.port, self.timeout_s = netns, host, port, timeout_s
+        outer = self
+
+        class _Conn(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = ns_socket(outer.netns, outer.host, outer.port, outer.timeout_s)
+
+        self.conn = _Conn(host, port, timeout=timeout_s)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        stream: bool = False,
+    ) -> Any:
+        """Send one request; the ``http.client.HTTPResponse`` (read already unless ``stream``)."""
+        try:
+            self.conn.request(method, path, body=body, headers=headers or {})
+            resp = self.conn.getresponse()
+        except BaseException:
+            self.conn.close()
+            raise
+        if not stream:
+            resp.body = resp.read()  # type: ignore[attr-defined]
+            if resp.will_close:
+                self.conn.close()
+        return resp
+
+    def get_json(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        resp = self.request("GET", path, headers=headers)
+        try:
+            return resp.status, json.loads(resp.body)
+        except ValueError:
+            return resp.status, resp.body.decode(errors="replace")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> NsHTTP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
