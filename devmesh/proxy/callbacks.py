@@ -102,7 +102,8 @@ def start(
         ws_key=None,
         hop=ex.adjust,
     )
-    forwarder.entered(ex)
+    if ex.hop is not None:
+        forwarder.entered(ex)
     up.writer.write(up.conn.send(request) + up.conn.send(h11.EndOfMessage()))
     down.current = Run(
         down=down, ex=ex, up=up, backend=backend, forwarder=forwarder, inflight=inflight
