@@ -310,7 +310,36 @@ class Forwarder:
 
     def fail(self, ex: Exchange, exc: errors.ProxyError) -> None:
         """Answer with the proxy's page for ``exc`` (or cut the connection when the answer
-        had already begun)."""
+        had already begun).
+
+        On the peer listener, a failure is passed on in the form that lets the calling node
+        move on, as if the caller had met it itself: when nothing reached the service (its
+        connection failed) the answer carries ``x-devmesh-unavailable: 1``; when the service
+        died before answering a request the caller may retry (idempotent, no body), the
+        connection is cut without an answer, which the caller treats exactly as a local
+        service closing early. Otherwise the caller would pass this node's 502 on to its
+        client while another instance could have answered.
+        """
+        request = ex.request
+        if ex.client.mesh is not None and request is not None:
+            if isinstance(exc, errors.UpstreamConnectError) or (
+                isinstance(exc, errors.UpstreamTimeoutError) and exc.phase == "connection"
+            ):
+                if ex.client.conn.our_state is h11.SEND_RESPONSE:
+                    ex.result.error = exc.message
+                    accept = headers.get(ex.hdrs, b"accept")
+                    ctype, body = pages.render(exc.status, exc.message, accept=accept)
+                    extra = [(selection.UNAVAILABLE_HEADER, b"1")]
+                    self.send(ex, exc.status, ctype, body, extra)
+                    return
+            elif (
+                isinstance(exc, errors.UpstreamClosedEarlyError)
+                and request.method in selection.IDEMPOTENT
+                and not _has_body(ex.hdrs)
+            ):
+                ex.result.error = exc.message
+                ex.client.writer.transport.abort()
+                return
         self.answer(ex, exc.status, exc.message)
 
     def answer(
