@@ -168,3 +168,61 @@ def test_put_across_the_peer_hop_moves_on_with_its_body(tmp_path, dies):
     finally:
         a.close()
         b.close()
+
+
+def test_a_peer_that_says_unavailable_after_the_body_left_moves_on_with_the_copy(tmp_path):
+    """B cannot reach its service (a TLS port that never completes a handshake, closed by the
+    test once A's body has reached B): its answer, ``x-devmesh-unavailable: 1``, comes after
+    A let the body go (A waits a second for ``100 Continue``). Nothing was forwarded, so the
+    call moves on, for any method, with the body from A's copy."""
+    a = proxykit.Node(tmp_path, "node-a")
+    b = proxykit.Node(tmp_path, "node-b", bundle=a.bundle)
+
+    def body_at_b() -> bool:
+        # The body waits, undecrypted-then-buffered, in B's peer connection while B dials.
+        return b.proxy.on_loop(
+            lambda: sum(d._size for d in b.proxy.server._connections.peers) >= len(BODY)
+        )
+
+    def stalls_then_closes(conn: socket.socket, number: int) -> None:
+        conn.recv(65536)  # B's TLS ClientHello, never answered
+        proxykit.wait_for(body_at_b, "A's body to reach B")
+
+    try:
+        with (
+            proxykit.RawService(stalls_then_closes) as stalling,
+            proxykit.upstream() as fallback,
+        ):
+            b.set_table(
+                backends=(
+                    table.Backend(
+                        project="shop",
+                        service="api",
+                        port=stalling.port,
+                        scheme="https",
+                        shared=True,
+                    ),
+                )
+            )
+            a.set_table(
+                mesh=(
+                    table.MeshRoute(
+                        project="shop",
+                        service="api",
+                        peers=(b.instance("shop", "api"),),
+                        fallback=f"http://127.0.0.1:{fallback.port}",
+                    ),
+                )
+            )
+            port = a.proxy.call(a.proxy.server.set_edges({EDGE: None}))[EDGE]
+            r = _send(f"http://127.0.0.1:{port}/orders", "POST", BODY, "content-length")
+            assert r.status_code == 200, r.text
+            assert r.json()["body_sha256"] == hashlib.sha256(BODY).hexdigest()
+            entry = a.proxy.wait_entries(1)[0]
+            assert entry["route"] == "fallback" and entry["bytes_in"] == len(BODY)
+            assert b.proxy.wait_entries(1)[0]["status"] == 502
+            marks = a.proxy.on_loop(lambda: a.proxy.server.forwarder.router.down)
+            assert f"peer:{b.identity.node_id}" in marks[("shop", "api")]
+    finally:
+        a.close()
+        b.close()
