@@ -488,7 +488,9 @@ class Node:
         https: bool = False,
         router: Any = None,
         catalog: bytes = b'{"services": []}',
+        listener_options: dict[str, Any] | None = None,
     ) -> None:
+        """``listener_options``: more ``PeerListener`` fields (a small connection cap)."""
         from devmesh.mesh import channel
         from devmesh.mesh import identity as ids
         from devmesh.proxy import peering, table
@@ -530,6 +532,7 @@ class Node:
             ssl_context=channel.server_context(self.identity),
             authorize=authorize,
             catalog=lambda: catalog,
+            **(listener_options or {}),
         )
         self.peer_port: int = self.proxy.call(self.proxy.server.set_peer_listener(listener))
 

@@ -33,6 +33,8 @@ class Connections:
         self.forwarder = forwarder
         self.inflight = inflight
         self.open: set[Downstream] = set()
+        self.peers: set[Downstream] = set()
+        """The peer listener's connections (past their TLS handshake), for its cap."""
         self.tasks: set[asyncio.Task[None]] = set()
 
     def factory(
@@ -85,6 +87,8 @@ class Downstream(channel.Channel):
         self.on_lost = self._lost
         self.on_writable = self._writable
         self.connections.open.add(self)
+        if self.mesh is not None:
+            self.connections.peers.add(self)
 
     def feed(self, data: bytes) -> None:
         client = self.client
@@ -201,6 +205,7 @@ class Downstream(channel.Channel):
 
     def _lost(self, exc: BaseException | None) -> None:
         self.connections.open.discard(self)
+        self.connections.peers.discard(self)
         if self.current is not None:
             self.current.client_gone()
 

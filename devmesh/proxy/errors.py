@@ -99,6 +99,15 @@ class PeerUnavailableError(ProxyError):
         super().__init__(f"peer {node} has no instance to serve it (answered {status})")
 
 
+class NotRetriedError(ProxyError):
+    """A failure after which a routed request would have gone to its next target, but its
+    body had left and is not held whole (over the bound the proxy keeps a copy within)."""
+
+    def __init__(self, cause: ProxyError, reason: str) -> None:
+        super().__init__(f"{cause.message}; not tried elsewhere: {reason}")
+        self.status = cause.status
+
+
 class AllTargetsFailedError(ProxyError):
     """Every target of a routed call failed; the message names each and why."""
 

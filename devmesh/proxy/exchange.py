@@ -22,6 +22,9 @@ its body, the end of message) is collected and written to the client in one ``wr
 - An idle connection from the pool that turns out closed is retried once on a new one, but
   only for a request without a body, when nothing of the answer has arrived
   (``upstream.may_retry``, the one rule for both ways an exchange runs).
+- A mesh-routed request that has another target to go to keeps a copy of its body while it
+  streams (``BodyCopy``, up to ``RETRY_BODY_BYTES``), so that a target that fails before
+  answering does not take the body with it: the next target gets the copy (``replay``).
 
 What the service side needs in both executions (the head sent, the head passed back, the retry
 rule, the words of each error) is ``upstream``'s, shared with ``callbacks``.
@@ -48,6 +51,38 @@ from devmesh.proxy import (
 CONTINUE_WAIT_S = 1.0
 """How long a client's ``Expect: 100-continue`` waits for the service's own answer before the
 proxy lets the body go (curl waits as long)."""
+
+
+RETRY_BODY_BYTES = 1024 * 1024
+"""The most of a request body kept while it is forwarded, so that a target that fails
+before answering (it died, or a peer says it has no instance) can be replaced by the next
+one with the same bytes. A larger body is streamed without a copy and not sent twice."""
+
+
+class BodyCopy:
+    """The request body as read from the client so far, while it fits RETRY_BODY_BYTES."""
+
+    __slots__ = ("chunks", "complete", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] | None = []
+        """None once the body outgrew the bound: it can no longer be sent again."""
+        self.size = 0
+        self.complete = False
+        """The client's end of the body was read."""
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.chunks is not None:
+            if self.size > RETRY_BODY_BYTES:
+                self.chunks = None
+            else:
+                self.chunks.append(data)  # h11 hands out a fresh bytes object per event
+
+    @property
+    def whole(self) -> bool:
+        """The entire body is held: it can go to another target."""
+        return self.complete and self.chunks is not None
 
 
 class ClientGoneError(Exception):
@@ -163,8 +198,15 @@ async def _next_upstream(
         conn.receive_data(data)
 
 
-async def _pump_body(client: Client, up: pool.Upstream, limit: int | None, result: Result) -> None:
-    """Client request body -> service, chunk by chunk, honouring the size limit."""
+async def _pump_body(
+    client: Client,
+    up: pool.Upstream,
+    limit: int | None,
+    result: Result,
+    copy: BodyCopy | None,
+) -> None:
+    """Client request body -> service, chunk by chunk, honouring the size limit (and kept in
+    ``copy``, when there is one, before it leaves)."""
     try:
         while True:
             event = await client.next_event()
@@ -172,17 +214,61 @@ async def _pump_body(client: Client, up: pool.Upstream, limit: int | None, resul
                 result.bytes_in += len(event.data)
                 if limit is not None and result.bytes_in > limit:
                     raise errors.BodyTooLargeError(limit)
-                up.writer.write(up.conn.send(event))
-                await up.writer.drain()
+                if copy is not None:
+                    copy.add(event.data)
+                if not await _send_up(up, up.conn.send(event)):
+                    return
             elif type(event) is h11.EndOfMessage:
-                up.writer.write(up.conn.send(h11.EndOfMessage()))
-                await up.writer.drain()
+                if copy is not None:
+                    copy.complete = True
+                await _send_up(up, up.conn.send(h11.EndOfMessage()))
                 return
             else:
                 raise ClientGoneError("the request body")
     except BaseException:
         up.close()  # wakes the response reader, which then reports our exception
         raise
+
+
+async def _replay_body(up: pool.Upstream, chunks: list[bytes]) -> None:
+    """A copied body -> the next target (the client's own body was read already)."""
+    try:
+        for chunk in chunks:
+            if not await _send_up(up, up.conn.send(h11.Data(data=chunk))):
+                return
+        await _send_up(up, up.conn.send(h11.EndOfMessage()))
+    except BaseException:
+        up.close()
+        raise
+
+
+async def _send_up(up: pool.Upstream, data: bytes | None) -> bool:
+    """Write to the service; False when it has closed its side. That is not the body's
+    fault: the response reader then reports the service closing (before or after its
+    answer began), which is what decides a retry."""
+    try:
+        if data:
+            up.writer.write(data)
+        await up.writer.drain()
+    except OSError:
+        return False
+    return True
+
+
+async def finish_copy(client: Client, copy: BodyCopy, limit: int | None, result: Result) -> None:
+    """Read the rest of the client's body into ``copy`` (stopping once it outgrows the
+    bound), so that the request can go whole to another target."""
+    while not copy.complete and copy.chunks is not None:
+        event = await client.next_event()
+        if type(event) is h11.Data:
+            result.bytes_in += len(event.data)
+            if limit is not None and result.bytes_in > limit:
+                raise errors.BodyTooLargeError(limit)
+            copy.add(event.data)
+        elif type(event) is h11.EndOfMessage:
+            copy.complete = True
+        else:
+            raise ClientGoneError("the request body")
 
 
 async def _watch_client(client: Client, up: pool.Upstream) -> None:
@@ -210,6 +296,7 @@ async def forward(
     result: Result,
     attempt: int = 0,
     hop: upstream.Adjust | None = None,
+    copy: BodyCopy | None = None,
 ) -> None:
     """Run one exchange. Raises ProxyError before the response head reached the client;
     afterwards failures abort the client connection and are recorded in ``result.error``.
@@ -219,6 +306,8 @@ async def forward(
     ``attempt`` 1 is the retry of a request whose pooled connection was found closed
     (``may_retry``): it goes out on a new connection and is not retried again.
     ``hop`` adjusts the request head for a peer or a fallback (``upstream.request_head``).
+    ``copy`` keeps the body while it streams; once it holds the whole body (an earlier
+    target failed), the body is sent from it instead of from the client.
     """
     ws_key = None
     if headers.wants_upgrade(hdrs) == b"websocket":
@@ -228,6 +317,7 @@ async def forward(
     if limit is not None and length is not None and int(length) > limit:
         raise errors.BodyTooLargeError(limit)
     has_body = headers.is_chunked(hdrs) or (length is not None and int(length) > 0)
+    replay = copy.chunks if copy is not None and copy.complete else None
     up_request = upstream.request_head(
         request, hdrs, client_ip=client.ip, proto=client.proto, host=host, ws_key=ws_key, hop=hop
     )
@@ -235,6 +325,7 @@ async def forward(
         has_body
         and backend.scheme == table.MESH_SCHEME
         and not client.conn.they_are_waiting_for_100_continue
+        and headers.get(hdrs, b"expect") is None
     )
     if ask_peer:
         # A peer that cannot serve the call says so before the body leaves the client, so
@@ -263,7 +354,11 @@ async def forward(
                 elif ask_peer:
                     event = await _peer_continue(up, backend, config)
                 if has_body and event is None:
-                    pump = asyncio.ensure_future(_pump_body(client, up, limit, result))
+                    pump = asyncio.ensure_future(
+                        _replay_body(up, replay)
+                        if replay is not None
+                        else _pump_body(client, up, limit, result, copy)
+                    )
                 if event is None:
                     event = await _next_upstream(up, backend, config)
                 break
@@ -402,7 +497,10 @@ async def _respond(
                     )
                 )
             )
-        event = await _next_upstream(up, backend, config)
+        try:
+            event = await _next_upstream(up, backend, config)
+        except StaleConnectionError:  # an interim answer is no answer: closed before one
+            raise upstream.closed_early(backend) from None
     if type(event) is not h11.Response:
         raise errors.UpstreamProtocolError(
             backend.service, backend.host, backend.port, f"unexpected {type(event).__name__}"

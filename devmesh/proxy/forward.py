@@ -58,6 +58,7 @@ class Exchange:
         "backend",
         "client",
         "clock",
+        "copy",
         "counted",
         "hdrs",
         "hop",
@@ -87,6 +88,8 @@ class Exchange:
         """How the request head differs from the client's (a hop, or the peer listener's)."""
         self.counted: tuple[str, str, str] | None = None
         """(project, service, target key) counted as outstanding for this exchange."""
+        self.copy: exchange.BodyCopy | None = None
+        """The request body kept for another target (``exchange.RETRY_BODY_BYTES``)."""
 
 
 class Forwarder:
@@ -149,6 +152,8 @@ class Forwarder:
             if warning:
                 ex.result.extra = [(selection.WARNING_HEADER, _header_text(warning))]
             ex.backend = target.hop.backend
+            if len(target.hops) > 1 and _copyable(ex.hdrs):
+                ex.copy = exchange.BodyCopy()
             return ex.backend
         if kind is routing.Local:
             assert isinstance(target, routing.Local)
@@ -202,29 +207,40 @@ class Forwarder:
 
         A mesh-routed request moves to its plan's next target when a connection fails
         before the request is sent, when a peer says it has no instance, and (once, for an
-        idempotent request without a body) when the upstream dies before answering."""
+        idempotent request) when the upstream dies before answering. A request whose body
+        had begun to leave moves only when the whole body is in its copy
+        (``exchange.RETRY_BODY_BYTES``)."""
         assert ex.request is not None
         while True:
             self.entered(ex)
             try:
-                await exchange.forward(
-                    ex.client,
-                    ex.request,
-                    hdrs=ex.hdrs,
-                    host=ex.host,
-                    backend=backend,
-                    upstreams=self.pool,
-                    config=self.settings,
-                    result=ex.result,
-                    attempt=attempt,
-                    hop=ex.adjust,
-                )
-            except errors.ProxyError as exc:
-                following = self._next(ex, exc)
-                if isinstance(following, table.Backend):
-                    backend, attempt = following, 0
-                    continue
-                self.fail(ex, following)
+                try:
+                    await exchange.forward(
+                        ex.client,
+                        ex.request,
+                        hdrs=ex.hdrs,
+                        host=ex.host,
+                        backend=backend,
+                        upstreams=self.pool,
+                        config=self.settings,
+                        result=ex.result,
+                        attempt=attempt,
+                        hop=ex.adjust,
+                        copy=ex.copy,
+                    )
+                except errors.ProxyError as exc:
+                    copy = ex.copy
+                    if copy is not None and copy.size and self._moves(ex, exc) is not None:
+                        # The body had begun to leave: it goes on only if it is all held.
+                        limit = self.settings.max_body_bytes
+                        await exchange.finish_copy(ex.client, copy, limit, ex.result)
+                    following = self._next(ex, exc)
+                    if isinstance(following, table.Backend):
+                        backend, attempt = following, 0
+                        continue
+                    self.fail(ex, following)
+            except errors.ProxyError as exc:  # reading the rest of the body for the copy
+                self.fail(ex, exc)
             except h11.RemoteProtocolError as exc:
                 self.fail(ex, bad_request(exc))
             except exchange.ClientGoneError as exc:
@@ -263,33 +279,39 @@ class Forwarder:
         self.fail(ex, following)
         return self.finish(ex)
 
-    def _next(self, ex: Exchange, exc: errors.ProxyError) -> table.Backend | errors.ProxyError:
-        """The next target to try after ``exc``, or the error to answer with."""
-        plan, hop, request = ex.plan, ex.hop, ex.request
-        if plan is None or hop is None or request is None:
-            return exc
-        down = False
-        if isinstance(exc, errors.UpstreamConnectError) or (
+    def _moves(self, ex: Exchange, exc: errors.ProxyError) -> bool | None:
+        """Whether ``exc`` lets a mesh-routed request move to its next target: True when
+        the target is to be marked down (nothing reached its service), False for the one
+        retry of an idempotent request whose upstream died before answering, None when it
+        does not move (whatever the body)."""
+        plan, request = ex.plan, ex.request
+        if plan is None or ex.hop is None or request is None:
+            return None
+        if isinstance(exc, errors.UpstreamConnectError | errors.PeerUnavailableError) or (
             isinstance(exc, errors.UpstreamTimeoutError) and exc.phase == "connection"
         ):
-            down = True
-        elif isinstance(exc, errors.PeerUnavailableError):
-            down = ex.result.bytes_in == 0
-            if not down:
-                return exc  # its body is gone: it cannot be sent elsewhere
-        elif (
+            return True
+        if (
             isinstance(exc, errors.UpstreamClosedEarlyError)
             and not plan.retried
             and request.method in selection.IDEMPOTENT
-            and ex.result.bytes_in == 0
-            and not _has_body(ex.hdrs)
         ):
-            plan.retried = True
-        else:
+            return False
+        return None
+
+    def _next(self, ex: Exchange, exc: errors.ProxyError) -> table.Backend | errors.ProxyError:
+        """The next target to try after ``exc``, or the error to answer with."""
+        down = self._moves(ex, exc)
+        plan, hop = ex.plan, ex.hop
+        if down is None or plan is None or hop is None:
             return exc
-        plan.tried.append(selection.failed_words(plan, exc.message))
         if down:
             self.router.mark_down(plan.project, plan.service, hop.target.key, exc.message)
+        if plan.index + 1 < len(plan.hops) and not _body_resendable(ex):
+            return errors.NotRetriedError(exc, _over_bound(ex))
+        if not down:
+            plan.retried = True
+        plan.tried.append(selection.failed_words(plan, exc.message))
         plan.index += 1
         if plan.index >= len(plan.hops):
             return errors.AllTargetsFailedError(plan.service, plan.tried)
@@ -315,10 +337,11 @@ class Forwarder:
         On the peer listener, a failure is passed on in the form that lets the calling node
         move on, as if the caller had met it itself: when nothing reached the service (its
         connection failed) the answer carries ``x-devmesh-unavailable: 1``; when the service
-        died before answering a request the caller may retry (idempotent, no body), the
-        connection is cut without an answer, which the caller treats exactly as a local
-        service closing early. Otherwise the caller would pass this node's 502 on to its
-        client while another instance could have answered.
+        died before answering a request the caller may retry (idempotent, and a body that
+        fits the caller's copy, ``exchange.RETRY_BODY_BYTES``), the connection is cut without
+        an answer, which the caller treats exactly as a local service closing early.
+        Otherwise the caller would pass this node's 502 on to its client while another
+        instance could have answered.
         """
         request = ex.request
         if ex.client.mesh is not None and request is not None:
@@ -335,7 +358,7 @@ class Forwarder:
             elif (
                 isinstance(exc, errors.UpstreamClosedEarlyError)
                 and request.method in selection.IDEMPOTENT
-                and not _has_body(ex.hdrs)
+                and _fits_a_copy(ex)
             ):
                 ex.result.error = exc.message
                 ex.client.writer.transport.abort()
@@ -488,6 +511,50 @@ def bad_request(exc: h11.RemoteProtocolError) -> errors.BadRequestError:
 def _has_body(hdrs: headers.Headers) -> bool:
     length = headers.get(hdrs, b"content-length")
     return headers.is_chunked(hdrs) or (length is not None and length.strip() not in (b"", b"0"))
+
+
+def _declared_length(hdrs: headers.Headers) -> int | None:
+    length = headers.get(hdrs, b"content-length")
+    if length is None or headers.is_chunked(hdrs):
+        return None
+    try:
+        return int(length)
+    except ValueError:
+        return None
+
+
+def _copyable(hdrs: headers.Headers) -> bool:
+    """Whether a body is worth copying: there is one, and it is not declared over the bound."""
+    if not _has_body(hdrs):
+        return False
+    length = _declared_length(hdrs)
+    return length is None or length <= exchange.RETRY_BODY_BYTES
+
+
+def _body_resendable(ex: Exchange) -> bool:
+    """Whether the request can go to another target with its body: none of it has left the
+    client yet, or all of it is in the copy."""
+    copy = ex.copy
+    if copy is not None and copy.whole:
+        return True
+    return ex.result.bytes_in == 0 and (copy is None or not copy.complete)
+
+
+def _fits_a_copy(ex: Exchange) -> bool:
+    """On the peer listener: whether the calling node holds this request's body whole (no
+    body, or one within the bound), so that it can send it elsewhere."""
+    if not _has_body(ex.hdrs):
+        return True
+    length = _declared_length(ex.hdrs)
+    bound = exchange.RETRY_BODY_BYTES
+    return (length is None or length <= bound) and ex.result.bytes_in <= bound
+
+
+def _over_bound(ex: Exchange) -> str:
+    return (
+        f"its body is larger than the {exchange.RETRY_BODY_BYTES // 1024} KiB the proxy keeps "
+        "to send a request again"
+    )
 
 
 def _header_text(words: str) -> bytes:

@@ -26,6 +26,12 @@ from collections.abc import Callable
 from devmesh.proxy import headers, selection, table
 
 CATALOG_PATH = b"/mesh/v1/catalog"
+MAX_CONNECTIONS = 64
+"""Connections the peer listener holds open at once (handshaking or established); more are
+closed at once. Peer hops are pooled and kept alive, so a handful per teammate is the norm."""
+HANDSHAKE_TIMEOUT_S = 5.0
+"""How long a TLS handshake on the peer listener may take before its connection is closed
+(the event loop's default is 60 s: a slow stranger would hold a place that long)."""
 REFUSED_BODY = {"error": "refused by mesh.allow"}
 
 
@@ -52,6 +58,8 @@ class PeerListener:
     """(``getpeercert()``, peer IP) -> the caller, or the refusal in words."""
     catalog: Callable[[], bytes]
     """The body of ``GET /mesh/v1/catalog``."""
+    max_connections: int = MAX_CONNECTIONS
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

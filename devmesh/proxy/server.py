@@ -29,6 +29,7 @@ from devmesh.proxy import (
     dispatch,
     forward,
     listeners,
+    peergate,
     peering,
     pool,
     selection,
@@ -65,7 +66,8 @@ class ProxyServer:
         self._connections = dispatch.Connections(self.forwarder, self._inflight)
         self._servers: list[asyncio.Server] = []
         self._edges: dict[table.Edge, tuple[int, list[asyncio.Server]]] = {}
-        self._peer: tuple[peering.PeerListener, int, asyncio.Server] | None = None
+        self._peer: tuple[peering.PeerListener, int, peergate.Gate] | None = None
+        self._peer_stats = peergate.Stats()
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def _listen(
@@ -173,7 +175,9 @@ class ProxyServer:
         """Open (or replace, or with None close) the peer listener; the bound port.
 
         Replacing closes the old listener first (its open connections finish their current
-        exchange), so the same port can be bound again. Raises OSError when the port is taken.
+        exchange; unfinished handshakes are dropped), so the same port can be bound again.
+        Raises OSError when the port is taken. Connections are capped and handshakes timed
+        out and counted (``peergate``, ``peer_stats``).
         """
         if self._peer is not None:
             self._peer[2].close()
@@ -182,12 +186,32 @@ class ProxyServer:
             return None
         factory = self._connections.factory("https", None, listener)
         sock = listeners.bind(listener.host, listener.port)
-        server = await asyncio.get_running_loop().create_server(
-            factory, sock=sock, ssl=listener.ssl_context
+        gate = peergate.Gate(
+            sock,
+            listener,
+            factory,
+            stats=self._peer_stats,
+            established=lambda: len(self._connections.peers),
         )
+        gate.start()
         port = int(sock.getsockname()[1])
-        self._peer = (listener, port, server)
+        self._peer = (listener, port, gate)
         return port
+
+    def peer_stats(self) -> dict[str, int | str | None]:
+        """The peer listener's counts, for the agent to show: connections ``open`` now (of
+        ``max_connections``; 0 with no listener), and since the proxy started, connections
+        ``refused_over_cap`` and ``failed_handshakes`` (strangers without a team
+        certificate, abandoned or slow handshakes), the latest as ``ADDRESS: why``."""
+        stats = self._peer_stats
+        gate = self._peer[2] if self._peer is not None else None
+        return {
+            "open": gate.open_count() if gate is not None else len(self._connections.peers),
+            "max_connections": gate.listener.max_connections if gate is not None else 0,
+            "refused_over_cap": stats.refused_over_cap,
+            "failed_handshakes": stats.failed_handshakes,
+            "last_failed_handshake": stats.last_failed_handshake,
+        }
 
     @property
     def peer_port(self) -> int | None:
