@@ -195,6 +195,16 @@ def test_a_certificate_of_another_ca_is_refused_and_counted(hosts: Hosts) -> Non
     assert a.peers()["drops"]["refused"] >= 1
     text = a.cli("peers", check=True).stdout
     assert "mallory" in text and "refused (tls:" in text
+    # Mallory's own catalog fetches reach alpha's peer listener and fail in TLS: counted there.
+    listener = a.wait_for(
+        lambda: (
+            (a.peers().get("listener") or {}).get("failed_handshakes") and a.peers()["listener"]
+        ),
+        what="alpha's peer listener counting mallory's handshakes",
+    )
+    # Under TLS 1.3 mallory rejects alpha's certificate first, so alpha sees it hang up.
+    assert listener["last_failed_handshake"].startswith(hosts.net.address(2) + ": ")
+    assert "failed TLS handshakes (last: " in a.cli("peers", check=True).stdout
 
 
 def test_an_agent_outside_mesh_allow_is_refused_and_counted(hosts: Hosts) -> None:

@@ -176,7 +176,11 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
 
     @router.route("GET", "/v1/peers")
     async def peers(req: Request) -> Response:
-        return Response(200, engine.mesh.status())
+        doc = engine.mesh.status()
+        if doc.get("running") and engine.proxy is not None:
+            # The peer listener is the proxy's: its connection counts live there.
+            doc["listener"] = engine.proxy.peer_stats()
+        return Response(200, doc)
 
     @router.route("GET", "/v1/ca")
     async def get_ca(req: Request) -> Response:

@@ -109,3 +109,13 @@ def render(data: dict[str, Any], out: Any) -> None:
         print(f"\ndropped: {said}", file=out)
     for line in data.get("channel_refused") or []:
         print(f"refused on the peer channel: {line}", file=out)
+    listener = data.get("listener") or {}
+    if listener.get("failed_handshakes") or listener.get("refused_over_cap"):
+        last = listener.get("last_failed_handshake")
+        print(
+            f"peer channel: {listener.get('open', 0)} open of {listener.get('max_connections')}; "
+            f"{listener.get('failed_handshakes', 0)} failed TLS handshakes"
+            + (f" (last: {last})" if last else "")
+            + f"; {listener.get('refused_over_cap', 0)} refused over the cap",
+            file=out,
+        )
