@@ -191,8 +191,12 @@ def main() -> None:
     proxy_nginx: subprocess.Popen[str] | None = None
     try:
         for i, node in ((BETA, "beta"), (GAMMA, "gamma")):
+            # Loopback for its agent, and the namespace's own test-subnet address for the
+            # direct baseline: nothing else exists inside the namespace, and nothing is bound
+            # on the machine's real interfaces.
             serve = (
-                f'server {{ listen 0.0.0.0:{API_PORT}; location / {{ return 200 "{node}\\n"; }} }}'
+                f"server {{ listen 127.0.0.1:{API_PORT}; listen {m.net.address(i)}:{API_PORT}; "
+                f'location / {{ return 200 "{node}\\n"; }} }}'
             )
             m.up(i, "shop", owner_yaml(nginx_conf(tmp / node, node, serve)), {})
         m.up(ALPHA, "shop", alpha_yaml(), {})

@@ -21,7 +21,6 @@ and not after it has gone.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Mapping, Sequence
 
 from devmesh.agent import launch
@@ -29,7 +28,7 @@ from devmesh.agent import state as state_mod
 from devmesh.agent.instance import Instance
 from devmesh.core import desired, model, peers, plan, routes
 from devmesh.mesh import identity as ids
-from devmesh.proxy import server, table
+from devmesh.proxy import selection, server, table
 
 
 def build_table(
@@ -237,41 +236,17 @@ def decide(
 ) -> routes.Decision | None:
     """Route selection over the table alone (no down marks, no outstanding requests).
 
-    What the proxy's ``explain`` does with its runtime state; used when no proxy runs. A
-    caller with no explicit branch gets its own (``caller_branches``), as on its edge.
+    What the proxy's ``explain`` does with its runtime state, through the same function and
+    a fresh ``Router``; used when no proxy runs.
     """
-    route, backend = find(routes_table, project, service)
-    if route is None and backend is None:
-        return None
-    rule = route.rule(caller) if route is not None else table.CallerRule(caller=caller)
-    if branch is None and caller is not None and route is not None:
-        branch = dict(route.caller_branches).get(caller)
-    local = None
-    if backend is not None:
-        local = routes.LocalInstance(
-            state=routes.LocalState(backend.state),
-            health=routes.Health(backend.health),
-            version=backend.version,
-            branch=backend.branch,
-        )
-    candidates = routes.Candidates(
-        local=local,
-        peers=tuple(
-            routes.PeerInstance(
-                node_id=p.node_id,
-                node_name=p.node_name,
-                version=p.version,
-                health=routes.Health(p.health),
-                branch=p.branch,
-            )
-            for p in (route.peers if route is not None else ())
-        ),
-        fallback=route.fallback if route is not None else None,
+    return selection.explain(
+        routes_table,
+        selection.Router(clock=lambda: now_s),
+        project,
+        service,
+        caller=caller,
+        branch=branch,
     )
-    request = routes.Request(
-        service=service, caller=caller, requirements=rule.requirements, branch=branch
-    )
-    return routes.select(request, candidates, rule.settings, now_s=now_s, rng=random.Random())
 
 
 def health_word(inst: Instance | None) -> str:

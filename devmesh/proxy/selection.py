@@ -342,6 +342,33 @@ def _period(candidates: int) -> int:
     return period if period <= MEMO_MAX_PERIOD else 0
 
 
+def explain(
+    routes_table: table.RouteTable,
+    router: Router,
+    project: str,
+    service: str,
+    *,
+    caller: str | None = None,
+    branch: str | None = None,
+) -> routes.Decision | None:
+    """The decision a call to (project, service) from ``caller`` in ``branch`` would get
+    from ``router`` over ``routes_table``, without advancing any cursor; None when the pair
+    has neither a MeshRoute nor a Backend. A caller running under a branch is asked for with
+    its branch, as its calls are routed.
+
+    One function for every explanation (the proxy's, with its down marks and outstanding
+    counts; the agent's when no proxy runs, with a fresh Router), so they cannot drift."""
+    route = routes_table.mesh_route(project, service)
+    if route is None:
+        backend = routes_table.backend(project, service)
+        if backend is None:
+            return None
+        route = table.MeshRoute(project=backend.project, service=backend.service)
+    if branch is None and caller is not None:
+        branch = dict(route.caller_branches).get(caller)
+    return router.decide(routes_table, route, caller=caller, branch=branch, advance=False)
+
+
 def _peer_dial(peer: table.PeerInstance) -> table.Dial:
     return table.Dial(
         project=peer.project,

@@ -230,15 +230,11 @@ class ProxyServer:
         counts, without advancing any cursor. None when (project, service) has neither a
         MeshRoute nor a Backend. A caller running under a branch is asked for with its
         branch, as its calls are routed."""
-        routes_table = self.forwarder.table()
-        route = routes_table.mesh_route(project, service)
-        if route is None:
-            backend = routes_table.backend(project, service)
-            if backend is None:
-                return None
-            route = table.MeshRoute(project=backend.project, service=backend.service)
-        if branch is None and caller is not None:
-            branch = dict(route.caller_branches).get(caller)
-        return self.forwarder.router.decide(
-            routes_table, route, caller=caller, branch=branch, advance=False
+        return selection.explain(
+            self.forwarder.table(),
+            self.forwarder.router,
+            project,
+            service,
+            caller=caller,
+            branch=branch,
         )
