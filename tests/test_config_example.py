@@ -57,7 +57,8 @@ def test_example_reads_its_optional_env_file_and_the_mesh(
     monkeypatch.chdir(tmp_path)
     loaded = loader.load("devmesh.yaml", environ={})
     assert loaded.warnings == []
-    assert list(loaded.project.services) == ["api", "worker", "db", "auth"]
+    assert list(loaded.project.services) == ["api", "worker", "db", "auth", "search", "mailer"]
+    assert loaded.project.service("search").project == "shop-search"
     assert loaded.project.mesh is not None and loaded.project.mesh.node_name == "ana-laptop"
     api = loaded.project.service("api")
     assert api.env_file == ("api.env",)

@@ -186,10 +186,19 @@ class Service:
     """Namespace among peers; "auto" is resolved to the git branch by the agent."""
     fallback: str | None = None
     db: Db | None = None
+    project: str | None = None
+    """For a service without a command: the project that runs it (None: this project)."""
+    remote: bool = False
+    """Never run on this machine: taken from the mesh or the fallback, as without a command."""
 
     @property
     def runs_here(self) -> bool:
-        return self.command is not None
+        return self.command is not None and not self.remote
+
+    @property
+    def target_project(self) -> str | None:
+        """The project whose instance answers calls to this service; None: this project."""
+        return self.project
 
     @property
     def effective_health(self) -> Health:
@@ -374,6 +383,8 @@ def _service(name: str, doc: Mapping[str, Any], directory: str) -> Service:
         branch=doc.get("branch"),
         fallback=doc.get("fallback"),
         db=None if db_doc is None else _db(db_doc, directory),
+        project=None if doc.get("project") is None else str(doc["project"]),
+        remote=bool(doc.get("remote", False)),
     )
 
 
@@ -529,6 +540,10 @@ def service_document(s: Service) -> dict[str, Any]:
         out["branch"] = s.branch
     if s.fallback is not None:
         out["fallback"] = s.fallback
+    if s.project is not None:
+        out["project"] = s.project
+    if s.remote:
+        out["remote"] = True
     if s.db is not None:
         db: dict[str, Any] = {"engine": s.db.engine.value, "provider": s.db.provider.value}
         if s.db.version is not None:
