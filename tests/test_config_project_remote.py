@@ -115,3 +115,29 @@ def test_remote_must_be_a_boolean(folder: Path):
     override(folder, "services:\n  api:\n    remote: yes please\n")
     [problem] = problems()
     assert problem.startswith("devmesh.override.yaml:3:13: services.api.remote: expected")
+
+
+def test_up_refuses_project_beside_command_before_starting_anything(folder: Path):
+    import os
+    import subprocess
+    import sys
+
+    override(folder, "services:\n  api:\n    project: shop-api\n")
+    home = folder / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVMESH_")}
+    env["DEVMESH_HOME"] = str(home)
+    r = subprocess.run(
+        [sys.executable, "-m", "devmesh", "up", "-d"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 1
+    assert r.stderr.startswith(
+        "devmesh up: devmesh.override.yaml:3:5: services.api.project: project 'shop-api' on a "
+        "service that has a command (devmesh.yaml:10:5)"
+    )
+    assert not home.exists()  # no agent was started, nothing was applied
