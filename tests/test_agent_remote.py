@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from agentkit import PY, Mesh
+from agentkit import PY, Mesh, alive
 
 # Answers / with its caller-visible URLs (the env), /healthz with 200.
 WEB = """
@@ -140,3 +140,15 @@ def test_remote_in_the_override_keeps_api_off_this_machine_until_the_override_go
     api = mesh.services("shop")["api"]
     assert api["state"] == "running" and api["pid"] == int(mark.read_text())
     assert curl(api_url_of_web(mesh) + "/orders") == (200, "local api")
+
+    # And back: the override again stops the local api; calls go to the fallback again.
+    (folder / "devmesh.override.yaml").write_text("services:\n  api:\n    remote: true\n")
+    r = mesh.cli("up", "-d", cwd=folder, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "api: stop" in r.stderr
+    mesh.wait_for(
+        lambda: mesh.services("shop")["api"]["state"] == "remote",
+        what="api to be stopped and shown as remote",
+    )
+    assert not alive(api["pid"])
+    assert curl(api_url_of_web(mesh) + "/orders") == (200, "fallback answered /orders")

@@ -65,10 +65,8 @@ def run(args: argparse.Namespace) -> int:
     except loader.ConfigNotFound as exc:
         raise _common.CommandError(str(exc)) from exc
     except loader.ConfigError as exc:
-        errors = sum(1 for p in exc.problems if p.is_error)
         print(str(exc), file=sys.stderr)
-        shown = report.files_shown(exc.files or (exc.file,))
-        print(f"{shown}: invalid ({report.plural(errors, 'problem')})", file=sys.stderr)
+        print(report.invalid(exc.files or (exc.file,), exc.problems), file=sys.stderr)
         return _common.EXIT_FAILED
     if loaded.warnings:
         print(report.render(loaded.warnings), file=sys.stderr)

@@ -32,11 +32,7 @@ class _Out:
         self, path: Key, message: str, *, at_key: bool = False, severity: str = report.ERROR
     ) -> None:
         pos = self.marks.key(path) if at_key else self.marks.value(path)
-        self.problems.append(
-            report.Problem(
-                pos.file or self.file, pos.line, pos.column, report.dotted(path), message, severity
-            )
-        )
+        self.problems.append(report.placed(self.file, pos, path, message, severity))
 
     def at(self, pos: marks_mod.Position) -> str:
         """``FILE:LINE:COL`` of a position, to point at a second place in a message."""

@@ -265,9 +265,7 @@ class _Load:
         """Each file's lines, by the name shown in messages."""
 
     def problem(self, pos: marks.Position, path: tuple[str | int, ...], message: str) -> None:
-        self.problems.append(
-            Problem(pos.file or self.file, pos.line, pos.column, report.dotted(path), message)
-        )
+        self.problems.append(report.placed(self.file, pos, path, message))
 
     def fail(self, data: Any = None) -> ConfigError:
         return ConfigError(
@@ -484,13 +482,11 @@ class _Load:
         if name in self.unset_seen:
             return
         self.unset_seen.add(name)
-        pos = where.value(path)
         self.problems.append(
-            Problem(
-                pos.file or self.file,
-                pos.line,
-                pos.column,
-                report.dotted(path),
+            report.placed(
+                self.file,
+                where.value(path),
+                path,
                 f"variable {name} is not set (in the environment or .env); using an empty string",
                 report.WARNING,
             )
