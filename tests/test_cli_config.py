@@ -174,3 +174,19 @@ def test_a_url_password_left_for_the_start_of_the_service_is_shown():
     )
     assert show.mask_url_passwords("x redis://:pw@h:6379 y") == "x redis://:***@h:6379 y"
     assert show.mask_url_passwords("https://user@h/p:q@r") == "https://user@h/p:q@r"
+
+
+def test_every_command_reads_the_same_merged_files(folder: Path, tmp_path: Path):
+    """`down` and `plan` (no agent needed) name the project the override gives."""
+    (folder / "devmesh.override.yaml").write_text("project: renamed\n")
+    (folder / "other.yaml").write_text("project: other\n")
+    home = {"DEVMESH_HOME": str(tmp_path / "no-agent-home"), **SECRETS}
+    r = devmesh(folder, "down", env=home)
+    assert (r.returncode, r.stdout) == (0, "")
+    assert r.stderr == "The devmesh agent is not running: nothing to stop for renamed.\n"
+    r = devmesh(folder, "down", "-f", "devmesh.yaml", env=home)
+    assert r.stderr == "The devmesh agent is not running: nothing to stop for shop.\n"
+    r = devmesh(folder, "-f", "devmesh.yaml", "-f", "other.yaml", "plan", "--json", env=home)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["project"] == "other"
+    assert not (tmp_path / "no-agent-home" / "agent.sock").exists()

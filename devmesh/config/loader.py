@@ -1,8 +1,10 @@
 """Find, read, interpolate and check a devmesh.yaml, and build the model from it.
 
-This is the one door from a file on disk to ``model.Project``: the CLI's ``validate``,
-``up`` and ``plan`` all come through here, so they agree on every problem. Steps, in order:
-YAML with marks (syntax and duplicate keys), ``version:`` (an unsupported one stops
+This is the one door from files on disk to ``model.Project``: the CLI's ``validate``,
+``up``, ``plan`` and ``config`` all come through here, so they agree on every problem.
+Steps, in order: each file's YAML with marks (syntax and duplicate keys), the files merged
+in order (config/merge.py: a devmesh.yaml and its devmesh.override.yaml, or every ``-f``;
+each value keeps the file and line it came from), ``version:`` (an unsupported one stops
 everything: the rest of the file may mean something else), ``${VAR}`` interpolation from
 the environment and ``.env`` (environment wins), the JSON Schema, semantic checks, the
 "not built yet" warnings (config/unbuilt.py), env_file reading. All steps after the
