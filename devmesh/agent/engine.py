@@ -370,6 +370,7 @@ class Engine:
             self._actions(),
             mesh_peers=n.registry.peers() if n is not None else (),
             identity=n.identity if n is not None else None,
+            names=self.mesh.display_names(),
         )
         self.publish_route_file()
         self._log_edge_warnings()
@@ -403,9 +404,12 @@ class Engine:
         )
 
     def node_name(self) -> str | None:
-        """This agent's node name while it is a mesh node."""
+        """This agent's node name while it is a mesh node, as every view shows it
+        (``NAME#ID6`` while a live peer has the same name)."""
         n = self.mesh.node
-        return n.identity.node_name if n is not None else None
+        if n is None:
+            return None
+        return self.mesh.display_names().get(n.identity.node_id, n.identity.node_name)
 
     def _log_edge_warnings(self) -> None:
         """One log line when an edge's decision starts to warn, and when its warning changes."""

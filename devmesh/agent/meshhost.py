@@ -38,7 +38,8 @@ from typing import Any, Protocol
 import anyio
 
 from devmesh.core import catalog as catalogs
-from devmesh.core import model, plan
+from devmesh.core import model, nodenames, plan
+from devmesh.core import peers as peerreg
 from devmesh.mesh import discovery, membership, node
 from devmesh.mesh import identity as ids
 
@@ -439,16 +440,41 @@ class MeshHost:
 
     # ---------------------------------------------------------------- views
 
+    def display_names(self) -> dict[str, str]:
+        """Node id -> the name every view shows (``NAME#ID6`` when two live nodes, this one
+        included, share a name; see ``core.nodenames``); empty while no node runs."""
+        n = self.node
+        if n is None:
+            return {}
+        live = [(n.identity.node_id, n.identity.node_name)]
+        others: list[tuple[str, str]] = []
+        for p in n.registry.peers():
+            (live if p.state is peerreg.PeerState.ALIVE else others).append((p.node_id, p.name))
+        return nodenames.display_names(live, others)
+
+    def shared_names(self) -> list[str]:
+        """The node names two or more live nodes carry now (``peers`` warns about them)."""
+        n = self.node
+        if n is None:
+            return []
+        live = [(n.identity.node_id, n.identity.node_name)]
+        live += [
+            (p.node_id, p.name) for p in n.registry.peers() if p.state is peerreg.PeerState.ALIVE
+        ]
+        return sorted(nodenames.shared(live))
+
     def peers(self) -> list[dict[str, Any]]:
         """The peers as ``status --json`` shows them (exactly the documented keys)."""
         if self.node is None:
             return []
+        names = self.display_names()
         out = []
         for p in self.node.status()["peers"]:  # type: ignore[attr-defined]
             out.append(
                 {
                     "node": p["node"],
                     "name": p["name"],
+                    "display_name": nodenames.shown(names, p["node"], p["name"]),
                     "address": p["address"],
                     "state": p["state"],
                     "last_seen_s": p["last_seen_s"],
@@ -464,8 +490,13 @@ class MeshHost:
                 return {"running": False, "mesh_off": self.off, "project": self.owner}
             return {"running": False}
         doc = self.node.status()
+        names = self.display_names()
+        doc["display_name"] = nodenames.shown(names, str(doc["node"]), str(doc["name"]))
+        for p in doc["peers"]:  # type: ignore[attr-defined]
+            p["display_name"] = nodenames.shown(names, p["node"], p["name"])
         d = self.settings.discovery
         return {
+            "shared_names": self.shared_names(),
             "running": True,
             "project": self.owner,
             "discovery": {
