@@ -88,6 +88,11 @@ def test_a_project_belongs_to_one_folder(mesh: Mesh) -> None:
     assert pids(mesh, "shop") == before
     r = mesh.cli("up", "-d", "-p", "Bad_Name", cwd=second)
     assert r.returncode == 2 and "-p 'Bad_Name'" in r.stderr
+    # An ad hoc `run NAME -- CMD` has no file, so no folder: run again from elsewhere, it
+    # replaces its earlier self as before.
+    for cwd in (first, second):
+        mesh.cli("run", "-d", "adhoc", "--", PY, "server.py", cwd=cwd, check=True)
+    assert set(mesh.services("adhoc")) == {"adhoc"}
     # ... and once the first is down, the project may move to the second folder.
     mesh.cli("down", "-p", "shop", check=True)
     mesh.cli("up", "-d", cwd=second, check=True)

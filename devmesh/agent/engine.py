@@ -50,6 +50,8 @@ from devmesh.supervisor import logs
 log = logging.getLogger("devmesh.agent")
 
 ROTATE_EVERY_S = 5.0
+AD_HOC_SOURCE = "<command line>"
+"""The source of a project `devmesh run NAME -- CMD` made up: it has no folder of its own."""
 LOG_MAX_BYTES = 10 * 2**20
 
 
@@ -291,6 +293,8 @@ class Engine:
         rec = self.state.projects.get(project)
         if rec is None or _same_folder(rec.directory, directory):
             return None
+        if rec.source == source == AD_HOC_SOURCE:
+            return None  # `devmesh run NAME -- CMD` again from another shell: no file to own
         this = source if source and not source.startswith("<") else directory
         return (
             f"project {project} is already applied from {rec.directory}, and a project "
