@@ -106,7 +106,14 @@ def test_up_before_joining_then_join_and_two_machines_of_one_name(world: World) 
     assert not (alpha.home / "agent.sock").exists() and not (beta.home / "agent.sock").exists()
     r = world.up(ALPHA, head() + shared("api", "2.0.0", "alpha"))
     assert r.returncode == 0, r.stderr
-    r = world.up(BETA, head() + shared("cache", "1.0.0", "beta"))
+    beta_yaml = (
+        head()
+        + shared("cache", "1.0.0", "beta")
+        + f"  caller:\n    version: 1.0.0\n    command: {PY} svc.py\n"
+        + "    env: {NODE: beta}\n    depends_on:\n      api: ^2\n"
+        + "  api: {}\n"
+    )
+    r = world.up(BETA, beta_yaml)
     assert r.returncode == 0, r.stderr
 
     # gamma, before joining: a fallback server of its own, then `up`.
@@ -190,6 +197,22 @@ def test_up_before_joining_then_join_and_two_machines_of_one_name(world: World) 
         lambda: [e for e in gamma.access_entries() if e.get("route") == "peer"],
     )
     assert entries[-1]["node"] == f"{HOST}#{alpha_id[:6]}"
-    # On alpha, its own name is shared with beta: its own rows say NAME#ID6 too.
+    # On alpha, its own name is shared with beta: it says NAME#ID6 for itself too, and its
+    # access log names beta, calling its api, the same way.
     mine = alpha.peers()
     assert mine["display_name"] == f"{HOST}#{alpha_id[:6]}"
+    beta_id = json.loads(beta.cli("mesh", "show", "--json").stdout)["identity"]["node_id"]
+    port = int(beta.services("shop")["caller"]["port"])
+    with NsHTTP(world.net.hosts[BETA], "127.0.0.1", port) as c:
+        got = wait_for(
+            "beta's caller to reach alpha's api",
+            lambda: (
+                (d := c.get_json("/call?dep=API&path=/from-beta")[1])["body"].get("node") == "alpha"
+                and d
+            ),
+        )
+    served = wait_for(
+        "beta's call in alpha's access log",
+        lambda: [e for e in alpha.access_entries() if e.get("path") == "/from-beta"],
+    )
+    assert served[-1]["caller"] == f"peer {HOST}#{beta_id[:6]}"

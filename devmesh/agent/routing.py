@@ -79,7 +79,10 @@ def build_table(
         for name, svc in proj.services.items()
         if not svc.runs_here or svc.wants_port  # a worker here listens on nothing: no route
     )
-    return table.RouteTable(tuple(backends), mesh=mesh, peer_tls=peer_tls(identity))
+    shown = tuple(sorted((i, n) for i, n in (names or {}).items() if "#" in n))
+    return table.RouteTable(
+        tuple(backends), mesh=mesh, peer_tls=peer_tls(identity), node_names=shown
+    )
 
 
 def peer_tls(identity: ids.Identity | None) -> table.PeerTLS | None:
