@@ -174,10 +174,16 @@ def test_up_before_joining_a_team_runs_and_mesh_init_turns_the_mesh_on(
     assert "mesh off: this machine has not joined a team" in text
     assert "devmesh mesh join FILE" in text
 
-    # Joining (here: creating) a team turns the mesh on in the running agent: no service
-    # restarts, no new agent.
+    # A team whose name is not the project's mesh.name: installed, but the mesh stays off,
+    # saying why instead.
     agent = mesh.agent_pid()
-    r = mesh.cli("mesh", "init", "team", "--node-name", "solo", check=True)
+    r = mesh.cli("mesh", "init", "other", "--node-name", "solo", check=True)
+    assert "warning: the mesh is stopped" in r.stderr and "mesh.name is team" in r.stderr
+    assert "mesh.name is team" in mesh.status()["mesh_off"]
+    assert "mesh.name is team" in mesh.cli("status", check=True).stdout
+    # Joining (here: creating) the project's team turns the mesh on in the running agent: no
+    # service restarts, no new agent.
+    r = mesh.cli("mesh", "init", "team", "--node-name", "solo", "--force", check=True)
     assert "The agent's mesh is on now" in r.stdout
     peers = mesh.peers()
     assert peers["running"] is True and peers["name"] == "solo" and peers["project"] == "shop"

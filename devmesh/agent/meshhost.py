@@ -225,8 +225,9 @@ class MeshHost:
         self._services: tuple[catalogs.SharedService, ...] = ()
         self._warned: set[tuple[str, str]] = set()
         self.off: str | None = None
-        """Set (to MESH_OFF) while a project asks for a mesh (``owner``, ``settings``) that
-        cannot run because this machine has not joined a team; ``node`` is None then."""
+        """Why the mesh a project asks for (``owner``, ``settings``) is off: MESH_OFF while
+        this machine has not joined a team, or the reason the identity installed since
+        could not start it (``reload_identity``); ``node`` is None then."""
         self._lock = anyio.Lock()
         """One change of the node at a time: an ``up`` and a ``mesh join`` arriving together
         must not both stop and start it."""
@@ -367,6 +368,7 @@ class MeshHost:
                     await self._start(owner, mesh)
                 except MeshError as exc:
                     log.error("mesh: not started with the team identity: %s", exc)
+                    self.off = str(exc)  # still off, now for this reason
                     return {**out, "error": str(exc)}
                 log.info("mesh: this machine joined a team; the mesh of project %s is on", owner)
                 return {**out, "started": True}

@@ -60,12 +60,14 @@ def _ago(seconds: float | None) -> str:
 
 def render(data: dict[str, Any], out: Any) -> None:
     if data.get("mesh_off"):
-        print(
-            f"mesh off: {data['mesh_off']}. Project {data.get('project')} has a mesh: "
-            "section; join your team with `devmesh mesh join FILE` (a teammate's bundle) or "
-            "start one with `devmesh mesh init`: the mesh starts at once, no service restarts.",
-            file=out,
-        )
+        print(f"mesh off: {data['mesh_off']}.", file=out)
+        if "not joined a team" in data["mesh_off"]:
+            print(
+                f"Project {data.get('project')} has a mesh: section; join your team with "
+                "`devmesh mesh join FILE` (a teammate's bundle) or start one with `devmesh mesh "
+                "init`: the mesh starts at once, and no service restarts.",
+                file=out,
+            )
         return
     if not data.get("running"):
         print(

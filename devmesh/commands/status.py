@@ -90,10 +90,9 @@ def render(data: dict[str, Any], out: Any) -> None:
     else:
         _render_local(data, services, out)
     if data.get("mesh_off"):
-        print(
-            f"\nmesh off: {data['mesh_off']} (`devmesh mesh join FILE` or `devmesh mesh init`)",
-            file=out,
-        )
+        hint = " (`devmesh mesh join FILE` or `devmesh mesh init`)"
+        joined = "not joined a team" not in data["mesh_off"]
+        print(f"\nmesh off: {data['mesh_off']}" + ("" if joined else hint), file=out)
     _render_peers(data.get("peers") or [], out)
 
 
