@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from agentkit import PY, ROUTE_SERVICE, SERVER, Mesh, free_port
+from agentkit import PY, ROUTE_SERVICE, SERVER, Mesh, alive, free_port
 from netkit import free_udp_port
 
 
@@ -80,6 +81,17 @@ def test_a_project_belongs_to_one_folder(mesh: Mesh) -> None:
         assert r.returncode == 0, (args, r.stderr)
         assert "everything is up to date" in r.stderr
     assert pids(mesh, "shop") == before
+
+    # An agent that died knows the folder when the next one starts (the state file keeps it).
+    agent = mesh.agent_pid()
+    assert agent is not None
+    os.kill(agent, signal.SIGKILL)
+    mesh.wait_for(lambda: not alive(agent), what="the agent gone")
+    r = mesh.cli("up", "-d", cwd=second)
+    # (named as it was last applied: through the link, the same folder)
+    assert r.returncode == 1 and f"already applied from {link}," in r.stderr, r.stderr
+    assert mesh.agent_pid() not in (None, agent)
+    assert pids(mesh, "shop") == before  # adopted, untouched
 
     # The ways out named work: -p gives the second folder a project of its own ...
     r = mesh.cli("-p", "shop-api", "up", "-d", cwd=second)
