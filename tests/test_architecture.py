@@ -132,6 +132,16 @@ def test_config_imports_only_core() -> None:
     assert not problems, "\n".join(problems)
 
 
+COMMAND_FILE_MODULES = {
+    "devmesh.proxy.ca": "ca.py",
+    "devmesh.mesh.identity": "mesh.py",
+    "devmesh.mesh.membership": "mesh.py",
+}
+"""The only driver modules a command may import, and which command: `ca path|export|install`
+and `mesh init|join|export|show` work on DEVMESH_HOME's files without an agent (starting one
+would fix the proxy's ports before the project's `proxy:` can; docs/architecture.md)."""
+
+
 def test_commands_use_the_agent_only_through_its_client() -> None:
     allowed = {"devmesh.agent.client", "devmesh.agent.paths", "devmesh.agent.daemon"}
     problems = []
@@ -143,7 +153,10 @@ def test_commands_use_the_agent_only_through_its_client() -> None:
             if parts[1] == "agent" and len(parts) > 2 and ".".join(parts[:3]) not in allowed:
                 problems.append(f"{p.name} imports {m}")
             if parts[1] in ("supervisor", "proxy", "mesh", "db", "dashboard"):
-                problems.append(f"{p.name} imports {m}")
+                if len(parts) == 2:
+                    continue  # `from devmesh.proxy import X`: X is checked as devmesh.proxy.X
+                if COMMAND_FILE_MODULES.get(".".join(parts[:3])) != p.name:
+                    problems.append(f"{p.name} imports {m}")
     assert not problems, "\n".join(problems)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import ssl
 import stat
 import subprocess
 from pathlib import Path
@@ -45,17 +47,42 @@ def listed(certutil: str, database: Path) -> str:
     ).stdout
 
 
-def test_path_asks_the_agent_which_creates_the_ca_once(mesh: Mesh) -> None:
-    r = mesh.cli("ca", "path")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == f"{cert_of(mesh)}\n"
-    assert "Started the devmesh agent" in r.stderr  # the agent owns the CA
-    key = mesh.home / "ca" / "ca-key.pem"
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    first = cert_of(mesh).read_bytes()
-    again = mesh.cli("ca", "path")
-    assert again.returncode == 0 and again.stderr == ""  # the running agent answered
+def no_agent(mesh: Mesh) -> None:
+    """No agent was started for this home: no pid file, no socket, no process."""
+    assert not (mesh.home / "agent.pid").exists()
+    assert not (mesh.home / "agent.sock").exists()
+    assert mesh.leftovers() == []
+
+
+def test_path_creates_the_ca_once_and_starts_no_agent(mesh: Mesh) -> None:
+    # The proxy port an agent of this home would take is held by something else: the CA
+    # commands need a file, not the proxy, so they work all the same.
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", mesh.proxy_port))
+        held.listen()
+        r = mesh.cli("ca", "path")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == f"{cert_of(mesh)}\n"
+        assert r.stderr == ""
+        no_agent(mesh)
+        key = mesh.home / "ca" / "ca-key.pem"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        first = cert_of(mesh).read_bytes()
+        for args in (("ca", "path"), ("ca", "export")):
+            again = mesh.cli(*args)
+            assert again.returncode == 0 and again.stderr == "", again
+        no_agent(mesh)
     assert cert_of(mesh).read_bytes() == first  # created on first use only
+    # The agent started later serves HTTPS with that same CA.
+    mesh.start_agent()
+    ctx = ssl.create_default_context(cafile=str(cert_of(mesh)))
+    with (
+        socket.create_connection(("127.0.0.1", mesh.https_port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="web.localhost"),
+    ):
+        pass
+    assert cert_of(mesh).read_bytes() == first
     cert = x509.load_pem_x509_certificate(first)
     years = (cert.not_valid_after_utc - cert.not_valid_before_utc).days / 365
     assert round(years) == 10
@@ -200,7 +227,7 @@ def _pem_blocks(text: str) -> list[bytes]:
     return [(b + end).strip().encode() for b in text.split(end) if "BEGIN" in b]
 
 
-def test_an_unconstrained_ca_is_replaced_and_the_agent_log_says_where_it_went(
+def test_an_unconstrained_ca_is_replaced_and_the_command_says_where_it_went(
     mesh: Mesh,
 ) -> None:
     import trustme
@@ -218,5 +245,5 @@ def test_an_unconstrained_ca_is_replaced_and_the_agent_log_says_where_it_went(
     )
     (aside,) = (mesh.home / "ca").glob("unconstrained-*")
     assert (aside / "ca.pem").read_bytes() == old.cert_pem.bytes()
-    log = (mesh.home / "agent.log").read_text()
-    assert f"replaced the local CA {cert_of(mesh)}" in log and str(aside) in log
+    assert f"devmesh ca: replaced the local CA {cert_of(mesh)}" in r.stderr
+    assert str(aside) in r.stderr

@@ -85,7 +85,9 @@ def export(m: Mesh, target: Path) -> Path:
 
 def test_init_export_join_one_team_ca_for_both_agents(mesh: Mesh, teammate: Mesh) -> None:
     outputs = []
-    # The teammate's agent already serves HTTPS with its machine CA before joining.
+    # Both agents run; the teammate's already serves HTTPS with its machine CA before joining.
+    mesh.start_agent()
+    teammate.start_agent()
     machine_ca = Path(ok(teammate, "ca", "path").stdout.strip())
     leaf(teammate.https_port, "web.localhost", machine_ca)
     teammate_pid = teammate.agent_pid()
@@ -156,7 +158,6 @@ def test_init_export_join_one_team_ca_for_both_agents(mesh: Mesh, teammate: Mesh
     logs = b"".join(
         p.read_bytes() for m in (mesh, teammate) for p in m.home.rglob("*.log") if p.is_file()
     )
-    assert b"team identity joined" in logs
     for text in [o.stdout + o.stderr for o in outputs] + [logs.decode(errors="replace")]:
         assert secret_b64 not in text
         assert secret_raw.hex() not in text
@@ -172,6 +173,7 @@ def test_show_without_an_identity(mesh: Mesh) -> None:
 
 
 def test_init_refuses_an_existing_identity_and_force_keeps_it_aside(mesh: Mesh) -> None:
+    mesh.start_agent()  # its proxy follows the identity on disk
     ok(mesh, "mesh", "init", "shop", "--node-name", "alpha")
     first, before = show(mesh), mesh_files(mesh)
     r = mesh.cli("mesh", "init", "shop")
@@ -223,6 +225,7 @@ def test_init_takes_the_mesh_name_from_devmesh_yaml_or_asks_for_one(mesh: Mesh) 
 
 
 def test_join_another_team_needs_force_and_keeps_the_node_id(mesh: Mesh, teammate: Mesh) -> None:
+    teammate.start_agent()
     ok(mesh, "mesh", "init", "shop")
     bundle = export(mesh, mesh.root / "shop.bundle")
     ok(teammate, "mesh", "init", "garage", "--node-name", "beta")
@@ -374,6 +377,7 @@ def test_proxy_workers_switch_to_the_team_ca_too() -> None:
     without a restart (the kernel spreads connections over them)."""
     m = Mesh(proxy_workers=2)
     try:
+        m.start_agent()
         machine_ca = Path(ok(m, "ca", "path").stdout.strip())
         m.wait_for(lambda: len(m.leftovers()) >= 3, what="the agent and its two proxy workers")
         for _ in range(6):
@@ -395,7 +399,7 @@ def test_a_failed_replacement_brings_the_old_identity_back(
     """A write failing half-way (disk full, I/O error) cannot be produced for real here (the
     tests may run as root, whom permissions do not stop), so the failure is injected into
     the certificate issue step: everything around it is the real code on real files."""
-    from devmesh.agent import identity_api
+    from devmesh.mesh import membership
 
     home = tmp_path / "home"
     old = ids.init(home, "garage", node_name="beta")
@@ -408,8 +412,8 @@ def test_a_failed_replacement_brings_the_old_identity_back(
 
     monkeypatch.setattr(ids, "issue_leaf", disk_full)
     for attempt in (
-        lambda: identity_api._init(home, "shop", None, True),
-        lambda: identity_api._join(home, bundle, None, True),
+        lambda: membership.init(home, "shop", None, True),
+        lambda: membership.join(home, bundle, None, True),
     ):
         with pytest.raises(OSError, match="No space left"):
             attempt()
@@ -419,7 +423,7 @@ def test_a_failed_replacement_brings_the_old_identity_back(
     # A node that had no identity keeps none, rather than half of one.
     fresh = tmp_path / "fresh"
     with pytest.raises(OSError):
-        identity_api._join(fresh, bundle, None, False)
+        membership.join(fresh, bundle, None, False)
     assert not ids.exists(fresh)
     assert sorted(p.name for p in (fresh / "mesh").iterdir()) == ["node.json"]
     monkeypatch.undo()

@@ -16,8 +16,7 @@ Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
   /v1/db/...                          the databases (see ``dbapi``)
   GET  /v1/logs?project=P&services=a,b&tail=N|all&since=UNIX_S&follow=1   stream of
        {service, line, time}; proxy=1 (&format=text) for the access log
-  GET  /v1/ca                         {path, pem} of the CA signing HTTPS leaves (team or local)
-  GET|POST /v1/mesh/...               the team identity: see identity_api
+  POST /v1/mesh/reload                the team identity changed on disk: see identity_api
   POST /v1/shutdown
 """
 
@@ -50,8 +49,8 @@ from devmesh.core import branches, desired, model, plan
 
 def build_router(engine: Engine, on_shutdown: Any) -> Router:
     router = Router()
-    # /v1/mesh/*: `devmesh mesh ...`; a new identity restarts the running mesh node with it
-    identity_api.register(router, engine.home.root, on_change=engine.mesh.reload_identity)
+    # POST /v1/mesh/reload: `devmesh mesh init|join` changed the identity on disk
+    identity_api.register(router, engine.mesh.reload_identity)
 
     @router.route("GET", "/v1/status")
     async def status(req: Request) -> Response:
@@ -73,6 +72,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
                     "projects": [p.name for p in snap.projects],
                 },
                 "proxy": _proxy_info(snap),
+                "mesh_off": engine.mesh.off,
             },
         )
 
@@ -81,17 +81,21 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
         body = _object(req.json())
         rec, proj, branch_warnings = await _record(engine, body)
         dry_run = bool(body.get("dry_run"))
+        if folder := engine.folder_conflict(rec.name, rec.directory, rec.source):
+            raise ApiError(409, folder)
         problems = engine.preflight(rec, proj)
         conflict = engine.mesh.conflict(proj, engine.mesh_view())
         if conflict:
             problems.append(conflict)
         preview = engine.preview(rec)
-        result = {
+        warnings = branch_warnings + _warnings(engine, proj, rec)
+        result: dict[str, Any] = {
             "project": rec.name,
             "services": sorted(rec.enabled),
             "actions": [_action(a) for a in preview.actions if a.key[0] == rec.name],
             "problems": problems,
-            "warnings": branch_warnings + _warnings(engine, proj, rec),
+            "warnings": warnings,
+            "mesh_off": None,
         }
         if problems:
             raise ApiError(422, "; ".join(problems))
@@ -100,8 +104,16 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
                 await engine.mesh.ensure(proj, engine.mesh_view())
             except meshhost.MeshError as exc:
                 raise ApiError(422, str(exc)) from exc
+            # Checked again with no await before the apply: of two applies of one project
+            # from two folders racing through the awaits above, the second one loses here.
+            if folder := engine.folder_conflict(rec.name, rec.directory, rec.source):
+                await engine.mesh.release(engine.mesh_view())
+                raise ApiError(409, folder)
             engine.apply(rec, proj)
             await engine.mesh.release(engine.mesh_view())  # it may have dropped its mesh:
+        if engine.mesh.off_for(proj):
+            result["mesh_off"] = meshhost.MESH_OFF
+            warnings.append(_mesh_off_warning(proj))
         return Response(200, result)
 
     @router.route("GET", "/v1/wait")
@@ -181,13 +193,6 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
             # The peer listener is the proxy's: its connection counts live there.
             doc["listener"] = engine.proxy.peer_stats()
         return Response(200, doc)
-
-    @router.route("GET", "/v1/ca")
-    async def get_ca(req: Request) -> Response:
-        # The CLI's `ca path|export|install` come here rather than open the proxy's CA
-        # themselves: one owner creates the CA, on first use, the same way every time.
-        path, pem = engine.ca_certificate()
-        return Response(200, {"path": str(path), "pem": pem.decode()})
 
     @router.route("POST", "/v1/shutdown")
     async def shutdown(req: Request) -> Response:
@@ -277,7 +282,7 @@ def _warnings(engine: Engine, proj: model.Project, rec: state_mod.ProjectRecord)
             f"but this agent's proxy listens on {agent_ports[0]}/{agent_ports[1]} (one proxy per "
             "agent, set when it started); URLs use the agent's ports"
         )
-    if proj.mesh is None:
+    if proj.mesh is None or engine.mesh.off_for(proj):
         # Without a mesh, a dependency that runs elsewhere can only be reached at its
         # fallback: its NAME_URL (the edge listener) would answer every call with a 502.
         for n in rec.enabled:
@@ -287,10 +292,21 @@ def _warnings(engine: Engine, proj: model.Project, rec: state_mod.ProjectRecord)
                 if target is not None and not target.runs_here and not target.fallback:
                     out.append(
                         f"service {n}: dependency {dep.name} does not run here, has no "
-                        f"fallback and project {proj.name} has no mesh: section; calls to "
-                        f"{desired.url_var(dep.name)} will answer 502"
+                        f"fallback and project {proj.name} "
+                        + ("has no mesh: section" if proj.mesh is None else "has its mesh off")
+                        + f"; calls to {desired.url_var(dep.name)} will answer 502"
                     )
     return out
+
+
+def _mesh_off_warning(proj: model.Project) -> str:
+    return (
+        f"project {proj.name} has a mesh: section but {meshhost.MESH_OFF}: the mesh is off, "
+        "its services run, and calls to services that do not run here go to their fallback. "
+        "Join your team with `devmesh mesh join FILE` (a teammate's bundle, from `devmesh mesh "
+        "export`) or start one with `devmesh mesh init`; the mesh starts then, and no service "
+        "restarts"
+    )
 
 
 def _action(a: plan.Action) -> dict[str, Any]:

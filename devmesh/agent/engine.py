@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -43,12 +44,14 @@ from devmesh.agent import snapshot as snap
 from devmesh.agent import state as state_mod
 from devmesh.agent.paths import Home
 from devmesh.core import desired, model, plan, routes
-from devmesh.proxy import accesslog, ca, routesfile, server, table
+from devmesh.proxy import accesslog, routesfile, server, table
 from devmesh.supervisor import logs
 
 log = logging.getLogger("devmesh.agent")
 
 ROTATE_EVERY_S = 5.0
+AD_HOC_SOURCE = "<command line>"
+"""The source of a project `devmesh run NAME -- CMD` made up: it has no folder of its own."""
 LOG_MAX_BYTES = 10 * 2**20
 
 
@@ -278,6 +281,28 @@ class Engine:
         self.databases.retry(rec.name)
         self.wake()
 
+    def folder_conflict(self, project: str, directory: str, source: str) -> str | None:
+        """Why ``project`` cannot be applied from ``directory``: it is applied from another.
+
+        A project belongs to one folder. A second folder with the same project name would
+        otherwise take the first one's place and stop the services its file does not list
+        (the first folder's), so it is refused, naming both folders and the ways out. The
+        same folder reached through a symlink, or a file given with ``-f`` from elsewhere,
+        is the same project: real paths are compared.
+        """
+        rec = self.state.projects.get(project)
+        if rec is None or _same_folder(rec.directory, directory):
+            return None
+        if rec.source == source == AD_HOC_SOURCE:
+            return None  # `devmesh run NAME -- CMD` again from another shell: no file to own
+        this = source if source and not source.startswith("<") else directory
+        return (
+            f"project {project} is already applied from {rec.directory}, and a project "
+            f"belongs to one folder; this file ({this}) is in {directory}. To run both, give "
+            f"this one another project name (`devmesh -p NAME up`, or `project: NAME` in its "
+            f"devmesh.yaml); to move the project here, stop it first: `devmesh down -p {project}`"
+        )
+
     def knows(self, project: str) -> bool:
         return project in self.state.projects or any(k[0] == project for k in self.runner.instances)
 
@@ -349,6 +374,7 @@ class Engine:
             self._actions(),
             mesh_peers=n.registry.peers() if n is not None else (),
             identity=n.identity if n is not None else None,
+            names=self.mesh.display_names(),
         )
         self.publish_route_file()
         self._log_edge_warnings()
@@ -382,9 +408,12 @@ class Engine:
         )
 
     def node_name(self) -> str | None:
-        """This agent's node name while it is a mesh node."""
+        """This agent's node name while it is a mesh node, as every view shows it
+        (``NAME#ID6`` while a live peer has the same name)."""
         n = self.mesh.node
-        return n.identity.node_name if n is not None else None
+        if n is None:
+            return None
+        return self.mesh.display_names().get(n.identity.node_id, n.identity.node_name)
 
     def _log_edge_warnings(self) -> None:
         """One log line when an edge's decision starts to warn, and when its warning changes."""
@@ -443,16 +472,6 @@ class Engine:
     def service_logs(self) -> list[Path]:
         """The log file of every service instance the engine holds (for log time stamping)."""
         return [self.home.service_log(*key) for key in self.runner.instances]
-
-    def ca_certificate(self) -> tuple[Path, bytes]:
-        """The path and PEM of the CA that signs the HTTPS proxy's leaves, created on first use.
-
-        The CLI's `ca path|export|install` ask the agent rather than open the CA themselves:
-        one owner creates it, the same way every time.
-        """
-        local = ca.LocalCA(self.home.root)
-        pem = local.cert_pem()
-        return local.cert_path(), pem
 
     @staticmethod
     def access_text(line: str) -> str:
@@ -514,6 +533,11 @@ class Engine:
             https_port=p.https_port if p is not None else None,
             home=self.home,
         )
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """Whether two folders are one (symlinks resolved; a folder gone compares by its path)."""
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
 
 
 def _model(rec: state_mod.ProjectRecord) -> model.Project:

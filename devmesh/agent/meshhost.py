@@ -38,8 +38,9 @@ from typing import Any, Protocol
 import anyio
 
 from devmesh.core import catalog as catalogs
-from devmesh.core import model, plan
-from devmesh.mesh import discovery, node
+from devmesh.core import model, nodenames, plan
+from devmesh.core import peers as peerreg
+from devmesh.mesh import discovery, membership, node
 from devmesh.mesh import identity as ids
 
 log = logging.getLogger("devmesh.mesh")
@@ -48,6 +49,21 @@ NO_IDENTITY = (
     "this machine has no team identity: run `devmesh mesh init` (a new team) or "
     "`devmesh mesh join FILE` (a teammate's bundle) first"
 )
+
+
+MESH_OFF = "this machine has not joined a team"
+"""Why a project's ``mesh:`` is off (``status`` and ``peers`` say it; ``mesh_off`` in JSON)."""
+
+
+def _has_identity(home: Path) -> bool:
+    """Whether a team identity is installed, once no `mesh init|join` is writing one."""
+    membership.settled(home)
+    return ids.exists(home)
+
+
+def _identity_now(home: Path) -> ids.Identity | None:
+    membership.settled(home)
+    return membership.current(home)
 
 
 class MeshError(Exception):
@@ -208,6 +224,10 @@ class MeshHost:
         self.settings: model.MeshSettings | None = None
         self._services: tuple[catalogs.SharedService, ...] = ()
         self._warned: set[tuple[str, str]] = set()
+        self.off: str | None = None
+        """Why the mesh a project asks for (``owner``, ``settings``) is off: MESH_OFF while
+        this machine has not joined a team, or the reason the identity installed since
+        could not start it (``reload_identity``); ``node`` is None then."""
         self._lock = anyio.Lock()
         """One change of the node at a time: an ``up`` and a ``mesh join`` arriving together
         must not both stop and start it."""
@@ -250,13 +270,20 @@ class MeshHost:
         problem = self.conflict(proj, others)
         if problem:
             raise MeshError(problem)
-        if self.node is not None and self.settings == mesh:
+        has_identity = await anyio.to_thread.run_sync(_has_identity, self.home)
+        if self.settings == mesh and (self.node is not None or not has_identity):
             if self.owner is None:
                 self.owner = proj.name
             return
-        previous = self.settings
+        previous = self.settings if self.node is not None else None
         if self.node is not None:
             await self._stop()
+        if not has_identity:
+            # Not a reason to refuse the project: its services run, and calls to what runs
+            # elsewhere go to the fallback. `mesh init|join` starts the node later.
+            self.owner, self.settings, self.off = proj.name, mesh, MESH_OFF
+            log.warning("mesh off for project %s: %s", proj.name, NO_IDENTITY)
+            return
         try:
             await self._start(proj.name, mesh)
         except MeshError:
@@ -269,8 +296,7 @@ class MeshHost:
 
     async def _start(self, owner: str, mesh: model.MeshSettings) -> None:
         where = f"project {owner}"
-        team_file = ids.mesh_dir(self.home) / "team.json"
-        if not team_file.exists():
+        if not await anyio.to_thread.run_sync(_has_identity, self.home):
             raise MeshError(f"{where} has a mesh: section but {NO_IDENTITY}")
         hosted = self.channel is not None and self.channel.available()
         settings = dataclasses.replace(node_settings(self.home, mesh), serve_channel=not hosted)
@@ -304,6 +330,7 @@ class MeshHost:
                 f"discovery UDP port {mesh.discovery.port}): {exc.strerror or exc}"
             ) from exc
         self.node, self.owner, self.settings, self.hosted = n, owner, mesh, hosted
+        self.off = None
         self.on_change()
         log.info(
             "mesh %s: node %s (%s), peer channel on port %d, discovery on %s UDP port %d",
@@ -316,31 +343,54 @@ class MeshHost:
         )
 
     async def reload_identity(self) -> dict[str, Any]:
-        """Restart the running node with the team identity now in ``DEVMESH_HOME/mesh``.
+        """Follow the team identity now in ``DEVMESH_HOME/mesh`` (after `mesh init|join`).
 
-        Why: ``mesh join`` and ``mesh init --force`` replace the identity while a project's
-        mesh runs; a node kept on the old one would go on announcing the old team (its
-        certificate and secret) until the agent restarts. The old node says goodbye first,
-        so its teammates drop it at once, then a node with the same ``mesh:`` settings
-        starts with the new identity. When that cannot start (say the project's
-        ``mesh.name`` is not the new team's), the mesh stays stopped and the answer says
-        why: the old identity is gone, so the old node cannot come back.
+        Why: those commands write the files without the agent. A project's mesh that was
+        off for want of an identity starts now, with no service restarted. A running node
+        whose identity changed (another team, another node name) would go on announcing
+        the old one until the agent restarts: it says goodbye first, so its teammates drop
+        it at once, then a node with the same ``mesh:`` settings starts with the new
+        identity. When that cannot start (say the project's ``mesh.name`` is not the new
+        team's), the mesh stays stopped and the answer says why: the old identity is gone,
+        so the old node cannot come back. An identity that did not change (a rejoin of the
+        same team under the same name) leaves the running node alone.
 
-        Returns ``{"restarted": bool, "error": str | None}``; ``restarted`` is false with
-        no error when no node runs (the next ``up`` starts one with the new identity).
+        Returns ``{"started": bool, "restarted": bool, "error": str | None}``; both false
+        with no error when no project asks for a mesh (the next ``up`` starts one).
         """
         async with self._lock:
-            if self.node is None or self.settings is None or self.owner is None:
-                return {"restarted": False, "error": None}
+            out: dict[str, Any] = {"started": False, "restarted": False, "error": None}
+            if self.settings is None or self.owner is None:
+                return out
             owner, mesh = self.owner, self.settings
+            if self.node is None:
+                try:
+                    await self._start(owner, mesh)
+                except MeshError as exc:
+                    log.error("mesh: not started with the team identity: %s", exc)
+                    self.off = str(exc)  # still off, now for this reason
+                    return {**out, "error": str(exc)}
+                log.info("mesh: this machine joined a team; the mesh of project %s is on", owner)
+                return {**out, "started": True}
+            now = await anyio.to_thread.run_sync(_identity_now, self.home)
+            if now == self.node.identity:
+                return out
             log.info("mesh: the team identity changed; leaving the mesh to rejoin with it")
             await self._stop()
             try:
                 await self._start(owner, mesh)
             except MeshError as exc:
                 log.error("mesh: not restarted with the new team identity: %s", exc)
-                return {"restarted": False, "error": str(exc)}
-            return {"restarted": True, "error": None}
+                return {**out, "error": str(exc)}
+            return {**out, "restarted": True}
+
+    def off_for(self, proj: model.Project) -> bool:
+        """Whether ``proj``'s ``mesh:`` is (or, applied now, would be) off: no identity."""
+        if proj.mesh is None:
+            return False
+        if self.off is not None and self.owner == proj.name:
+            return True
+        return self.node is None and not ids.exists(self.home)
 
     async def restore(self, applied: Iterable[Applied]) -> None:
         """After an agent restart: run the mesh of the first applied project that has one."""
@@ -372,7 +422,7 @@ class MeshHost:
     async def _stop(self) -> None:
         n, self.node, self.settings = self.node, None, None
         hosted, self.hosted = self.hosted, False
-        self.owner = None
+        self.owner, self.off = None, None
         if n is not None:
             await n.stop()  # the goodbye first, then the listener goes
             if hosted and self.channel is not None:
@@ -392,16 +442,41 @@ class MeshHost:
 
     # ---------------------------------------------------------------- views
 
+    def display_names(self) -> dict[str, str]:
+        """Node id -> the name every view shows (``NAME#ID6`` when two live nodes, this one
+        included, share a name; see ``core.nodenames``); empty while no node runs."""
+        n = self.node
+        if n is None:
+            return {}
+        live = [(n.identity.node_id, n.identity.node_name)]
+        others: list[tuple[str, str]] = []
+        for p in n.registry.peers():
+            (live if p.state is peerreg.PeerState.ALIVE else others).append((p.node_id, p.name))
+        return nodenames.display_names(live, others)
+
+    def shared_names(self) -> list[str]:
+        """The node names two or more live nodes carry now (``peers`` warns about them)."""
+        n = self.node
+        if n is None:
+            return []
+        live = [(n.identity.node_id, n.identity.node_name)]
+        live += [
+            (p.node_id, p.name) for p in n.registry.peers() if p.state is peerreg.PeerState.ALIVE
+        ]
+        return sorted(nodenames.shared(live))
+
     def peers(self) -> list[dict[str, Any]]:
         """The peers as ``status --json`` shows them (exactly the documented keys)."""
         if self.node is None:
             return []
+        names = self.display_names()
         out = []
         for p in self.node.status()["peers"]:  # type: ignore[attr-defined]
             out.append(
                 {
                     "node": p["node"],
                     "name": p["name"],
+                    "display_name": nodenames.shown(names, p["node"], p["name"]),
                     "address": p["address"],
                     "state": p["state"],
                     "last_seen_s": p["last_seen_s"],
@@ -413,10 +488,17 @@ class MeshHost:
     def status(self) -> dict[str, Any]:
         """Everything `devmesh peers` shows: this node, peers, backends, drop counters."""
         if self.node is None or self.settings is None:
+            if self.off is not None:
+                return {"running": False, "mesh_off": self.off, "project": self.owner}
             return {"running": False}
         doc = self.node.status()
+        names = self.display_names()
+        doc["display_name"] = nodenames.shown(names, str(doc["node"]), str(doc["name"]))
+        for p in doc["peers"]:  # type: ignore[attr-defined]
+            p["display_name"] = nodenames.shown(names, p["node"], p["name"])
         d = self.settings.discovery
         return {
+            "shared_names": self.shared_names(),
             "running": True,
             "project": self.owner,
             "discovery": {

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from devmesh.agent import launch
 from devmesh.agent import state as state_mod
 from devmesh.agent.instance import Instance
-from devmesh.core import desired, model, peers, plan, routes
+from devmesh.core import desired, model, nodenames, peers, plan, routes
 from devmesh.mesh import identity as ids
 from devmesh.proxy import selection, server, table
 
@@ -39,6 +39,7 @@ def build_table(
     *,
     mesh_peers: Sequence[peers.Peer] = (),
     identity: ids.Identity | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> table.RouteTable:
     """One backend per service with a port, projects in the order they were first applied,
     and one mesh route per declared service.
@@ -46,7 +47,9 @@ def build_table(
     The proxy gives the short name to the first backend of a name, so that order is the
     contract. Services without a port have no backend: nothing can route to them here.
     ``mesh_peers`` are the node's peers and ``identity`` its identity while this agent is
-    a mesh node (the peers' server names and ``peer_tls`` come from it).
+    a mesh node (the peers' server names and ``peer_tls`` come from it); ``names`` the
+    node names to show (node id -> ``NAME`` or ``NAME#ID6``, see ``core.nodenames``), so
+    route reasons and the access log tell two peers of one name apart.
     """
     backends: list[table.Backend] = []
     for rec, proj in projects:
@@ -71,12 +74,15 @@ def build_table(
             )
     mesh_name = identity.team.mesh if identity is not None else None
     mesh = tuple(
-        mesh_route(proj, name, mesh_peers if mesh_name is not None else (), mesh_name or "")
+        mesh_route(proj, name, mesh_peers if mesh_name is not None else (), mesh_name or "", names)
         for _, proj in projects
         for name, svc in proj.services.items()
         if not svc.runs_here or svc.wants_port  # a worker here listens on nothing: no route
     )
-    return table.RouteTable(tuple(backends), mesh=mesh, peer_tls=peer_tls(identity))
+    shown = tuple(sorted((i, n) for i, n in (names or {}).items() if "#" in n))
+    return table.RouteTable(
+        tuple(backends), mesh=mesh, peer_tls=peer_tls(identity), node_names=shown
+    )
 
 
 def peer_tls(identity: ids.Identity | None) -> table.PeerTLS | None:
@@ -93,7 +99,11 @@ def peer_tls(identity: ids.Identity | None) -> table.PeerTLS | None:
 
 
 def mesh_route(
-    proj: model.Project, service: str, mesh_peers: Sequence[peers.Peer], mesh_name: str
+    proj: model.Project,
+    service: str,
+    mesh_peers: Sequence[peers.Peer],
+    mesh_name: str,
+    names: Mapping[str, str] | None = None,
 ) -> table.MeshRoute:
     """Where calls to ``service`` of ``proj`` may go besides its local backend, and the
     rules of each caller."""
@@ -130,7 +140,7 @@ def mesh_route(
             found.append(
                 table.PeerInstance(
                     node_id=p.node_id,
-                    node_name=p.name,
+                    node_name=nodenames.shown(names or {}, p.node_id, p.name),
                     server_name=ids.node_dns_name(p.node_id, mesh_name),
                     host=p.address,
                     port=p.port,

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import fcntl
 import os
+import re
 import subprocess
 import sys
 import time
@@ -144,9 +145,40 @@ def add_project_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_project_name_arg(p: argparse.ArgumentParser) -> None:
+    """``-p NAME`` of the commands that apply a file (`up`, `plan`): compose's
+    ``--project-name``, the name the file's project is applied under."""
+    p.add_argument(
+        "-p",
+        "--project",
+        metavar="NAME",
+        help="apply the file as project NAME (default: its project:, else the folder's name)",
+    )
+    p.set_defaults(project_names_file=True)
+
+
+PROJECT_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
 def load(args: argparse.Namespace) -> Any:
-    """Load and validate devmesh.yaml; CommandError with every problem when it is invalid."""
-    return load_file(getattr(args, "file", None) or getattr(args, "project_file", None))
+    """Load and validate devmesh.yaml; CommandError with every problem when it is invalid.
+
+    A command with ``-p NAME`` that applies the file (see add_project_name_arg) gets the
+    project under that name, as ``docker compose -p NAME up`` does.
+    """
+    loaded = load_file(getattr(args, "file", None) or getattr(args, "project_file", None))
+    name = getattr(args, "project", None) if getattr(args, "project_names_file", False) else None
+    if name:
+        if not PROJECT_NAME.fullmatch(name):
+            raise CommandError(
+                f"-p {name!r}: a project name is lower-case letters, digits and dashes "
+                "(a host name label, at most 63 characters)",
+                EXIT_USAGE,
+            )
+        import dataclasses
+
+        loaded = dataclasses.replace(loaded, project=dataclasses.replace(loaded.project, name=name))
+    return loaded
 
 
 def load_file(files: list[str] | str | None) -> Any:

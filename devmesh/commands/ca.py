@@ -5,9 +5,10 @@ Why a CLI of its own: a browser or a test client must trust the CA before
 has a team identity (`devmesh mesh init|join`) the CA is the team CA, so trusting it once
 trusts every teammate's services; before, it is this machine's CA (created on first use in
 ``$DEVMESH_HOME/ca``, default ``~/.devmesh/ca``). Both are name-constrained to localhost
-names and loopback. The agent owns the CA and hands it out through its control API, so
-these commands start the agent when none runs, as `up` does. Installing it into trust
-stores happens here, as the user, in ``_trust``.
+names and loopback. These commands read (or create) the CA's files in DEVMESH_HOME directly
+and never start the agent, so the first `up` starts it with the project's `proxy:` ports;
+a running agent's proxy uses the same files (the creation is locked, so the two never make
+two CAs). Installing it into trust stores happens here, as the user, in ``_trust``.
 """
 
 from __future__ import annotations
@@ -67,10 +68,34 @@ def register(subparsers: Any) -> None:
 
 
 def _ca() -> dict[str, Any]:
-    """The agent's answer to ``GET /v1/ca``: the certificate's path and PEM."""
+    """The certificate's path and PEM: the team CA once there is one, else this machine's
+    (created on first use, as the agent's proxy would create it)."""
+    import logging
+
+    from devmesh.proxy import ca
+
+    # The CA says when it replaced an unconstrained CA of an earlier version, and where the
+    # old files went: that is for the user running this command.
+    said = logging.StreamHandler(sys.stderr)
+    said.setFormatter(logging.Formatter("devmesh ca: %(message)s"))
+    log = logging.getLogger(ca.log.name)
+    said.setLevel(logging.WARNING)
+    log.addHandler(said)
+    log.propagate = False
     h = _common.home()
-    result: dict[str, Any] = _common.ensure_agent(h).request("GET", "/v1/ca")
-    return result
+    h.ensure()
+    try:
+        local = ca.LocalCA(h.root)
+        path = local.cert_path()
+        pem = path.read_bytes()
+    except ca.errors.CAError as exc:
+        raise _common.CommandError(str(exc)) from None
+    except OSError as exc:
+        raise _common.CommandError(f"{exc.filename or h.root}: {exc.strerror or exc}") from None
+    finally:
+        log.removeHandler(said)
+        log.propagate = True
+    return {"path": str(path), "pem": pem.decode()}
 
 
 def cmd_path(args: argparse.Namespace) -> int:

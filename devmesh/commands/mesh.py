@@ -7,9 +7,11 @@ ca install`) trusts every teammate's services, and the agents recognise each oth
 peer channel. The CA is name-constrained: it can only vouch for localhost names, loopback
 addresses and the mesh's node names, never for a real site, even if the bundle leaks.
 
-Why through the agent: the agent owns DEVMESH_HOME, writes the identity the same way every
-time, and its proxy picks the new CA up without a restart. These commands start it when none
-runs, as `up` does. The only file written here is `mesh export`'s, with mode 0600.
+No agent needed: these commands work on the files in DEVMESH_HOME/mesh directly and never
+start one, so `mesh join` then `up` on a new machine starts the agent with the project's
+`proxy:` ports. A running agent is told at once: its mesh node starts (or rejoins with the
+new identity) without restarting any service, and its HTTPS proxy signs with the team CA
+from the next connection. `mesh export` writes its file with mode 0600.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +98,47 @@ def _node_name_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _agent() -> _common.Client:
-    return _common.ensure_agent(_common.home())
+def _home() -> Path:
+    return _common.home().root
+
+
+def _files(func: Callable[[], Any]) -> Any:
+    """Run a membership operation; its refusals and I/O errors as the command's message."""
+    from devmesh.mesh import identity
+
+    try:
+        return func()
+    except identity.IdentityError as exc:
+        raise _common.CommandError(str(exc)) from None
+    except OSError as exc:
+        where = exc.filename or identity.mesh_dir(_home())
+        raise _common.CommandError(f"{where}: {exc.strerror or exc}") from None
+
+
+def _tell_agent() -> dict[str, Any] | None:
+    """Have a running agent follow the new identity (None when no agent runs: the next one
+    reads the files at start)."""
+    try:
+        answer: dict[str, Any] = _common.client(timeout_s=60).request("POST", "/v1/mesh/reload")
+    except _common.AgentUnreachable:
+        return None
+    except _common.ApiError as exc:
+        print(
+            f"warning: the running agent did not take the new identity ({exc.message}); "
+            "it follows it once restarted",
+            file=sys.stderr,
+        )
+        return None
+    return answer
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from devmesh.mesh import membership
+
     name = args.name or _mesh_name_from_config(args.file)
-    body = {"mesh": name, "node_name": args.node_name, "force": args.force}
-    result = _agent().request("POST", "/v1/mesh/init", body)
+    result = _files(lambda: membership.init(_home(), name, args.node_name, args.force))
     ident = result["identity"]
+    result["mesh"] = _tell_agent()
     _said_aside(result)
     print(f"Created the team {ident['mesh']}; this node is {_node(ident)}.")
     print(f"Team CA SHA-256 fingerprint: {ident['ca_fingerprint']}")
@@ -113,10 +148,12 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    from devmesh.mesh import membership
+
     path = Path(args.file).expanduser().absolute()
-    body = {"path": str(path), "node_name": args.node_name, "force": args.force}
-    result = _agent().request("POST", "/v1/mesh/join", body)
+    result = _files(lambda: membership.join(_home(), path, args.node_name, args.force))
     ident = result["identity"]
+    result["mesh"] = _tell_agent()
     _said_aside(result)
     print(f"Joined the team {ident['mesh']}; this node is {_node(ident)}.")
     print(f"Team CA SHA-256 fingerprint: {ident['ca_fingerprint']} (compare it with the sender's)")
@@ -130,19 +167,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         target = Path(args.file).expanduser()
         if (target.exists() or target.is_symlink()) and not args.force:
             raise _common.CommandError(f"{target} exists; not overwriting it (--force replaces it)")
-    bundle = str(_agent().request("GET", "/v1/mesh/bundle")["bundle"])
+    from devmesh.mesh import membership
+
+    bundle: bytes = _files(lambda: membership.bundle(_home()))
     if args.file == "-":
-        sys.stdout.write(bundle)
+        sys.stdout.write(bundle.decode("ascii"))
         sys.stdout.flush()
         return _common.EXIT_OK
-    _write_bundle(target, bundle.encode("ascii"), replace=args.force)
+    _write_bundle(target, bundle, replace=args.force)
     print(f"wrote the team bundle to {target} (mode 600); it holds the team CA key and the")
     print("mesh secret: hand it over as you would an SSH key, then delete it.")
     return _common.EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    ident = _agent().request("GET", "/v1/mesh/identity")["identity"]
+    from devmesh.mesh import membership
+
+    ident = _files(lambda: membership.show(_home()))
     if args.json:
         print(json.dumps({"identity": ident}, indent=2))
         return _common.EXIT_OK if ident else _common.EXIT_FAILED
@@ -176,8 +217,10 @@ def _node(ident: dict[str, Any]) -> str:
 def _said_aside(result: dict[str, Any]) -> None:
     if result.get("set_aside"):
         print(f"The previous team identity is kept in {result['set_aside']}.")
-    mesh = result.get("mesh") or {}  # the running mesh node, restarted with the new identity
-    if mesh.get("restarted"):
+    mesh = result.get("mesh") or {}  # what the running agent's mesh node did
+    if mesh.get("started"):
+        print("The agent's mesh is on now (its services kept running).")
+    elif mesh.get("restarted"):
         print("The running mesh node left with the old identity and rejoined with this one.")
     elif mesh.get("error"):
         print(f"warning: the mesh is stopped: {mesh['error']}", file=sys.stderr)

@@ -59,6 +59,16 @@ def _ago(seconds: float | None) -> str:
 
 
 def render(data: dict[str, Any], out: Any) -> None:
+    if data.get("mesh_off"):
+        print(f"mesh off: {data['mesh_off']}.", file=out)
+        if "not joined a team" in data["mesh_off"]:
+            print(
+                f"Project {data.get('project')} has a mesh: section; join your team with "
+                "`devmesh mesh join FILE` (a teammate's bundle) or start one with `devmesh mesh "
+                "init`: the mesh starts at once, and no service restarts.",
+                file=out,
+            )
+        return
     if not data.get("running"):
         print(
             "No mesh: no applied project has a mesh: section (see docs/mesh.md).",
@@ -74,7 +84,8 @@ def render(data: dict[str, Any], out: Any) -> None:
     if disc.get("mdns"):
         how.append("mdns")
     print(
-        f"mesh {data.get('mesh')}: this node is {data.get('name')} ({data.get('node')}), "
+        f"mesh {data.get('mesh')}: this node is {data.get('display_name') or data.get('name')} "
+        f"({data.get('node')}), "
         f"set by project {data.get('project')}; peer channel on port "
         f"{(data.get('channel') or {}).get('port')}, discovery UDP port {disc.get('port')} "
         f"({'; '.join(how) or 'no backend'})",
@@ -89,7 +100,7 @@ def render(data: dict[str, Any], out: Any) -> None:
             state = p["state"] + (f" ({p['reason']})" if p.get("reason") else "")
             table.append(
                 (
-                    p["name"],
+                    p.get("display_name") or p["name"],
                     p["node"][:12],
                     f"{p['address']}:{p['port']}",
                     state,
@@ -103,6 +114,13 @@ def render(data: dict[str, Any], out: Any) -> None:
         for i, row in enumerate(table):
             line = "  ".join(cell.ljust(widths[j]) for j, cell in enumerate(row)).rstrip()
             print(_common.paint(line, "1", colour) if i == 0 else line, file=out)
+    for name in data.get("shared_names") or []:
+        print(
+            f"warning: more than one live node is named {name}; each is shown as {name}#ID6 "
+            "(the first 6 hex digits of its node id). Give each machine its own name: "
+            "`devmesh mesh join FILE --node-name NAME` or mesh.node_name in devmesh.yaml",
+            file=out,
+        )
     drops = data.get("drops") or {}
     if drops:
         said = ", ".join(f"{reason} {count}" for reason, count in drops.items())

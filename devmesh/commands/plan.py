@@ -25,6 +25,7 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common.add_file_arg(p)
+    _common.add_project_name_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("services", nargs="*", metavar="SERVICE")
     p.set_defaults(func=lambda a: _common.run_command(run, a))

@@ -89,6 +89,10 @@ def render(data: dict[str, Any], out: Any) -> None:
         print("No services. `devmesh up` in a folder with a devmesh.yaml starts some.", file=out)
     else:
         _render_local(data, services, out)
+    if data.get("mesh_off"):
+        hint = " (`devmesh mesh join FILE` or `devmesh mesh init`)"
+        joined = "not joined a team" not in data["mesh_off"]
+        print(f"\nmesh off: {data['mesh_off']}" + ("" if joined else hint), file=out)
     _render_peers(data.get("peers") or [], out)
 
 
@@ -110,7 +114,7 @@ def _render_peers(peers: list[dict[str, Any]], out: Any) -> None:
         for s in p.get("services") or []:
             rows.append(
                 (
-                    p["name"],
+                    p.get("display_name") or p["name"],
                     s["project"],
                     s["name"],
                     s.get("version") or "-",
@@ -120,7 +124,8 @@ def _render_peers(peers: list[dict[str, Any]], out: Any) -> None:
                 )
             )
         if not p.get("services"):
-            rows.append((p["name"], "-", "-", "-", "-", "-", f"{where}; shares nothing"))
+            name = p.get("display_name") or p["name"]
+            rows.append((name, "-", "-", "-", "-", "-", f"{where}; shares nothing"))
     print("\nSHARED BY PEERS", file=out)
     _table(rows, out)
 

@@ -37,6 +37,7 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_up_args(p)
+    _common.add_project_name_arg(p)
     p.set_defaults(func=lambda a: _common.run_command(run, a))
 
 

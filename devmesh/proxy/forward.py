@@ -452,7 +452,8 @@ class Forwarder:
         if edge is not None:
             caller: str | None = f"{edge.caller_service}.{edge.caller_project}"
         elif client.mesh is not None and isinstance(client.caller, peering.PeerCaller):
-            caller = f"peer {client.caller.node_name}"
+            who = client.caller
+            caller = f"peer {self.table().node_name(who.node_id, who.node_name)}"
         else:
             caller = None
         # The keys are accesslog.Entry's fields, in its order (the JSON lines keep it).

@@ -72,6 +72,8 @@ def encode(routes: table.RouteTable, edges: Edges) -> bytes:
         doc["mesh"] = [_mesh_doc(m) for m in routes.mesh]
     if routes.peer_tls is not None:
         doc["peer_tls"] = dataclasses.asdict(routes.peer_tls)
+    if routes.node_names:
+        doc["node_names"] = [list(pair) for pair in routes.node_names]
     doc["edges"] = [
         {
             "caller_project": e.caller_project,
@@ -96,6 +98,7 @@ def decode(data: bytes, path: Path | str = "<routes>") -> Parsed:
         agent = _backend(doc["agent"]) if doc.get("agent") else None
         mesh = tuple(_mesh(m) for m in doc.get("mesh") or ())
         peer_tls = table.PeerTLS(**doc["peer_tls"]) if doc.get("peer_tls") else None
+        node_names = tuple((str(i), str(n)) for i, n in doc.get("node_names") or ())
         edges: dict[table.Edge, int | None] = {}
         for e in doc.get("edges") or ():
             port = e.get("port")
@@ -110,7 +113,7 @@ def decode(data: bytes, path: Path | str = "<routes>") -> Parsed:
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         reason = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
         raise RoutesFileError(path, reason) from exc
-    return table.RouteTable(backends, agent, mesh, peer_tls), edges
+    return table.RouteTable(backends, agent, mesh, peer_tls, node_names), edges
 
 
 def read(path: Path) -> Parsed:

@@ -223,6 +223,9 @@ class RouteTable:
     """Mesh routing per (project, service); a service absent here routes to its Backend only."""
     peer_tls: PeerTLS | None = None
     """Set while this agent is a mesh node; None means no peer can be called."""
+    node_names: tuple[tuple[str, str], ...] = ()
+    """(node id, name as shown) of the nodes whose name two live nodes share, shown as
+    ``NAME#ID6`` (the agent decides: ``core.nodenames``); for the access log's callers."""
     _by_name: dict[str, Backend] = field(init=False, repr=False, compare=False)
     _mesh_by_pair: dict[tuple[str, str], MeshRoute] = field(init=False, repr=False, compare=False)
     _mesh_by_name: dict[str, MeshRoute] = field(init=False, repr=False, compare=False)
@@ -252,6 +255,13 @@ class RouteTable:
         object.__setattr__(self, "_by_name", by_name)
         object.__setattr__(self, "_by_pair", by_pair)
         object.__setattr__(self, "_resolved", {})
+
+    def node_name(self, node_id: str, name: str) -> str:
+        """The name to show for a node: ``NAME#ID6`` when listed in ``node_names``."""
+        for listed, shown in self.node_names:
+            if listed == node_id:
+                return shown
+        return name
 
     def resolve_host(self, host_header: str) -> Backend | Reserved | Unknown:
         """Map a Host header to a backend; never raises.
