@@ -224,7 +224,12 @@ def test_restart_always_restarts_clean_exit_with_growing_delay(mesh: Mesh) -> No
     mesh.cli("down", cwd=d, check=True)
     times = [float(t) for t in log.read_text().split()[:4]]
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert gaps[2] > gaps[0] * 1.5, gaps  # exponential backoff: 0.3, 0.6, 1.2 s (+ jitter)
+    # Order, not speed: restart N starts no earlier than its backoff after run N (0.3 s,
+    # doubling, + jitter), so each gap is at least that; load only makes gaps longer. A flat
+    # delay would start the fourth run about 0.3 s after the third. How long the gaps
+    # really are is measured by bench/recovery.py.
+    floors = [0.3, 0.6, 1.2]
+    assert all(g >= f for g, f in zip(gaps, floors, strict=True)), (gaps, floors)
 
 
 def test_down_kills_grandchildren_even_outside_the_process_group(mesh: Mesh) -> None:
