@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from agentkit import PY, ROUTE_SERVICE, Machines, Mesh
 from netkit import have_netns, wait_for
+from test_agent_lifecycle import BACKOFF_S, run_times
 from test_mesh_route_failover_netns import (
     ALPHA,
     BETA,
@@ -51,7 +52,6 @@ from test_mesh_route_failover_netns import (
     start,
 )
 
-BACKOFF_S = 0.3
 RUNS = 5
 
 
@@ -101,23 +101,7 @@ def backoff() -> list[dict[str, float]]:
     """The gaps between the first RUNS runs of a service that exits at once."""
     mesh = Mesh()
     try:
-        d = mesh.project(
-            "always",
-            f"""
-            version: 1
-            services:
-              tick:
-                version: 1.0.0
-                command: [{PY}, -c, "import time; print(time.time(), flush=True)"]
-                health: {{tcp: false}}
-                restart: {{policy: always, backoff_s: {BACKOFF_S}}}
-            """,
-        )
-        mesh.cli("up", "-d", cwd=d)
-        log = mesh.home / "logs" / "always" / "tick.log"
-        mesh.wait_for(lambda: len(log.read_text().split()) >= RUNS, timeout=60, what="runs")
-        mesh.cli("down", cwd=d, check=True)
-        times = [float(t) for t in log.read_text().split()[:RUNS]]
+        times = run_times(mesh, RUNS)
     finally:
         mesh.close()
     out = []
