@@ -16,9 +16,14 @@ from pathlib import Path
 
 import psutil
 import psycopg
+import pytest
 
 from devmesh.db.native import NativePostgres
 from devmesh.db.spec import DbSpec
+
+ROOT = pytest.mark.needs_root("a cluster run by its own system user")
+"""The mark of a test of what the native provider does as root: skipped as another user, a
+failure under DEVMESH_REQUIRE_ROOT=1 (see conftest.py)."""
 
 
 def traversable_tmp(prefix: str) -> Path:

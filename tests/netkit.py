@@ -33,6 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 SUBNET = "10.250.7"
 PREFIX = "dmt-"
 _counter = itertools.count()
@@ -41,6 +43,11 @@ _counter = itertools.count()
 def have_netns() -> bool:
     """Whether this process may create network namespaces (root, ip and nft or iptables)."""
     return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+NETNS = pytest.mark.needs_root("network namespaces (root and iproute2)", check=have_netns)
+"""The mark of a test that makes namespaces: skipped unless root, a failure under
+DEVMESH_REQUIRE_ROOT=1 (see conftest.py)."""
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -126,8 +126,14 @@ def test_two_projects_with_one_service_name_keep_the_order_they_were_applied(
     one, two = _api_project(mesh, "one"), _api_project(mesh, "two")
     r = mesh.cli("up", "-d", cwd=one, check=True)
     assert "+ api: ready" in r.stderr and f": http://api.localhost:{port}" in r.stderr
+    assert "stays with" not in r.stderr
     r = mesh.cli("up", "-d", cwd=two, check=True)
     assert f": http://api.two.localhost:{port}" in r.stderr, r.stderr
+    # `up` says who keeps the short name, and where this project's service answers instead.
+    assert (
+        f"api.localhost stays with project one, applied first; api of two answers at "
+        f"http://api.two.localhost:{port}" in r.stderr
+    ), r.stderr
     assert _urls(mesh) == {
         "one": f"http://api.localhost:{port}",
         "two": f"http://api.two.localhost:{port}",
@@ -147,6 +153,7 @@ def test_two_projects_with_one_service_name_keep_the_order_they_were_applied(
     mesh.cli("down", cwd=one, check=True)
     r = mesh.cli("up", "-d", cwd=one, check=True)
     assert f": http://api.one.localhost:{port}" in r.stderr, r.stderr
+    assert "api.localhost stays with project two, applied first" in r.stderr, r.stderr
     assert _urls(mesh) == {
         "one": f"http://api.one.localhost:{port}",
         "two": f"http://api.localhost:{port}",

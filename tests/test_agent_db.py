@@ -25,6 +25,7 @@ import psycopg
 import pytest
 from agentkit import PY, SERVER, Mesh, alive
 from dbkit import DbHome, make_staging, postgres_in, postmasters_in
+from psycopg.conninfo import conninfo_to_dict
 
 from devmesh.db.cluster import Cluster
 
@@ -694,6 +695,49 @@ services:
         mesh.cli("down", "--volumes", cwd=d)
         mesh.env.pop("STAGING_URL", None)
     assert postgres_in(cluster_dirs(mesh, "pgsync")) == []
+
+
+def test_db_sync_reads_the_file_in_its_own_environment_and_names_the_source(
+    agent: Mesh, staging: str
+) -> None:
+    """`up` interpolated ${STAGING_URL} with a URL that leads nowhere; `db sync` run with the
+    right one reads the file again, as compose does for each command, and uses it."""
+    mesh = agent
+    text = f"""
+version: 1
+project: pgsync
+services:
+  shop:
+    version: 1.0.0
+    command: {PY} server.py
+    db:
+      engine: postgres
+      provider: native
+      sync: {{from: "${{STAGING_URL}}", tables: {{regions: "id <= 2"}}}}
+"""
+    d = mesh.project("pgsync", text, {"server.py": SERVER})
+    src = conninfo_to_dict(staging)
+    mesh.env["STAGING_URL"] = "postgresql://u:old-s3cret@127.0.0.1:1/old"
+    try:
+        mesh.cli("up", "-d", cwd=d, check=True)
+        mesh.env["STAGING_URL"] = staging
+        r = mesh.cli("db", "sync", "shop", cwd=d, check=True)
+        assert (
+            f"Syncing shop's database from host {src['host']}, port {src['port']}, "
+            f"database {src['dbname']}." in r.stderr
+        ), r.stderr
+        assert str(src["password"]) not in r.stderr + r.stdout
+        url = mesh.cli("db", "url", "shop", cwd=d, check=True).stdout.strip()
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM regions").fetchone() == (2,)
+        # -p NAME alone reads no file: the block as applied, whose source it names.
+        r = mesh.cli("db", "sync", "shop", "-p", "pgsync", cwd=mesh.root)
+        assert r.returncode == 1
+        assert "from host 127.0.0.1, port 1, database old." in r.stderr, r.stderr
+        assert "old-s3cret" not in r.stderr + r.stdout
+    finally:
+        mesh.cli("down", "--volumes", cwd=d)
+        mesh.env.pop("STAGING_URL", None)
 
 
 def test_on_first_up_syncs_when_up_creates_the_database_only(agent: Mesh, staging: str) -> None:

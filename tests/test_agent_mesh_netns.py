@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 from agentkit import PY, SERVER, Mesh
-from netkit import Net, have_netns
+from netkit import NETNS, Net
 
 from devmesh.mesh import identity as ids
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_netns(), reason="needs root and iproute2 for network namespaces"),
+    NETNS,
 ]
 
 INTERVAL_S = 0.3  # TTL 0.9 s

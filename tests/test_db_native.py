@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from dbkit import DbHome, postmasters_in
+from dbkit import ROOT, DbHome, postmasters_in
 
 from devmesh.db import wiring
 from devmesh.db.errors import (
@@ -255,7 +255,7 @@ def test_a_version_other_than_the_clusters_is_refused(shared) -> None:
         provider.ensure(DbSpec(project="shared", service="other", version=major + 1))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="root only: the cluster's system user")
+@ROOT
 def test_as_root_the_cluster_runs_unprivileged_and_data_moves_when_home_is_closed() -> None:
     home = DbHome(traversable=False)  # mode 0700, like /root
     try:
@@ -277,7 +277,7 @@ def test_as_root_the_cluster_runs_unprivileged_and_data_moves_when_home_is_close
         assert home.close() == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="root only: the cluster's system user")
+@ROOT
 def test_as_root_in_a_reachable_home_the_record_stays_roots(own) -> None:
     provider = own.native("p")
     provider.ensure(DbSpec(project="p", service="api"))

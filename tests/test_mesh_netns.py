@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netkit import Net, NodeProc, have_netns, init_team, join_team, wait_for
+from netkit import NETNS, Net, NodeProc, init_team, join_team, wait_for
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_netns(), reason="needs root and iproute2 for network namespaces"),
+    NETNS,
 ]
 
 INTERVAL = "0.3"  # TTL 0.9 s

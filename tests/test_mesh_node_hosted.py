@@ -19,9 +19,12 @@ LONG_INTERVAL_S = 30.0
 
 
 async def until(what: str, check, timeout_s: float = 10.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.01)  # polling an observable state with a deadline
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not check():
+                await asyncio.sleep(0.01)  # polling an observable state with a deadline
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
 
 
 def settings(tmp: Path, name: str, port: int, **kw) -> node.NodeSettings:
@@ -100,12 +103,17 @@ def test_the_host_hears_of_a_new_catalog_and_of_a_peer_that_left(tmp_path: Path)
     a_id = ids.init(tmp_path / "alpha", "team", node_name="alpha")
     ids.join(tmp_path / "beta", ids.encode_bundle(a_id.team), node_name="beta")
     port = free_udp_port()
-    changes: list[int] = []
+    changes: list[bool] = []
+    """At each call of the host's callback: whether b's services were held by then."""
 
     async def main() -> None:
+        def held() -> bool:
+            p = a.registry.get(b.identity.node_id)
+            return bool(p and p.catalog and p.catalog.services)
+
         a = node.Node(
             settings(tmp_path, "alpha", port, serve_channel=False),
-            on_change=lambda: changes.append(1),
+            on_change=lambda: changes.append(held()),
         )
         a.channel_port = free_tcp_port()
         b = node.Node(settings(tmp_path, "beta", port))  # serves its own channel
@@ -113,13 +121,10 @@ def test_the_host_hears_of_a_new_catalog_and_of_a_peer_that_left(tmp_path: Path)
         await b.start()
         try:
             b.set_services((catalog.SharedService(name="api", project="shop", version="1.0.0"),))
-
-            def held() -> bool:
-                p = a.registry.get(b.identity.node_id)
-                return bool(p and p.catalog and p.catalog.services)
-
             await until("a to fetch b's catalog", held)
-            await until("a to tell its host", lambda: bool(changes))
+            # Told after the catalog arrived, not only when b was first seen (before it):
+            # the host rebuilds its routes then, so b's api becomes routable.
+            await until("a to tell its host of the catalog", lambda: any(changes))
         finally:
             await b.stop()
         before = len(changes)

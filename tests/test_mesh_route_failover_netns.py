@@ -10,6 +10,10 @@ candidates), so the moment calls move to gamma is observable. Beta is killed (ev
 in its namespace, SIGKILL: the machine dies) while four clients keep GETs in flight; then
 gamma. Another test kills only beta's api process, its agent alive. Each test has machines
 of its own, since it changes what runs.
+
+What is asserted is order and outcome: no GET fails, and each client's answers come from
+beta, then gamma, then the fallback, never back. How fast calls move is a figure, measured
+by ``bench/recovery.py`` (the same machines and load), not asserted here.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ from typing import Any
 
 import pytest
 from agentkit import PY, ROUTE_SERVICE, Machines, Mesh
-from netkit import NsHTTP, have_netns, wait_for
+from netkit import NETNS, NsHTTP, wait_for
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_netns(), reason="needs root and iproute2 for network namespaces"),
+    NETNS,
 ]
 
 ALPHA, BETA, GAMMA = 0, 1, 2
@@ -41,7 +45,6 @@ FALLBACK_PORT = 18080
 CLIENTS = 4
 MAX_PER_CLIENT = 400
 """Bound of the load: at most CLIENTS x MAX_PER_CLIENT GETs."""
-FAILOVER_DEADLINE_S = 2.0
 
 MESH = (
     "version: 1\nproject: shop\n"
@@ -70,6 +73,7 @@ def alpha_yaml() -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Answer:
+    client: int
     done_s: float
     """time.monotonic() when the answer (or the failure) came."""
     status: int
@@ -86,13 +90,13 @@ class Load:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.threads = [
-            threading.Thread(target=self._run, args=(netns, port), daemon=True)
-            for _ in range(CLIENTS)
+            threading.Thread(target=self._run, args=(netns, port, n), daemon=True)
+            for n in range(CLIENTS)
         ]
         for t in self.threads:
             t.start()
 
-    def _run(self, netns: str, port: int) -> None:
+    def _run(self, netns: str, port: int, client: int) -> None:
         import json
 
         with NsHTTP(netns, "127.0.0.1", port, timeout_s=15) as c:
@@ -102,10 +106,11 @@ class Load:
                 try:
                     resp = c.request("GET", "/work?ms=10")
                     node = json.loads(resp.body).get("node") if resp.status == 200 else None
-                    a = Answer(done_s=time.monotonic(), status=resp.status, node=node,
+                    a = Answer(client=client, done_s=time.monotonic(), status=resp.status, node=node,
                                error=None if resp.status == 200 else resp.body[:300].decode())  # fmt: skip
                 except (OSError, ValueError) as exc:
-                    a = Answer(done_s=time.monotonic(), status=0, node=None, error=repr(exc))
+                    a = Answer(client=client, done_s=time.monotonic(), status=0, node=None,
+                               error=repr(exc))  # fmt: skip
                 with self.lock:
                     self.answers.append(a)
 
@@ -115,6 +120,15 @@ class Load:
 
     def after(self, t: float, node: str) -> list[Answer]:
         return [a for a in self.snapshot() if a.done_s > t and a.node == node]
+
+    def sequences(self) -> dict[int, list[str | None]]:
+        """Each client's answering nodes in the order it got them, repeats collapsed."""
+        out: dict[int, list[str | None]] = {}
+        for a in self.snapshot():
+            seq = out.setdefault(a.client, [])
+            if not seq or seq[-1] != a.node:
+                seq.append(a.node)
+        return out
 
     def close(self) -> None:
         self.stop.set()
@@ -172,12 +186,6 @@ def test_calls_move_to_gamma_then_to_the_fallback_without_a_failed_get(
         wait_for("40 answers from beta", lambda: len(load.after(0, "beta")) >= 40)
         killed_beta = time.monotonic()
         machines.kill(BETA)
-        first = wait_for(
-            "the first answer from gamma after beta was killed",
-            lambda: load.after(killed_beta, "gamma"),
-            timeout_s=FAILOVER_DEADLINE_S,
-        )
-        moved_s = first[0].done_s - killed_beta
         wait_for("40 answers from gamma", lambda: len(load.after(killed_beta, "gamma")) >= 40)
         killed_gamma = time.monotonic()
         machines.kill(GAMMA)
@@ -194,7 +202,11 @@ def test_calls_move_to_gamma_then_to_the_fallback_without_a_failed_get(
     answers = load.snapshot()
     failed = [a for a in answers if a.status != 200]
     assert not failed, f"{len(failed)} of {len(answers)} GETs failed: {failed[:5]}"
-    print(f"calls moved to gamma {moved_s * 1000:.0f} ms after beta was killed")
+    # Every client moved on in order (beta, gamma, fallback) and never back to a dead node.
+    order = ["beta", "gamma", "fallback"]
+    for client, seq in load.sequences().items():
+        start_at = order.index(str(seq[0]))
+        assert seq == order[start_at : start_at + len(seq)], (client, seq)
     alpha.wait_for(
         lambda: route(alpha).get("target") == "fallback", what="web -> api on the fallback"
     )
@@ -224,14 +236,14 @@ def test_when_betas_service_dies_but_its_agent_lives_no_get_fails(machines: Mach
         wait_for("40 answers from beta", lambda: len(load.after(0, "beta")) >= 40)
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        wait_for(
-            "the first answer from gamma after beta's api was killed",
-            lambda: load.after(killed, "gamma"),
-            timeout_s=FAILOVER_DEADLINE_S,
-        )
         wait_for("40 answers from gamma", lambda: len(load.after(killed, "gamma")) >= 40)
     finally:
         load.close()
     answers = load.snapshot()
     failed = [a for a in answers if a.status != 200]
     assert not failed, f"{len(failed)} of {len(answers)} GETs failed: {failed[:5]}"
+    # Each client's first answer not from beta came from gamma (beta's api may be back by
+    # the end: its agent restarts it, and `balance: first` prefers beta again then).
+    for client, seq in load.sequences().items():
+        assert [n for n in seq if n != "beta"][:1] in ([], ["gamma"]), (client, seq)
+        assert set(seq) <= {"beta", "gamma"}, (client, seq)

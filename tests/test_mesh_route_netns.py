@@ -30,14 +30,14 @@ from typing import Any
 
 import pytest
 from agentkit import PY, ROUTE_SERVICE, Machines
-from netkit import NsHTTP, have_netns, ns_socket, wait_for
+from netkit import NETNS, NsHTTP, ns_socket, wait_for
 
 from devmesh.mesh import channel
 from devmesh.mesh import identity as ids
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_netns(), reason="needs root and iproute2 for network namespaces"),
+    NETNS,
 ]
 
 ALPHA, BETA, GAMMA, DELTA = 0, 1, 2, 3

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 from agentkit import PY, ROUTE_SERVICE, Machines
-from netkit import NsHTTP, have_netns
+from netkit import NETNS, NsHTTP
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_netns(), reason="needs root and iproute2 for network namespaces"),
+    NETNS,
 ]
 
 ALPHA, BETA = 0, 1

@@ -270,3 +270,39 @@ def test_the_owner_serves_only_local_shared_instances_never_a_peer(nodes):
             assert b"x-devmesh-unavailable: 1" in got
             assert service.encode() in got.split(b"\r\n\r\n", 1)[1]
         assert up.connections == 0
+
+
+def test_the_owner_serves_a_call_only_in_the_branch_its_instance_runs_in(nodes):
+    """A shared instance under a branch answers calls for that branch only; the default
+    namespace's only calls without one. Anything else is this node's 404 with
+    ``x-devmesh-unavailable`` (the caller moves on), and nothing reaches the service."""
+    a, b = nodes
+    with proxykit.upstream() as feat, proxykit.upstream() as plain:
+        b.set_table(
+            backends=(
+                table.Backend(
+                    project="shop", service="api", port=feat.port, shared=True, branch="feat"
+                ),
+                table.Backend(project="shop", service="web", port=plain.port, shared=True),
+            )
+        )
+        ctx = _tls_client(a, b)
+
+        def call(service: str, branch: str | None) -> bytes:
+            head = f"GET /x HTTP/1.1\r\nHost: b\r\nx-devmesh-service: {service}.shop\r\n"
+            if branch is not None:
+                head += f"x-devmesh-branch: {branch}\r\n"
+            return _raw(ctx, b.peer_port, (head + "Connection: close\r\n\r\n").encode())
+
+        for service, branch, where in (
+            ("api", None, b"runs in branch feat on node node-b, not in the default namespace"),
+            ("api", "other", b"runs in branch feat on node node-b, not in branch other"),
+            ("web", "feat", b"runs in the default namespace on node node-b, not in branch feat"),
+        ):
+            got = call(service, branch)
+            assert got.startswith(b"HTTP/1.1 404 "), got
+            assert b"x-devmesh-unavailable: 1" in got and where in got, got
+        assert feat.connections == 0 and plain.connections == 0
+        assert call("api", "feat").startswith(b"HTTP/1.1 200 ")
+        assert call("web", None).startswith(b"HTTP/1.1 200 ")
+        assert feat.connections == 1 and plain.connections == 1

@@ -510,3 +510,35 @@ def test_a_peer_that_refuses_connections_is_skipped_and_marked_down(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_a_409_ends_when_the_table_swaps_in_a_compatible_version(proxy):
+    """The proxy remembers the decision for a lone local backend per table: a new table
+    (here: api 2.3.0 started in place of 1.9.0) must be decided again, never answered
+    from what the old one said."""
+    with proxykit.upstream() as up:
+
+        def api(version: str) -> table.RouteTable:
+            return table.RouteTable(
+                backends=(
+                    table.Backend(project="shop", service="api", port=up.port, version=version),
+                ),
+                mesh=(
+                    table.MeshRoute(
+                        project="shop",
+                        service="api",
+                        rules=(needs("^2.1", model.VersionPolicy.REJECT),),
+                    ),
+                ),
+            )
+
+        proxy.table = api("1.9.0")
+        port = edge_port(proxy)
+        r = get(f"http://127.0.0.1:{port}/")
+        assert r.status_code == 409 and "found only local api 1.9.0" in r.text
+        proxy.table = api("2.3.0")
+        r = get(f"http://127.0.0.1:{port}/")
+        assert r.status_code == 200, r.text
+        assert up.connections == 1
+        proxy.table = api("1.9.0")  # and back: refused again
+        assert get(f"http://127.0.0.1:{port}/").status_code == 409

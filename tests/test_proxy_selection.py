@@ -3,6 +3,8 @@ exactly what a fresh selection gives, call after call, and runtime state must be
 
 from __future__ import annotations
 
+import math
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,8 +76,9 @@ def _targets(result: selection.Plan | routes.Decision) -> object:
 def test_remembered_plans_equal_fresh_selection(pair, branch, calls):
     routes_table, route = pair
     remembered, fresh = selection.Router(clock=lambda: 0.0), selection.Router(clock=lambda: 0.0)
-    # A mark on a key no candidate has: it changes no decision, but turns remembering off.
-    fresh.down[("shop", "api")] = {"peer:none": (0.0, "")}
+    # A mark on a key no candidate has, never expiring: it changes no decision, but turns
+    # remembering off (an expired mark is dropped at the next call, and remembering with it).
+    fresh.down[("shop", "api")] = {"peer:none": (math.inf, "")}
     asked = branches.Branch(name=branch, source=branches.Source.HEADER)
     for _ in range(calls):
         a = remembered.plan(routes_table, route, caller="web", branch=asked, edge=True)
@@ -100,3 +103,25 @@ def test_outstanding_counts_and_down_marks():
     )
     router.mark_up("shop", "api", "local")
     assert router.down[("shop", "api")] == {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(tables(), tables(), st.sampled_from([None, "feat"]), st.integers(1, 6))
+def test_remembered_decisions_follow_a_new_table(first, second, branch, calls):
+    """The route table is replaced (never mutated) when anything changes: what was
+    remembered for the old one must not answer for the new one, on either path."""
+    remembered, fresh = selection.Router(clock=lambda: 0.0), selection.Router(clock=lambda: 0.0)
+    fresh.down[("shop", "api")] = {"peer:none": (math.inf, "")}
+    asked = branches.Branch(name=branch, source=branches.Source.HEADER)
+    swaps = (first, second, first)
+    remembered_static = selection.Router(clock=lambda: 0.0)
+    for routes_table, route in swaps:
+        for backend in routes_table.backends:  # the fast path of a lone local backend
+            a = remembered_static.static(routes_table, route, backend, "web")
+            b = selection.Router().static(routes_table, route, backend, "web")
+            assert (a.outcome, a.message, a.warning) == (b.outcome, b.message, b.warning)
+    for routes_table, route in swaps:
+        for _ in range(calls):
+            a = remembered.plan(routes_table, route, caller="web", branch=asked, edge=True)
+            b = fresh.plan(routes_table, route, caller="web", branch=asked, edge=True)
+            assert _targets(a) == _targets(b)

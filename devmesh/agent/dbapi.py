@@ -10,7 +10,10 @@ Endpoints (JSON; ``sync`` answers NDJSON):
                                             ``project``, those of every applied project
   GET  /v1/db/url?project=P&service=S       {url, env}: the full URL, password included
   GET  /v1/db/shell?project=P&service=S     {argv, env} of psql or sqlite3 on it
-  POST /v1/db/sync        {project, service}     stream: progress per table, then done
+  POST /v1/db/sync        {project, service, document?}   stream: the source, progress per
+                          table, then done; ``document`` is the project as the CLI reads
+                          devmesh.yaml now (interpolated with its environment): its
+                          ``db.sync`` is what is copied, not the one of the last ``up``
   POST /v1/db/snapshot    {project, service, name?}
   POST /v1/db/restore     {project, service, name}
   GET  /v1/db/snapshots?project=P&service=S
@@ -20,6 +23,7 @@ Errors are 404 (no such project or service), 409 (a database error, naming the c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -95,6 +99,10 @@ def register(router: Router, engine: Engine) -> None:
         body = _body(req)
         project, proj = _project(engine, body.get("project"))
         service = _service(body)
+        proj = _with_sync_of(proj, service, body.get("document"))
+        svc = proj.services.get(service)
+        sync_block = svc.db.sync if svc is not None and svc.db is not None else None
+        source = sync_mod.source_of(sync_block.source) if sync_block is not None else None
         assert dbs.tg is not None
         send, recv = anyio.create_memory_object_stream[dict[str, Any]](1000)
 
@@ -129,11 +137,40 @@ def register(router: Router, engine: Engine) -> None:
         dbs.tg.start_soon(worker)
 
         async def items() -> AsyncIterator[dict[str, Any]]:
+            if source is not None:  # first, so it is printed even when the sync fails
+                yield {"source": dataclasses.asdict(source), "text": source.text()}
             async with recv:
                 async for item in recv:
                     yield item
 
         return StreamResponse(200, items())
+
+
+def _with_sync_of(proj: model.Project, service: str, document: Any) -> model.Project:
+    """``proj`` (as applied) with the ``db.sync`` block of ``service`` taken from
+    ``document``, the file as the CLI reads it now: compose re-reads the file and the
+    environment for each command, so `STAGING_URL=... devmesh db sync` must use the new
+    URL. Everything else (which database, its provider) stays as applied. No document
+    (`-p NAME` without a file): the applied block."""
+    if document is None:
+        return proj
+    if not isinstance(document, dict):
+        raise ApiError(400, "'document' must be the project document")
+    try:
+        fresh = model.from_document(
+            document, directory=proj.directory, default_name=proj.name, source=proj.source
+        )
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise ApiError(400, f"sync: invalid project document: {exc!r}") from exc
+    applied, now = proj.services.get(service), fresh.services.get(service)
+    if applied is None or applied.db is None:
+        return proj  # the sync names what is missing
+    if now is None:
+        raise ApiError(404, f"service {service!r} is no longer in {proj.source or 'devmesh.yaml'}")
+    sync_block = now.db.sync if now.db is not None else None
+    db = dataclasses.replace(applied.db, sync=sync_block)
+    services = {**proj.services, service: dataclasses.replace(applied, db=db)}
+    return dataclasses.replace(proj, services=services)
 
 
 async def _call(func: Callable[..., T], *args: Any) -> T:

@@ -162,12 +162,31 @@ def _shell(args: argparse.Namespace) -> int:
     return _common.EXIT_FAILED  # not reached: exec replaces this process
 
 
+def _sync_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The request of `db sync`: the file as it reads now, interpolated with this
+    command's environment (compose re-reads both for each command), so a new
+    ``STAGING_URL=...`` is used, not the URL of the last `up`. ``-p NAME`` alone reads no
+    file: the applied block is used."""
+    if args.project and not (args.file or getattr(args, "project_file", None)):
+        return {"project": args.project, "service": args.service}
+    from devmesh.core import model
+
+    proj = _common.load(args).project
+    if args.project and args.project != proj.name:
+        raise _common.CommandError(
+            f"-p {args.project} names another project than the file's ({proj.name})"
+        )
+    return {"project": proj.name, "service": args.service, "document": model.to_document(proj)}
+
+
 def _sync(args: argparse.Namespace) -> int:
-    body = _query(args)
+    body = _sync_body(args)
     bar = _Bar(sys.stderr) if sys.stderr.isatty() else None
     final: dict[str, Any] = {}
     for item in _client().stream("POST", "/v1/db/sync", body):
-        if "progress" in item and bar is not None:
+        if "source" in item:
+            print(f"Syncing {args.service}'s database from {item['text']}.", file=sys.stderr)
+        elif "progress" in item and bar is not None:
             bar.update(item["progress"])
         elif item.get("done"):
             final = item

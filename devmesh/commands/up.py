@@ -189,12 +189,41 @@ def _wait(client: Any, project: str, services: list[str], timeout_s: float, out:
         elif status == "ready":
             at = f": {item['url']}" if item.get("url") else ""
             print(_common.paint(f" + {name}: ready ({elapsed:.1f} s){at}", "32", colour), file=out)
+            note = _short_name_note(client, project, name, item.get("url"))
+            if note:
+                print(f"   {note}", file=out)
         elif status == "pending" and item.get("reason"):
             print(f" . {name}: {item['reason']}", file=out)
         if time.monotonic() > deadline:
             print(f"devmesh up: still not ready after {timeout_s:.0f} s", file=out)
             return False
     return False
+
+
+def _short_name_note(client: Any, project: str, name: str, url: str | None) -> str | None:
+    """Why ``url`` is ``NAME.PROJECT.localhost``: who keeps the short ``NAME.localhost``.
+
+    The project applied first keeps it (see agent.routing); a user who opens
+    ``NAME.localhost`` would reach that other project's service, so `up` says so.
+    """
+    if not url or f"//{name}.{project}.localhost:".lower() not in url.lower():
+        return None
+    try:
+        rows = client.request("GET", "/v1/status")["services"]
+    except _common.ApiError:
+        rows = []
+    keeper = next(
+        (
+            r["project"]
+            for r in rows
+            if r["project"] != project
+            and r["name"].lower() == name.lower()
+            and f"//{name}.localhost:".lower() in (r.get("url") or "").lower()
+        ),
+        None,
+    )
+    by = f"project {keeper}, applied first" if keeper else "another project, applied first"
+    return f"{name}.localhost stays with {by}; {name} of {project} answers at {url}"
 
 
 def _print_last_log(client: Any, project: str, name: str, out: Any) -> None:

@@ -90,6 +90,33 @@ class SyncResult:
         return sum(t.rows for t in self.tables)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Source:
+    """Where a sync reads from, as `db sync` prints it before it starts: never the password."""
+
+    host: str
+    port: str
+    database: str
+
+    def text(self) -> str:
+        return f"host {self.host}, port {self.port}, database {self.database}"
+
+
+def source_of(url: str) -> Source | None:
+    """The host, port and database of ``sync.from`` as libpq reads them, with libpq's
+    defaults for what it leaves out (the local socket, 5432, a database named after the
+    user); None when it is not a PostgreSQL URL (the sync itself then says so)."""
+    try:
+        info = conninfo_to_dict(make_conninfo(url))
+    except psycopg.Error:
+        return None
+    return Source(
+        host=str(info.get("host") or info.get("hostaddr") or "the local socket"),
+        port=str(info.get("port") or 5432),
+        database=str(info.get("dbname") or info.get("user") or "the user's name"),
+    )
+
+
 def run(
     spec: SyncSpec,
     target: str,

@@ -179,9 +179,12 @@ def resolve(argv0: str, cwd: str, path: str) -> str:
         candidates = [base / (d or ".") / argv0 for d in path.split(":")]
     not_executable = None
     for candidate in candidates:
-        if candidate.is_file() and os.access(candidate, os.X_OK):
+        # os.path's checks answer False for a directory this user cannot search (root's
+        # PATH kept by `runuser`), where pathlib's raise PermissionError: such an entry is
+        # skipped, as execvp and shutil.which skip it.
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return str(candidate)
-        if candidate.exists() and not_executable is None:
+        if os.path.exists(candidate) and not_executable is None:
             not_executable = candidate
     if not_executable is not None:
         raise SpawnError(
@@ -201,7 +204,7 @@ def spawn(launch: Launch) -> Proc:
     argv0 = launch.argv[0] if launch.argv else ""
     if not launch.argv:
         raise SpawnError("other", argv0, path, launch.cwd, "empty command")
-    if not Path(launch.cwd).is_dir():
+    if not os.path.isdir(launch.cwd):
         raise SpawnError("cwd_missing", argv0, path, launch.cwd, "working directory is missing")
     executable = resolve(argv0, launch.cwd, path)
     try:
