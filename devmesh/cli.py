@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-f",
         "--file",
         dest="global_file",
+        action="append",
         metavar="FILE",
-        help="devmesh.yaml to use for the command ('-' reads stdin)",
+        help="devmesh.yaml to use for the command ('-' reads stdin); repeat to merge several",
     )
     parser.add_argument(
         "-p",

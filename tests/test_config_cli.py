@@ -109,6 +109,7 @@ def test_json_valid_with_warning(tmp_path: Path):
     assert json.loads(result.stdout) == {
         "valid": True,
         "file": "devmesh.yaml",
+        "files": ["devmesh.yaml"],
         "problems": [
             {
                 "file": "devmesh.yaml",
@@ -131,6 +132,7 @@ def test_json_invalid():
     assert json.loads(result.stdout) == {
         "valid": False,
         "file": "invalid/port_clash.yaml",
+        "files": ["invalid/port_clash.yaml"],
         "problems": [
             {
                 "file": "invalid/port_clash.yaml",
@@ -187,3 +189,45 @@ def test_global_file_before_the_command(quickstart: Path, tmp_path: Path):
     )
     assert r.returncode == 0, r.stderr
     assert "quickstart" in r.stdout
+
+
+def test_override_beside_the_file_is_merged_and_named(quickstart: Path):
+    folder = quickstart / "examples" / "quickstart"
+    (folder / "devmesh.override.yaml").write_text("services:\n  api:\n    port: nope\n")
+    result = run([], folder)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "devmesh.override.yaml:3:11: services.api.port: expected an integer or 'auto', "
+        "got 'nope'\n"
+        "devmesh.yaml + devmesh.override.yaml: invalid (1 problem)\n"
+    )
+    # with -f, only the files given: the override is not read
+    result = run(["-f", "devmesh.yaml"], folder)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("devmesh.yaml: valid")
+
+
+def test_repeated_f_merges_in_order_before_or_after_the_command(quickstart: Path):
+    folder = quickstart / "examples" / "quickstart"
+    (folder / "one.yaml").write_text("services:\n  api:\n    remote: true\n")
+    (folder / "two.yaml").write_text("project: renamed\n")
+    result = run(["-f", "devmesh.yaml", "-f", "one.yaml", "-f", "two.yaml", "--json"], folder)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["files"] == ["devmesh.yaml", "one.yaml", "two.yaml"]
+    assert doc["project"] == "renamed"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVMESH_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    r = subprocess.run(
+        [sys.executable, "-m", "devmesh", "-f", "devmesh.yaml", "-f", "missing.yaml", "validate"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 1
+    assert r.stderr == (
+        "missing.yaml: file not found\ndevmesh.yaml + missing.yaml: invalid (1 problem)\n"
+    )

@@ -122,12 +122,16 @@ def _tail(path: Path, n: int) -> str:
     return "\n".join("  " + line for line in lines[-n:])
 
 
-def add_file_arg(p: argparse.ArgumentParser) -> None:
+FILE_HELP = (
+    "devmesh.yaml to use ('-' reads stdin); repeat to merge several in order. Default: the "
+    "one found in this folder or a parent, with devmesh.override.yaml beside it merged on top"
+)
+
+
+def add_file_arg(p: argparse.ArgumentParser, *flags: str) -> None:
+    """``-f FILE``, repeatable (``action="append"``): a list of files, merged in order."""
     p.add_argument(
-        "-f",
-        "--file",
-        metavar="FILE",
-        help="devmesh.yaml to use ('-' reads stdin); default: found in this folder or a parent",
+        *(flags or ("-f", "--file")), dest="file", action="append", metavar="FILE", help=FILE_HELP
     )
 
 
@@ -145,16 +149,14 @@ def load(args: argparse.Namespace) -> Any:
     return load_file(getattr(args, "file", None) or getattr(args, "project_file", None))
 
 
-def load_file(file: str | None) -> Any:
-    """Load ``file`` ('-' is stdin; None finds devmesh.yaml here or in a parent)."""
+def load_file(files: list[str] | str | None) -> Any:
+    """Load the files of ``-f`` merged in order ('-' is stdin); None: the devmesh.yaml found
+    here or in a parent, with its devmesh.override.yaml (see loader.config_files)."""
     from devmesh.config import loader
 
     try:
-        if file == "-":
-            loaded = loader.load("-")
-        else:
-            path = Path(file) if file else loader.find_config(Path.cwd())
-            loaded = loader.load(path)
+        given = [files] if isinstance(files, str) else files
+        loaded = loader.load_files(loader.config_files(given))
     except loader.ConfigNotFound as exc:
         raise CommandError(str(exc)) from exc
     except loader.ConfigError as exc:

@@ -94,10 +94,10 @@ def _status_project(args: argparse.Namespace) -> str | None:
     from devmesh.config import loader
 
     try:
-        path = loader.find_config(Path.cwd())
+        loader.find_config(Path.cwd())
     except loader.ConfigNotFound:
         return None
-    return str(_common.load_file(str(path)).project.name)
+    return str(_common.load_file(None).project.name)
 
 
 def _status(args: argparse.Namespace) -> int:

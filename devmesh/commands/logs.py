@@ -90,7 +90,7 @@ def register(sub: Any) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--file", metavar="FILE", help="devmesh.yaml to use (here -f means --follow)")
+    _common.add_file_arg(p, "--file")  # here -f means --follow, as in compose
     _common.add_project_arg(p)
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.add_argument(

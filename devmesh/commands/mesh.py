@@ -50,12 +50,7 @@ def register(subparsers: Any) -> None:
         metavar="NAME",
         help="mesh name, a DNS label (default: mesh.name of the devmesh.yaml found here)",
     )
-    p.add_argument(
-        "-f",
-        "--file",
-        metavar="FILE",
-        help="devmesh.yaml to take mesh.name from (default: found in this folder or a parent)",
-    )
+    _common.add_file_arg(p)  # the files to take mesh.name from
     _node_name_arg(p)
     p.add_argument("--force", action="store_true", help="replace an existing team identity")
     p.set_defaults(func=lambda a: _common.run_command(cmd_init, a), usage_parser=p)
@@ -188,13 +183,13 @@ def _said_aside(result: dict[str, Any]) -> None:
         print(f"warning: the mesh is stopped: {mesh['error']}", file=sys.stderr)
 
 
-def _mesh_name_from_config(file: str | None) -> str:
+def _mesh_name_from_config(files: list[str] | None) -> str:
     """``mesh.name`` of ``file`` (or the devmesh.yaml found here or above); else a clear error."""
     from devmesh.config import loader
 
     hint = "name the mesh: `devmesh mesh init NAME` (a DNS label, e.g. shop)"
     try:
-        loaded = loader.load(Path(file) if file else loader.find_config(Path.cwd()))
+        loaded = loader.load_files(loader.config_files(files))
     except loader.ConfigNotFound:
         raise _common.CommandError(f"no devmesh.yaml here to take mesh.name from; {hint}") from None
     except loader.ConfigError as exc:

@@ -16,6 +16,7 @@ EXAMPLE = """\
 examples:
   devmesh validate                      # the devmesh.yaml of this folder or a parent
   devmesh validate -f services/devmesh.yaml
+  devmesh validate -f devmesh.yaml -f ci.yaml     # two files merged, as `up` reads them
   cat devmesh.yaml | devmesh validate -f - --json
   devmesh validate a/devmesh.yaml b/devmesh.yml   # several files, as pre-commit passes them
 """
@@ -35,15 +36,18 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "-f",
         "--file",
+        action="append",
         metavar="FILE",
-        help="the file to check; - reads stdin. Default: devmesh.yaml (or .yml) in this "
-        "folder or the nearest parent",
+        help="the file to check; - reads stdin; repeat to check several merged in order, as "
+        "other commands read them. Default: devmesh.yaml (or .yml) in this folder or the "
+        "nearest parent, with devmesh.override.yaml beside it merged on top",
     )
     parser.add_argument(
         "files",
         nargs="*",
         metavar="FILE",
-        help="more files to check, each on its own (for pre-commit); exit 1 if any is invalid",
+        help="more files to check, each on its own and without its override file (for "
+        "pre-commit); exit 1 if any is invalid",
     )
     parser.add_argument(
         "--json",
@@ -56,16 +60,25 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from devmesh.config import loader, report
 
-    targets: list[Path | str] = [*([args.file] if args.file else []), *args.files]
+    # Each target is one load: the -f files merged, then each positional file on its own.
+    targets: list[list[Path | str]] = [
+        *([loader.config_files(args.file)] if args.file else []),
+        *[[file] for file in args.files],
+    ]
     if not targets:
         try:
-            targets = [loader.find_config(Path.cwd())]
+            targets = [loader.config_files(None)]
         except loader.ConfigNotFound as exc:
             if args.json:
                 problem = report.Problem("", 0, 0, "", str(exc))
                 print(
                     report.to_json(
-                        valid=False, file="", problems=[problem], project=None, services=[]
+                        valid=False,
+                        file="",
+                        files=[],
+                        problems=[problem],
+                        project=None,
+                        services=[],
                     )
                 )
             else:
@@ -75,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     failed = False
     for target in targets:
         try:
-            loaded = loader.load(target)
+            loaded = loader.load_files(target)
         except loader.ConfigError as exc:
             failed = True
             if args.json:
@@ -83,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
                     report.to_json(
                         valid=False,
                         file=exc.file,
+                        files=list(exc.files),
                         problems=exc.problems,
                         project=exc.project,
                         services=list(exc.services),
@@ -91,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             errors = sum(1 for p in exc.problems if p.is_error)
             print(str(exc), file=sys.stderr)
-            print(f"{exc.file}: invalid ({report.plural(errors, 'problem')})", file=sys.stderr)
+            shown = report.files_shown(exc.files or (exc.file,))
+            print(f"{shown}: invalid ({report.plural(errors, 'problem')})", file=sys.stderr)
             continue
         services = list(loaded.project.services)
         if args.json:
@@ -99,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
                 report.to_json(
                     valid=True,
                     file=loaded.file,
+                    files=list(loaded.files),
                     problems=loaded.warnings,
                     project=loaded.project.name,
                     services=services,
@@ -107,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         if loaded.warnings:
             print(report.render(loaded.warnings), file=sys.stderr)
-        print(report.summary(loaded.file, loaded.project.name, services))
+        print(report.summary(report.files_shown(loaded.files), loaded.project.name, services))
     if args.json:
         print(documents[0] if len(documents) == 1 else "[\n" + ",\n".join(documents) + "\n]")
     return 1 if failed else 0

@@ -33,8 +33,14 @@ class _Out:
     ) -> None:
         pos = self.marks.key(path) if at_key else self.marks.value(path)
         self.problems.append(
-            report.Problem(self.file, pos.line, pos.column, report.dotted(path), message, severity)
+            report.Problem(
+                pos.file or self.file, pos.line, pos.column, report.dotted(path), message, severity
+            )
         )
+
+    def at(self, pos: marks_mod.Position) -> str:
+        """``FILE:LINE:COL`` of a position, to point at a second place in a message."""
+        return f"{pos.file or self.file}:{pos.line}:{pos.column}"
 
 
 def services_of(doc: Any) -> dict[str, dict[str, Any]]:
@@ -164,7 +170,7 @@ def _check_ranges_against_declared(
             out.add(
                 path,
                 f"{name} accepts {dep} {text}{needs}, but {runs} {dep} is {declared} "
-                f"(services.{dep}.version at {out.file}:{there.line}:{there.column}); "
+                f"(services.{dep}.version at {out.at(there)}); "
                 f"{_consequence(effective, where_rule, has_fallback=bool(target.get('fallback')))}",
                 severity=report.WARNING,
             )
@@ -190,9 +196,11 @@ def _check_ports(services: dict[str, dict[str, Any]], out: _Out) -> None:
         if port in owners:
             first = owners[port]
             pos = out.marks.value(("services", first, "port"))
+            here = out.marks.value(("services", name, "port"))
+            line = f"line {pos.line}" if pos.file == here.file else out.at(pos)
             out.add(
                 ("services", name, "port"),
-                f"port {port} is already used by service {first!r} (line {pos.line}); "
+                f"port {port} is already used by service {first!r} ({line}); "
                 "two services cannot listen on one port (use port: auto)",
             )
         else:

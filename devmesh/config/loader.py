@@ -30,17 +30,23 @@ import dataclasses
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from devmesh.config import checks, dbchecks, envfile, marks, report, schema, unbuilt
+from devmesh.config import checks, dbchecks, envfile, marks, merge, report, schema, unbuilt
 from devmesh.core import interpolate, model
 
 Problem = report.Problem
 CONFIG_NAMES: tuple[str, ...] = ("devmesh.yaml", "devmesh.yml")
+OVERRIDE_NAMES: tuple[str, ...] = ("devmesh.override.yaml", "devmesh.override.yml")
+"""Merged on top of the devmesh.yaml found without -f, when present beside it (compose)."""
 STDIN = "<stdin>"
+MASK = "***"
+SECRET_WORDS: tuple[str, ...] = ("PASSWORD", "PASSWD", "SECRET", "TOKEN", "KEY", "CREDENTIAL")
+"""A variable whose name contains one of these (any case) holds a secret: the text it gives
+a value is shown as *** by ``devmesh config`` unless --show-secrets."""
 
 
 class ConfigUnusable(Exception):
@@ -66,12 +72,15 @@ class ConfigError(ConfigUnusable):
         problems: list[Problem],
         *,
         file: str = "",
+        files: tuple[str, ...] = (),
         project: str | None = None,
         services: tuple[str, ...] = (),
     ) -> None:
         self.problems = report.sort(problems)
         super().__init__(report.render(self.problems))
         self.file = file
+        self.files = files or ((file,) if file else ())
+        """Every file read, in merge order (the first is ``file``)."""
         self.project = project
         """The project's name when the file got far enough to tell, else None."""
         self.services = services
@@ -84,7 +93,15 @@ class Loaded:
     document: dict[str, Any]
     """The checked document the model was built from: interpolated, env_file merged."""
     file: str = ""
-    """The file as shown in messages."""
+    """The first file as shown in messages (the one that sets the project folder)."""
+    files: tuple[str, ...] = ()
+    """Every file merged, in order, as shown in messages."""
+    merged: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The merged, interpolated document as written (env_file not read in): what
+    ``devmesh config`` prints."""
+    masked: dict[tuple[str | int, ...], str] = dataclasses.field(default_factory=dict)
+    """Paths in ``merged`` whose value holds text of a secret-looking variable, with that
+    text as *** (see SECRET_WORDS)."""
 
 
 def find_config(start: Path) -> Path:
@@ -114,29 +131,97 @@ def display_path(path: Path, cwd: Path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
+def override_of(path: Path) -> Path | None:
+    """The ``devmesh.override.yaml`` (or ``.yml``) beside ``path``, when there is one."""
+    for name in OVERRIDE_NAMES:
+        candidate = path.parent / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def config_files(files: Sequence[str] | None, start: Path | None = None) -> list[Path | str]:
+    """The files a command reads, in merge order (compose's rule).
+
+    With ``-f`` (``files``): exactly those, in order; ``-`` is stdin. Without: the
+    devmesh.yaml found in ``start`` (default the cwd) or a parent, then the
+    devmesh.override.yaml beside it when there is one. Raises ConfigNotFound.
+    """
+    if files:
+        return [f if f in ("-", STDIN) else Path(f) for f in files]
+    found = find_config(start or Path.cwd())
+    override = override_of(found)
+    return [found] if override is None else [found, override]
+
+
 def load(
     path: Path | str,
     *,
     environ: Mapping[str, str] | None = None,
     text: str | None = None,
 ) -> Loaded:
-    """Load a devmesh.yaml ("-" or "<stdin>" reads stdin, or ``text`` when given).
+    """Load one devmesh.yaml ("-" or "<stdin>" reads stdin, or ``text`` when given).
 
     ``environ`` defaults to os.environ; ``text`` replaces reading the file (its folder
     still anchors .env, env_file and cwd). Raises ConfigError with every problem.
     """
+    return load_files([path], environ=environ, texts=None if text is None else [text])
+
+
+def load_files(
+    paths: Sequence[Path | str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    texts: Sequence[str | None] | None = None,
+) -> Loaded:
+    """Load several files merged in order (config/merge.py), as ``-f A -f B`` does.
+
+    The project folder (which anchors .env, env_file, cwd, db.init and the default project
+    name) is the first file's, as in compose. Every problem names the file, line and column
+    of the value that causes it. Raises ConfigError with every problem.
+    """
+    if not paths:
+        raise ValueError("load_files needs at least one file")
     env = os.environ if environ is None else environ
     cwd = Path.cwd()
-    if str(path) in ("-", STDIN):
-        file, directory, source = STDIN, cwd, STDIN
-        if text is None:
-            text = sys.stdin.read()
-    else:
+    sources: list[_Source] = []
+    problems: list[Problem] = []
+    for i, path in enumerate(paths):
+        text = texts[i] if texts is not None and i < len(texts) else None
+        if str(path) in ("-", STDIN):
+            if any(s.file == STDIN for s in sources):
+                problems.append(Problem(STDIN, 0, 0, "", "stdin (-f -) can be given only once"))
+                continue
+            if text is None:
+                text = sys.stdin.read()
+            sources.append(_Source(STDIN, cwd, STDIN, text))
+            continue
         absolute = _absolute(Path(path))
-        file, directory, source = display_path(absolute, cwd), absolute.parent, str(absolute)
+        file = display_path(absolute, cwd)
         if text is None:
-            text = _read(absolute, file)
-    return _Load(file, directory, env).run(text, source)
+            try:
+                text = _read(absolute, file)
+            except ConfigError as exc:
+                problems += exc.problems
+                continue
+        sources.append(_Source(file, absolute.parent, str(absolute), text))
+    if problems:
+        shown = tuple(
+            STDIN if str(p) in ("-", STDIN) else display_path(_absolute(Path(p)), cwd)
+            for p in paths
+        )
+        raise ConfigError(problems, file=shown[0], files=shown)
+    return _Load(sources, env).run()
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    file: str
+    """As shown in messages."""
+    directory: Path
+    source: str
+    """The absolute path, or <stdin>."""
+    text: str
 
 
 def _read(path: Path, file: str) -> str:
@@ -154,11 +239,13 @@ def _read(path: Path, file: str) -> str:
 
 
 class _Load:
-    """One load: the state the steps share (file, folder, problems found so far)."""
+    """One load: the state the steps share (files, folder, problems found so far)."""
 
-    def __init__(self, file: str, directory: Path, environ: Mapping[str, str]) -> None:
-        self.file = file
-        self.directory = directory
+    def __init__(self, sources: list[_Source], environ: Mapping[str, str]) -> None:
+        self.sources = sources
+        self.file = sources[0].file
+        """The first file: problems about the whole document are reported against it."""
+        self.directory = sources[0].directory
         self.environ = environ
         self.problems: list[Problem] = []
         self.unset_seen: set[str] = set()
@@ -166,14 +253,23 @@ class _Load:
         """Paths whose ${...} failed; the schema would only repeat the problem there."""
         self.interpolated: dict[str, str] = {}
         """Dotted path -> text as written, of each value a ${...} changed (for messages)."""
-        self.lines: list[str] = []
+        self.masked: dict[tuple[str | int, ...], str] = {}
+        """Path -> the value with the text of each secret-looking variable as ***."""
+        self.lines: dict[str, list[str]] = {}
+        """Each file's lines, by the name shown in messages."""
 
     def problem(self, pos: marks.Position, path: tuple[str | int, ...], message: str) -> None:
-        self.problems.append(Problem(self.file, pos.line, pos.column, report.dotted(path), message))
+        self.problems.append(
+            Problem(pos.file or self.file, pos.line, pos.column, report.dotted(path), message)
+        )
 
     def fail(self, data: Any = None) -> ConfigError:
         return ConfigError(
-            self.problems, file=self.file, project=self.name(data), services=_names(data)
+            self.problems,
+            file=self.file,
+            files=tuple(s.file for s in self.sources),
+            project=self.name(data),
+            services=_names(data),
         )
 
     def name(self, data: Any) -> str | None:
@@ -182,33 +278,53 @@ class _Load:
         given = data.get("project")
         return given if isinstance(given, str) else project_name(self.directory.name)
 
-    def run(self, text: str, source: str) -> Loaded:
-        self.lines = text.splitlines()
-        try:
-            parsed = marks.parse(text)
-        except marks.YamlSyntaxError as exc:
-            self.problem(marks.Position(exc.line, exc.column), (), f"not valid YAML: {exc.problem}")
-            raise self.fail() from None
-        data, where = parsed.data, parsed.marks
+    def parse(self) -> list[merge.Layer] | None:
+        """Each file parsed, or None when one is not YAML or not a mapping of keys."""
+        layers: list[merge.Layer] = []
+        for index, src in enumerate(self.sources):
+            self.lines[src.file] = src.text.splitlines()
+            top = marks.Position(1, 1, src.file)
+            try:
+                parsed = marks.parse(src.text, file=src.file)
+            except marks.YamlSyntaxError as exc:
+                self.problem(
+                    marks.Position(exc.line, exc.column, src.file),
+                    (),
+                    f"not valid YAML: {exc.problem}",
+                )
+                continue
+            for path, pos in parsed.bad_keys:
+                self.problem(pos, path, "keys must be plain names, not a list or a mapping")
+            data = parsed.data
+            if data is None and index > 0:
+                data = {}  # an override file that is empty (all commented out) changes nothing
+            if data is None:
+                self.problem(top, (), "the file is empty; expected `version: 1`")
+                continue
+            if not isinstance(data, dict):
+                what = "version, services, ..." if index == 0 else "services, ..."
+                self.problem(
+                    top,
+                    (),
+                    f"expected a mapping of keys ({what}) at the top of the file, "
+                    f"got {schema.found(data)}",
+                )
+                continue
+            layers.append(merge.Layer(data, parsed.marks, src.file))
+        return layers if len(layers) == len(self.sources) else None
+
+    def run(self) -> Loaded:
+        layers = self.parse()
+        if layers is None:
+            raise self.fail()
+        merged = merge.merge(layers)
+        data, where = merged.data, merged.marks
         for path, first, again in where.duplicates:
             self.problem(
                 again,
                 path,
                 f"duplicate key {path[-1]!r} (first at line {first.line}, column {first.column})",
             )
-        for path, pos in parsed.bad_keys:
-            self.problem(pos, path, "keys must be plain names, not a list or a mapping")
-        if data is None:
-            self.problem(marks.Position(1, 1), (), "the file is empty; expected `version: 1`")
-            raise self.fail()
-        if not isinstance(data, dict):
-            self.problem(
-                marks.Position(1, 1),
-                (),
-                f"expected a mapping of keys (version, services, ...) at the top of the file, "
-                f"got {schema.found(data)}",
-            )
-            raise self.fail()
         supported = ", ".join(str(v) for v in model.SUPPORTED_VERSIONS)
         if "version" not in data:
             self.problem(
@@ -225,6 +341,7 @@ class _Load:
                 f"supported versions: {supported}",
             )
             raise self.fail(data)  # a later version may mean other keys: stop here
+        self.problems += merge.partial_services(merged, self.sources[0].file)
         data = self.interpolate(data, where)
         self.problems += [
             self.explain(p)
@@ -240,12 +357,23 @@ class _Load:
         name = self.name(data) or project_name(self.directory.name)
         try:
             project = model.from_document(
-                document, directory=str(self.directory), default_name=name, source=source
+                _model_document(document, name),
+                directory=str(self.directory),
+                default_name=name,
+                source=self.sources[0].source,
             )
         except (KeyError, ValueError, TypeError) as exc:  # a gap between schema and model
             self.problem(marks.Position(1, 1), (), f"internal error building the model: {exc!r}")
             raise self.fail(data) from exc
-        return Loaded(project, report.sort(self.problems), document, self.file)
+        return Loaded(
+            project,
+            report.sort(self.problems),
+            document,
+            self.file,
+            files=tuple(s.file for s in self.sources),
+            merged=data,
+            masked=dict(self.masked),
+        )
 
     # -- interpolation --------------------------------------------------------------------
 
@@ -263,6 +391,11 @@ class _Load:
 
         def lookup(name: str) -> str | None:
             return self.environ[name] if name in self.environ else dotenv.get(name)
+
+        def masked(name: str) -> str | None:
+            """As lookup, with a secret's non-empty text as *** (same defaults taken)."""
+            value = lookup(name)
+            return MASK if value and is_secret_name(name) else value
 
         services = checks.services_of(data)
         keeps = {
@@ -285,10 +418,16 @@ class _Load:
             if not isinstance(value, str) or "$" not in value:
                 return value
             keep = keeps.get(str(path[1]), frozenset()) if deferred else frozenset()
+            used: list[str] = []
+
+            def seen(name: str) -> str | None:
+                used.append(name)
+                return lookup(name)
+
             try:
                 expanded = interpolate.expand(
                     value,
-                    lookup,
+                    seen,
                     keep=keep.__contains__,
                     keep_escapes=deferred,
                     on_unset=lambda name: self.unset(name, path, where),
@@ -302,6 +441,10 @@ class _Load:
             # As compose: the text a variable gave is a string, converted only for a field
             # typed as a number or a boolean, never re-read as YAML (see interpolate.cast).
             self.interpolated[report.dotted(path)] = value
+            if any(is_secret_name(n) and lookup(n) for n in used):
+                self.masked[path] = interpolate.expand(
+                    value, masked, keep=keep.__contains__, keep_escapes=deferred
+                )
             return interpolate.cast(expanded, schema.kinds_at(path))
 
         return walk(data, ())
@@ -313,12 +456,13 @@ class _Load:
         line without escapes before that offset; else the start of the value."""
         pos = where.value(path)
         style = where.raw.get(path, ("", ""))[0]
-        if pos.line > len(self.lines) or style not in ("", "'", '"'):
+        lines = self.lines.get(pos.file or self.file, [])
+        if pos.line > len(lines) or style not in ("", "'", '"'):
             return pos
         start = pos.column - 1 + (1 if style else 0)
-        line = self.lines[pos.line - 1]
+        line = lines[pos.line - 1]
         if line[start : start + offset + 2] == value[: offset + 2]:
-            return marks.Position(pos.line, start + offset + 1)
+            return marks.Position(pos.line, start + offset + 1, pos.file)
         return pos
 
     def explain(self, p: Problem) -> Problem:
@@ -335,7 +479,7 @@ class _Load:
         pos = where.value(path)
         self.problems.append(
             Problem(
-                self.file,
+                pos.file or self.file,
                 pos.line,
                 pos.column,
                 report.dotted(path),
@@ -426,6 +570,26 @@ def _deferred(path: tuple[str | int, ...]) -> bool:
     if len(path) < 3 or path[0] != "services":
         return False
     return path[2] in ("command", "env") or path[2:4] == ("health", "command")
+
+
+def _model_document(document: dict[str, Any], name: str) -> dict[str, Any]:
+    """The document for the model: a service's ``project:`` naming this very project is
+    the default (None), so routing sees one spelling of "this project"."""
+    services = checks.services_of(document)
+    same = [n for n, s in services.items() if s.get("project") == name]
+    if not same:
+        return document
+    out = {
+        n: ({k: v for k, v in s.items() if k != "project"} if n in same else s)
+        for n, s in document["services"].items()
+    }
+    return {**document, "services": out}
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a variable's name says its value is a secret (see SECRET_WORDS)."""
+    upper = name.upper()
+    return any(word in upper for word in SECRET_WORDS)
 
 
 def _names(data: Any) -> tuple[str, ...]:

@@ -26,6 +26,9 @@ Path = tuple[str | int, ...]
 class Position:
     line: int
     column: int
+    file: str = ""
+    """The file the position is in, as shown in messages; "" is the file being read (the
+    one a problem is reported against when the position names none)."""
 
 
 @dataclass(slots=True)
@@ -40,6 +43,8 @@ class Marks:
     """(style, text as written) of each scalar value; style "" is plain (unquoted)."""
     duplicates: list[tuple[Path, Position, Position]] = field(default_factory=list)
     """(path, first position, duplicate position) of each repeated key."""
+    tags: dict[Path, str] = field(default_factory=dict)
+    """The compose merge tags written on values: ``!reset`` or ``!override`` (config/merge.py)."""
 
     def value(self, path: Path) -> Position:
         """Position of the value at path, else of the closest ancestor that has one."""
@@ -64,8 +69,12 @@ class YamlSyntaxError(ValueError):
         self.column = column
 
 
-def _pos(node: yaml.Node) -> Position:
-    return Position(node.start_mark.line + 1, node.start_mark.column + 1)
+def _pos(node: yaml.Node, file: str = "") -> Position:
+    return Position(node.start_mark.line + 1, node.start_mark.column + 1, file)
+
+
+MERGE_TAGS = ("!reset", "!override")
+"""Compose's tags for override files: drop the value, or replace it instead of merging."""
 
 
 _constructor = yaml.SafeLoader("")
@@ -95,7 +104,8 @@ _MAX_NODES = 200_000
 class _Builder:
     """One build pass; bounds alias expansion so a hostile file cannot exhaust memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, file: str) -> None:
+        self.file = file
         self.marks = Marks()
         self.bad_keys: list[tuple[Path, Position]] = []
         self.count = 0
@@ -104,16 +114,19 @@ class _Builder:
     def build(self, node: yaml.Node, path: Path) -> Any:
         self.count += 1
         if self.count > _MAX_NODES:
-            pos = _pos(node)
+            pos = _pos(node, self.file)
             raise YamlSyntaxError(
                 f"document too large (more than {_MAX_NODES} nodes after aliases)",
                 pos.line,
                 pos.column,
             )
         if id(node) in self.active:
-            pos = _pos(node)
+            pos = _pos(node, self.file)
             raise YamlSyntaxError("recursive alias", pos.line, pos.column)
-        self.marks.values.setdefault(path, _pos(node))
+        self.marks.values.setdefault(path, _pos(node, self.file))
+        if node.tag in MERGE_TAGS:
+            self.marks.tags[path] = node.tag
+            node = _untagged(node)
         if isinstance(node, yaml.ScalarNode):
             self.marks.raw[path] = (node.style or "", node.value)
             return _scalar(node)
@@ -143,15 +156,15 @@ class _Builder:
                 continue
             key = _key_text(key_node)
             if key is None:
-                self.bad_keys.append((path, _pos(key_node)))
+                self.bad_keys.append((path, _pos(key_node, self.file)))
                 continue
             child = (*path, key)
             if key in seen:
-                self.marks.duplicates.append((child, seen[key], _pos(key_node)))
+                self.marks.duplicates.append((child, seen[key], _pos(key_node, self.file)))
                 continue  # the first spelling wins; the duplicate is reported
-            seen[key] = _pos(key_node)
-            self.marks.keys[child] = _pos(key_node)
-            self.marks.values[child] = _pos(value_node)
+            seen[key] = _pos(key_node, self.file)
+            self.marks.keys[child] = _pos(key_node, self.file)
+            self.marks.values[child] = _pos(value_node, self.file)
             out[key] = self.build(value_node, child)
         for k, v in merged.items():
             out.setdefault(k, v)
@@ -166,8 +179,17 @@ class Parsed:
     """Mappings that have a key that is not a plain scalar (a list or mapping as a key)."""
 
 
-def parse(text: str) -> Parsed:
-    """Compose and build one YAML document.
+def _untagged(node: yaml.Node) -> yaml.Node:
+    """The node as if written without its merge tag, so it is built as plain YAML."""
+    if isinstance(node, yaml.ScalarNode):
+        plain = not node.style
+        tag = _constructor.resolve(yaml.ScalarNode, node.value, (plain, not plain))
+        return yaml.ScalarNode(tag, node.value, node.start_mark, node.end_mark, node.style)
+    return node
+
+
+def parse(text: str, *, file: str = "") -> Parsed:
+    """Compose and build one YAML document; ``file`` is recorded in every position.
 
     Raises YamlSyntaxError for text that is not YAML or holds several documents.
     Anchors and aliases work (an alias is built again at each use); merge keys (``<<``)
@@ -188,6 +210,6 @@ def parse(text: str) -> Parsed:
         raise YamlSyntaxError(str(exc), 1, 1) from None
     finally:
         loader.dispose()
-    builder = _Builder()
+    builder = _Builder(file)
     data = None if node is None else builder.build(node, ())
     return Parsed(data=data, marks=builder.marks, bad_keys=builder.bad_keys)

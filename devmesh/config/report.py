@@ -72,10 +72,16 @@ def summary(file: str, project: str | None, services: Sequence[str]) -> str:
     return f"{file}: valid (project {project}, {plural(len(services), 'service')}{names})"
 
 
+def files_shown(files: Sequence[str]) -> str:
+    """The files of one load in a summary line: ``devmesh.yaml + devmesh.override.yaml``."""
+    return " + ".join(files)
+
+
 def to_json(
     *,
     valid: bool,
     file: str,
+    files: Sequence[str] | None = None,
     problems: Sequence[Problem],
     project: str | None,
     services: Sequence[str],
@@ -83,6 +89,7 @@ def to_json(
     doc: dict[str, Any] = {
         "valid": valid,
         "file": file,
+        "files": list(files) if files is not None else ([file] if file else []),
         "problems": [asdict(p) for p in problems],
         "project": project,
         "services": list(services),

@@ -71,7 +71,7 @@ def warnings(doc: Any, marks: marks_mod.Marks, file: str) -> list[report.Problem
             pos = marks.key(path)
             out.append(
                 report.Problem(
-                    file,
+                    pos.file or file,
                     pos.line,
                     pos.column,
                     report.dotted(path),
