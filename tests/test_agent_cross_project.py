@@ -28,16 +28,6 @@ from test_agent_mesh_routes import ECHO, Team, answered_by, get, mesh_block, rou
 
 
 @pytest.fixture
-def mesh() -> Iterator[Mesh]:
-    m = Mesh()
-    try:
-        m.start_agent()
-        yield m
-    finally:
-        m.close()
-
-
-@pytest.fixture
 def team() -> Iterator[Team]:
     t = Team()
     try:
@@ -52,6 +42,7 @@ def repo(m: Mesh, folder: str, project: str, body: str, *, mesh_yaml: str = "") 
 
 
 def up(m: Mesh, folder: Path, *args: str) -> str:
+    """``devmesh up -d ARGS`` in ``folder`` (the agent started when none runs); its stderr."""
     r = m.cli("up", "-d", *args, cwd=folder, timeout=90)
     assert r.returncode == 0, r.stderr
     return r.stderr
@@ -68,6 +59,7 @@ def served_project(url: str) -> str | None:
 
 @pytest.mark.slow
 def test_web_of_one_project_calls_api_of_another_on_this_machine_and_says_so(mesh: Mesh) -> None:
+    mesh.start_agent()
     # A third project with an api of its own, applied first: it keeps api.localhost, and its
     # api must never answer web's calls.
     up(mesh, repo(mesh, "other", "other", service("api", "2.9.0")))
@@ -160,6 +152,7 @@ def fallback() -> Iterator[str]:
 def test_up_no_deps_starts_only_the_named_services_and_routes_their_dependencies(
     mesh: Mesh,
 ) -> None:
+    mesh.start_agent()
     d = repo(mesh, "shop", "shop", WEB + service("api", "2.3.0"))
     planned = mesh.cli("plan", "--no-deps", "web", cwd=d, check=True).stdout
     assert "web: start" in planned and "api: start" not in planned, planned
@@ -195,6 +188,7 @@ def test_up_no_deps_starts_only_the_named_services_and_routes_their_dependencies
 def test_up_no_deps_sends_a_dependency_that_is_not_started_to_its_fallback(
     mesh: Mesh, fallback: str
 ) -> None:
+    mesh.start_agent()
     api = service("api", "2.3.0", extra=f"    fallback: {fallback}\n")
     d = repo(mesh, "shop", "shop", WEB + api)
     planned = mesh.cli("plan", "--no-deps", "web", cwd=d, check=True).stdout
