@@ -90,10 +90,10 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
         result = {
             "project": rec.name,
             "services": sorted(rec.enabled),
+            "routed": _routed(proj, body, rec),
             "actions": [_action(a) for a in preview.actions if a.key[0] == rec.name],
             "problems": problems,
             "warnings": branch_warnings + _warnings(engine, proj, rec),
-            "routed": _routed(proj, body, rec),
         }
         if problems:
             raise ApiError(422, "; ".join(problems))
@@ -272,6 +272,23 @@ async def _record(
     return rec, proj, list(resolved.warnings)
 
 
+def _routed(
+    proj: model.Project, body: dict[str, Any], rec: state_mod.ProjectRecord
+) -> list[dict[str, Any]]:
+    """``up --no-deps``: the dependencies it does not start, and what becomes of their calls."""
+    if not body.get("no_deps"):
+        return []
+    return [
+        {
+            "service": r.service,
+            "callers": list(r.callers),
+            "running": r.running,
+            "reason": r.words(proj),
+        }
+        for r in desired.routed_instead(proj, body.get("services") or [], rec.enabled)
+    ]
+
+
 def _warnings(engine: Engine, proj: model.Project, rec: state_mod.ProjectRecord) -> list[str]:
     out = []
     snap = engine.snapshot()
@@ -301,23 +318,6 @@ def _warnings(engine: Engine, proj: model.Project, rec: state_mod.ProjectRecord)
                         f"{desired.url_var(dep.name)} will answer 502"
                     )
     return out
-
-
-def _routed(
-    proj: model.Project, body: dict[str, Any], rec: state_mod.ProjectRecord
-) -> list[dict[str, Any]]:
-    """``up --no-deps``: the dependencies it does not start, and what becomes of their calls."""
-    if not body.get("no_deps"):
-        return []
-    return [
-        {
-            "service": r.service,
-            "callers": list(r.callers),
-            "running": r.running,
-            "reason": r.words(proj),
-        }
-        for r in desired.routed_instead(proj, body.get("services") or [], rec.enabled)
-    ]
 
 
 def _action(a: plan.Action) -> dict[str, Any]:
