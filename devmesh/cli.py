@@ -24,6 +24,7 @@ COMMANDS: tuple[str, ...] = (
     "logs",
     "plan",
     "validate",
+    "config",
     "db",
     "agent",
     "ca",

@@ -259,3 +259,23 @@ def test_the_project_folder_is_the_first_files(folder: Path):
     loaded = load("devmesh.yaml", "elsewhere/extra.yaml")
     assert loaded.project.directory == str(folder)
     assert loaded.project.service("api").env["FROM_FILE"] == "yes"
+
+
+def test_values_from_the_override_are_read_as_written_there(folder: Path):
+    write(
+        folder,
+        "devmesh.override.yaml",
+        "services:\n  api:\n    env:\n      UMASK: 0755\n      DEBUG: yes\n"
+        "    restart: {policy: no}\n",
+    )
+    api = load().project.service("api")
+    assert api.env["UMASK"] == "0755" and api.env["DEBUG"] == "yes"
+    assert api.restart.policy.value == "no"
+
+
+def test_duplicate_keys_are_reported_in_their_own_file(folder: Path):
+    write(folder, "devmesh.override.yaml", "services:\n  api:\n    share: true\n    share: false\n")
+    assert errors() == [
+        "devmesh.override.yaml:4:5: services.api.share: duplicate key 'share' "
+        "(first at line 3, column 5)"
+    ]

@@ -73,7 +73,10 @@ def rows(snap: Snapshot, project: str | None = None) -> list[dict[str, Any]]:
             for s in p.project.services
             if s in p.enabled or (p.name, s) in snap.instances
         )
-        out.extend(_external_rows(p.project, p.enabled, node))
+        running = {k[1] for k in snap.instances if k[0] == p.name}
+        out.extend(
+            r for r in _external_rows(p.project, p.enabled, node) if r["name"] not in running
+        )
     keys.extend(k for k in snap.instances if k not in keys and (project is None or k[0] == project))
     for key in keys:
         inst = snap.instances.get(key)
@@ -138,28 +141,33 @@ def _planned_port(snap: Snapshot, key: plan.Key) -> int | None:
 def _external_rows(
     proj: model.Project, enabled: tuple[str, ...], node: str
 ) -> list[dict[str, Any]]:
-    """Dependencies that do not run here: shown so the user sees where calls will go."""
+    """Dependencies that do not run here, and every ``remote: true`` service: shown so the
+    user sees where calls will go (state ``external``, or ``remote`` for a service this
+    machine could run but does not because of ``remote: true``)."""
     needed = {d.name for n in enabled for d in proj.services[n].depends_on if n in proj.services}
+    needed |= {n for n, s in proj.services.items() if s.remote}
     out = []
     for name in sorted(needed):
         svc = proj.services.get(name)
         if svc is None or svc.runs_here:
             continue
+        elsewhere = "on a peer that shares it" + (", else at its fallback" if svc.fallback else "")
         out.append(
             {
                 "project": proj.name,
                 "name": name,
                 "version": svc.version,
-                "state": "external",
+                "state": "remote" if svc.remote else "external",
                 "health": "none",
                 "pid": None,
                 "port": None,
                 "url": svc.fallback,
                 "node": None,
                 "restarts": 0,
-                "reason": "runs elsewhere: on a peer that shares it"
-                + (", else at its fallback" if svc.fallback else "")
-                + " (see routes)",
+                "reason": (
+                    "remote: true, not run on this machine: " if svc.remote else "runs elsewhere: "
+                )
+                + f"{elsewhere} (see routes)",
             }
         )
     return out

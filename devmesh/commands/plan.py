@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         result = offline_plan(proj, args.services or None, no_deps=args.no_deps)
+    remote = remote_notes(proj)
+    result["remote"] = [{"service": n, "reason": why} for n, why in remote.items()]
     if args.json:
         print(json.dumps(result, indent=2))
         return _common.EXIT_OK
@@ -72,11 +74,29 @@ def run(args: argparse.Namespace) -> int:
         print("  nothing to do: everything is up to date")
     for a in result["actions"]:
         print(f"  {a['service']}: {a['action']} - {a['reason']}")
+    for name, why in remote.items():
+        print(f"  {name}: remote - {why}")
     for r in result.get("routed", []):
         print(f"  {r['service']}: {'leave' if r['running'] else 'route'} - {r['reason']}")
     for w in result.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     return _common.EXIT_OK
+
+
+def remote_notes(proj: Any) -> dict[str, str]:
+    """Each ``remote: true`` service, with where its calls go: `up` never starts it."""
+    out = {}
+    for name, svc in proj.services.items():
+        if not svc.remote:
+            continue
+        elsewhere = "a teammate's shared instance" + (
+            f", else its fallback {svc.fallback}"
+            if svc.fallback
+            else " (no fallback: 502 when none answers)"
+        )
+        database = "; its database is not provisioned" if svc.db is not None else ""
+        out[name] = f"not run on this machine (remote: true): calls go to {elsewhere}{database}"
+    return out
 
 
 def offline_plan(proj: Any, services: list[str] | None, *, no_deps: bool = False) -> dict[str, Any]:

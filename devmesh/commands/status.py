@@ -197,7 +197,11 @@ def _render_local(data: dict[str, Any], services: list[dict[str, Any]], out: Any
         )
     _table(table, out)
     _render_routes(data.get("routes") or [], out)
-    notes = [r for r in services if r.get("reason") and r["state"] not in ("running", "external")]
+    notes = [
+        r
+        for r in services
+        if r.get("reason") and r["state"] not in ("running", "external", "remote")
+    ]
     for r in notes:
         print(f"\n{r['project']}/{r['name']}: {r['state']}: {r['reason']}", file=out)
         if r.get("last_exit") and r["last_exit"] not in r["reason"]:

@@ -103,10 +103,8 @@ def run(args: argparse.Namespace) -> int:
                     )
                 )
                 continue
-            errors = sum(1 for p in exc.problems if p.is_error)
             print(str(exc), file=sys.stderr)
-            shown = report.files_shown(exc.files or (exc.file,))
-            print(f"{shown}: invalid ({report.plural(errors, 'problem')})", file=sys.stderr)
+            print(report.invalid(exc.files or (exc.file,), exc.problems), file=sys.stderr)
             continue
         services = list(loaded.project.services)
         if args.json:

@@ -32,11 +32,7 @@ class _Out:
         self, path: Key, message: str, *, at_key: bool = False, severity: str = report.ERROR
     ) -> None:
         pos = self.marks.key(path) if at_key else self.marks.value(path)
-        self.problems.append(
-            report.Problem(
-                pos.file or self.file, pos.line, pos.column, report.dotted(path), message, severity
-            )
-        )
+        self.problems.append(report.placed(self.file, pos, path, message, severity))
 
     def at(self, pos: marks_mod.Position) -> str:
         """``FILE:LINE:COL`` of a position, to point at a second place in a message."""
@@ -63,8 +59,11 @@ def dependencies(service: dict[str, Any]) -> Iterator[tuple[str, Key, Any]]:
             yield str(name), ("depends_on", name), spec
 
 
-def check(doc: Any, marks: marks_mod.Marks, file: str) -> list[report.Problem]:
-    """Every semantic problem of an interpolated document (see the module docstring)."""
+def check(
+    doc: Any, marks: marks_mod.Marks, file: str, *, project: str | None = None
+) -> list[report.Problem]:
+    """Every semantic problem of an interpolated document (see the module docstring);
+    ``project`` is the project's name (a service's ``project:`` naming it is the default)."""
     out = _Out(marks, file)
     services = services_of(doc)
     _check_dependencies(services, out)
@@ -73,6 +72,7 @@ def check(doc: Any, marks: marks_mod.Marks, file: str) -> list[report.Problem]:
     _check_ports(services, out)
     _check_commands(services, out)
     _check_routing(services, out)
+    _check_project_and_remote(services, project, out)
     return out.problems
 
 
@@ -244,6 +244,59 @@ def _check_routing(services: dict[str, dict[str, Any]], out: _Out) -> None:
                 out.add(
                     ("services", name, "branch"),
                     f"{problem}; use auto (the git branch of the project folder) or a branch name",
+                )
+
+
+def _check_project_and_remote(
+    services: dict[str, dict[str, Any]], project: str | None, out: _Out
+) -> None:
+    """``project:`` names who runs a service declared without ``command``; ``remote: true``
+    keeps a service from running here, which leaves ``share`` and ``db`` nothing to act on.
+
+    ``project:`` beside ``command`` is an error: the service runs here, in this project, so
+    naming another project is a contradiction (naming this one is the default, and fine).
+    ``remote: true`` with ``share: true`` or a ``db:`` warns when one file writes both: its
+    author asks for two things that cannot both happen. When an override file makes a
+    shared service (or one with a database) remote, that is what override files are for,
+    and ``plan`` and ``status`` say "remote" instead of a warning at every ``up``.
+    """
+    for name, service in services.items():
+        at: Key = ("services", name)
+        given = service.get("project")
+        if isinstance(given, str) and given != project and "command" in service:
+            command = out.marks.key((*at, "command"))
+            out.add(
+                (*at, "project"),
+                f"project {given!r} on a service that has a command ({out.at(command)}): a "
+                f"service with a command runs here, in this project; project: names the "
+                f"project that runs a service declared without command. Remove project, or "
+                f"drop command (in an override file: command: !reset) to take {name} from "
+                f"project {given}",
+                at_key=True,
+            )
+        if service.get("remote") is not True:
+            continue
+        remote = out.marks.key((*at, "remote"))
+        if service.get("share") is True:
+            share = out.marks.key((*at, "share"))
+            if share.file == remote.file:
+                out.add(
+                    (*at, "share"),
+                    f"share: true has no effect: remote: true ({out.at(remote)}) keeps "
+                    f"{name} from running on this machine, so there is nothing to share",
+                    at_key=True,
+                    severity=report.WARNING,
+                )
+        if isinstance(service.get("db"), dict):
+            db = out.marks.key((*at, "db"))
+            if db.file == remote.file:
+                out.add(
+                    (*at, "db"),
+                    f"the database is not provisioned: remote: true ({out.at(remote)}) keeps "
+                    f"{name} from running on this machine, and a database is provisioned "
+                    "only for a service that runs here",
+                    at_key=True,
+                    severity=report.WARNING,
                 )
 
 

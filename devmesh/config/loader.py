@@ -35,7 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from devmesh.config import checks, dbchecks, envfile, marks, merge, report, schema, unbuilt
+from devmesh.config import (
+    checks,
+    dbchecks,
+    envfile,
+    marks,
+    merge,
+    report,
+    schema,
+    show,
+    unbuilt,
+)
 from devmesh.core import interpolate, model
 
 Problem = report.Problem
@@ -43,10 +53,6 @@ CONFIG_NAMES: tuple[str, ...] = ("devmesh.yaml", "devmesh.yml")
 OVERRIDE_NAMES: tuple[str, ...] = ("devmesh.override.yaml", "devmesh.override.yml")
 """Merged on top of the devmesh.yaml found without -f, when present beside it (compose)."""
 STDIN = "<stdin>"
-MASK = "***"
-SECRET_WORDS: tuple[str, ...] = ("PASSWORD", "PASSWD", "SECRET", "TOKEN", "KEY", "CREDENTIAL")
-"""A variable whose name contains one of these (any case) holds a secret: the text it gives
-a value is shown as *** by ``devmesh config`` unless --show-secrets."""
 
 
 class ConfigUnusable(Exception):
@@ -101,7 +107,7 @@ class Loaded:
     ``devmesh config`` prints."""
     masked: dict[tuple[str | int, ...], str] = dataclasses.field(default_factory=dict)
     """Paths in ``merged`` whose value holds text of a secret-looking variable, with that
-    text as *** (see SECRET_WORDS)."""
+    text as *** (see config/show.py)."""
 
 
 def find_config(start: Path) -> Path:
@@ -259,9 +265,7 @@ class _Load:
         """Each file's lines, by the name shown in messages."""
 
     def problem(self, pos: marks.Position, path: tuple[str | int, ...], message: str) -> None:
-        self.problems.append(
-            Problem(pos.file or self.file, pos.line, pos.column, report.dotted(path), message)
-        )
+        self.problems.append(report.placed(self.file, pos, path, message))
 
     def fail(self, data: Any = None) -> ConfigError:
         return ConfigError(
@@ -348,7 +352,9 @@ class _Load:
             for p in schema.problems(data, where, self.file, skip=tuple(self.uninterpolated))
             if not (p.path == "" and p.message == "missing required key 'version'")
         ]
-        self.problems += [self.explain(p) for p in checks.check(data, where, self.file)]
+        self.problems += [
+            self.explain(p) for p in checks.check(data, where, self.file, project=self.name(data))
+        ]
         self.problems += dbchecks.check(data, where, self.file, self.directory)
         self.problems += unbuilt.warnings(data, where, self.file)
         document = self.merge_env_files(data, where)
@@ -395,7 +401,7 @@ class _Load:
         def masked(name: str) -> str | None:
             """As lookup, with a secret's non-empty text as *** (same defaults taken)."""
             value = lookup(name)
-            return MASK if value and is_secret_name(name) else value
+            return show.MASK if value and show.is_secret_name(name) else value
 
         services = checks.services_of(data)
         keeps = {
@@ -410,7 +416,7 @@ class _Load:
             if isinstance(value, list):
                 return [walk(v, (*path, i)) for i, v in enumerate(value)]
             style, raw = where.raw.get(path, ("'", ""))
-            deferred = _deferred(path)
+            deferred = show.deferred(path)
             if len(path) == 4 and path[2] == "env" and style == "" and value is not None:
                 value = raw  # env values as written: `0755` stays "0755"
             if path[-2:] == ("restart", "policy") and value is False and raw.lower() == "no":
@@ -441,7 +447,7 @@ class _Load:
             # As compose: the text a variable gave is a string, converted only for a field
             # typed as a number or a boolean, never re-read as YAML (see interpolate.cast).
             self.interpolated[report.dotted(path)] = value
-            if any(is_secret_name(n) and lookup(n) for n in used):
+            if any(show.is_secret_name(n) and lookup(n) for n in used):
                 self.masked[path] = interpolate.expand(
                     value, masked, keep=keep.__contains__, keep_escapes=deferred
                 )
@@ -476,13 +482,11 @@ class _Load:
         if name in self.unset_seen:
             return
         self.unset_seen.add(name)
-        pos = where.value(path)
         self.problems.append(
-            Problem(
-                pos.file or self.file,
-                pos.line,
-                pos.column,
-                report.dotted(path),
+            report.placed(
+                self.file,
+                where.value(path),
+                path,
                 f"variable {name} is not set (in the environment or .env); using an empty string",
                 report.WARNING,
             )
@@ -565,13 +569,6 @@ def _env_files(
     return out
 
 
-def _deferred(path: tuple[str | int, ...]) -> bool:
-    """Whether path is inside a service's command, env or health command."""
-    if len(path) < 3 or path[0] != "services":
-        return False
-    return path[2] in ("command", "env") or path[2:4] == ("health", "command")
-
-
 def _model_document(document: dict[str, Any], name: str) -> dict[str, Any]:
     """The document for the model: a service's ``project:`` naming this very project is
     the default (None), so routing sees one spelling of "this project"."""
@@ -584,12 +581,6 @@ def _model_document(document: dict[str, Any], name: str) -> dict[str, Any]:
         for n, s in document["services"].items()
     }
     return {**document, "services": out}
-
-
-def is_secret_name(name: str) -> bool:
-    """Whether a variable's name says its value is a secret (see SECRET_WORDS)."""
-    upper = name.upper()
-    return any(word in upper for word in SECRET_WORDS)
 
 
 def _names(data: Any) -> tuple[str, ...]:

@@ -153,13 +153,11 @@ def partial_services(merged: Merged, first: str) -> list[report.Problem]:
             else f"the services of {first} are: {', '.join(known) or 'none'}; "
         )
         given = ", ".join(map(str, service)) or "nothing"
-        pos = merged.marks.key(path)
         out.append(
-            report.Problem(
-                pos.file or file,
-                pos.line,
-                pos.column,
-                report.dotted(path),
+            report.placed(
+                file,
+                merged.marks.key(path),
+                path,
                 f"service {name!r} is in no earlier file, and {file} gives it only {given}: "
                 f"{hint}an override changes a service by its exact name, and a service it "
                 "adds needs a definition (command and version, or version, fallback or "

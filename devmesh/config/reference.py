@@ -37,7 +37,9 @@ what it does. `<name>` stands for a name you choose (a service, a dependency), `
 for an environment variable name, and `key[]` for each item of a list. The guide to
 writing the file and to `${VAR}` interpolation is [config.md](config.md), how calls are
 routed across machines is [mesh.md](mesh.md#routing-across-machines); a commented example
-of every key is `devmesh.yaml.example` at the root of the repository.
+of every key is `devmesh.yaml.example` at the root of the repository. A project may be
+several files merged in order (`devmesh.override.yaml`, repeated `-f`): see
+[config.md](config.md#override-files).
 """
 
 

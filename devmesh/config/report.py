@@ -51,6 +51,14 @@ def sort(problems: Iterable[Problem]) -> list[Problem]:
     return sorted(problems, key=lambda p: (p.file, p.line, p.column, p.path, p.message))
 
 
+def placed(
+    file: str, pos: Any, path: Sequence[str | int], message: str, severity: str = ERROR
+) -> Problem:
+    """A problem at ``pos`` (a marks.Position), in the file the position names, else ``file``:
+    a value merged from an override file is reported in that file."""
+    return Problem(pos.file or file, pos.line, pos.column, dotted(path), message, severity)
+
+
 def render_one(p: Problem) -> str:
     where = f"{p.file}:{p.line}:{p.column}" if p.line else p.file
     prefix = "warning: " if p.severity == WARNING else ""
@@ -75,6 +83,12 @@ def summary(file: str, project: str | None, services: Sequence[str]) -> str:
 def files_shown(files: Sequence[str]) -> str:
     """The files of one load in a summary line: ``devmesh.yaml + devmesh.override.yaml``."""
     return " + ".join(files)
+
+
+def invalid(files: Sequence[str], problems: Iterable[Problem]) -> str:
+    """The line after the problems of an invalid load: ``FILES: invalid (N problems)``."""
+    errors = sum(1 for p in problems if p.is_error)
+    return f"{files_shown(files)}: invalid ({plural(errors, 'problem')})"
 
 
 def to_json(

@@ -260,17 +260,17 @@ def problems(
     """Every schema violation of document, placed with marks. Paths in ``skip`` (and below)
     are left out because the caller reports them better itself."""
     out: list[report.Problem] = []
-    seen: set[tuple[str, int, int, str, str]] = set()
+    seen: set[report.Problem] = set()
 
     def add(path: tuple[str | int, ...], message: str, *, at_key: bool = False) -> None:
         if any(path[: len(s)] == s for s in skip):
             return
-        pos = marks.key(path) if at_key else marks.value(path)
-        where = pos.file or file
-        key = (where, pos.line, pos.column, report.dotted(path), message)
-        if key not in seen:
-            seen.add(key)
-            out.append(report.Problem(where, pos.line, pos.column, report.dotted(path), message))
+        problem = report.placed(
+            file, marks.key(path) if at_key else marks.value(path), path, message
+        )
+        if problem not in seen:
+            seen.add(problem)
+            out.append(problem)
 
     for error in _flatten(list(_validator().iter_errors(document))):
         path = tuple(error.absolute_path)

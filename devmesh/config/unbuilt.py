@@ -68,15 +68,9 @@ def warnings(doc: Any, marks: marks_mod.Marks, file: str) -> list[report.Problem
         for path, value, parent in _matches(doc, row.key.split("."), ()):
             if not row.applies(value, parent):
                 continue
-            pos = marks.key(path)
             out.append(
-                report.Problem(
-                    pos.file or file,
-                    pos.line,
-                    pos.column,
-                    report.dotted(path),
-                    f"not built yet: {row.missing}",
-                    report.WARNING,
+                report.placed(
+                    file, marks.key(path), path, f"not built yet: {row.missing}", report.WARNING
                 )
             )
     return out
