@@ -64,7 +64,7 @@ def test_ben_s_web_calls_ana_s_shop_api_and_the_cart_he_takes_from_her() -> None
         # The override keeps cart off Ben's machine; shop-api is not applied there at all.
         mine = ben.services("shop-web")
         assert mine["web"]["state"] == "running"
-        assert (mine["cart"]["state"], mine["cart"]["pid"]) == ("external", None), mine
+        assert (mine["cart"]["state"], mine["cart"]["pid"]) == ("remote", None), mine
         assert ana.services("shop-web")["cart"]["state"] == "running"
         assert "web" not in ana.services("shop-web")
 
