@@ -20,7 +20,7 @@ SHIPPED = [ROOT / "devmesh.yaml.example", *sorted(ROOT.glob("examples/**/devmesh
 
 
 def test_the_examples_are_found():
-    assert len(SHIPPED) >= 5  # the example file, quickstart, notes, mesh/ana, mesh/ben
+    assert len(SHIPPED) >= 5  # the example file, quickstart, notes, mesh/shop-api, mesh/shop-web
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))

@@ -9,7 +9,8 @@ Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
   GET  /v1/status[?project=P]         services, peers, routes, agent
   GET  /v1/peers                      the mesh: this node, peers, backends, drop counters
   GET  /v1/route?project=P&service=S[&caller=C][&branch=B]   where such a call goes, and why
-  POST /v1/apply                      {document, directory, source, services, base_env, dry_run}
+  POST /v1/apply                      {document, directory, source, services, no_deps, base_env,
+                                       dry_run}
   GET  /v1/wait?project=P&services=a,b    stream: progress, then {"done": true, "ok": ...}
   POST /v1/down                       {project, services, volumes}; answers when they are
        stopped (``volumes``: their databases deleted too)
@@ -92,6 +93,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
         result: dict[str, Any] = {
             "project": rec.name,
             "services": sorted(rec.enabled),
+            "routed": _routed(proj, body, rec),
             "actions": [_action(a) for a in preview.actions if a.key[0] == rec.name],
             "problems": problems,
             "warnings": warnings,
@@ -245,6 +247,8 @@ async def _record(
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise ApiError(400, f"apply: invalid project document: {exc!r}") from exc
     selected = body.get("services")
+    if body.get("no_deps") and not selected:
+        raise ApiError(400, "apply: no_deps needs the services to start")
     if selected is not None:
         unknown = [s for s in selected if s not in proj.services]
         if unknown:
@@ -266,10 +270,28 @@ async def _record(
             selected=selected,
             base_env={str(k): str(v) for k, v in (base_env or dict(os.environ)).items()},
             branches=resolved.branches,
+            no_deps=bool(body.get("no_deps")),
         )
     except preflight.NoFreePortError as exc:
         raise ApiError(503, str(exc)) from exc
     return rec, proj, list(resolved.warnings)
+
+
+def _routed(
+    proj: model.Project, body: dict[str, Any], rec: state_mod.ProjectRecord
+) -> list[dict[str, Any]]:
+    """``up --no-deps``: the dependencies it does not start, and what becomes of their calls."""
+    if not body.get("no_deps"):
+        return []
+    return [
+        {
+            "service": r.service,
+            "callers": list(r.callers),
+            "running": r.running,
+            "reason": r.words(proj),
+        }
+        for r in desired.routed_instead(proj, body.get("services") or [], rec.enabled)
+    ]
 
 
 def _warnings(engine: Engine, proj: model.Project, rec: state_mod.ProjectRecord) -> list[str]:
@@ -289,7 +311,12 @@ def _warnings(engine: Engine, proj: model.Project, rec: state_mod.ProjectRecord)
             svc = proj.services[n]
             for dep in svc.depends_on:
                 target = proj.services.get(dep.name)
-                if target is not None and not target.runs_here and not target.fallback:
+                if (
+                    target is not None
+                    and not target.runs_here
+                    and not target.fallback
+                    and target.project is None  # another project applied here may run it
+                ):
                     out.append(
                         f"service {n}: dependency {dep.name} does not run here, has no "
                         f"fallback and project {proj.name} "

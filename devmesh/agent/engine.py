@@ -223,13 +223,15 @@ class Engine:
         selected: list[str] | None,
         base_env: dict[str, str],
         branches: dict[str, str] | None = None,
+        no_deps: bool = False,
     ) -> state_mod.ProjectRecord:
         """The record an apply of ``proj`` would store: enabled services and their ports.
 
         Ports picked before for ``port: auto`` are kept, so URLs survive an `up` again.
+        ``no_deps``: the selected services alone, not their dependencies (``up --no-deps``).
         Raises preflight.NoFreePortError when no free port can be found.
         """
-        enabled = desired.enabled_closure(proj, selected)
+        enabled = desired.enabled_closure(proj, selected, no_deps=no_deps)
         old = self.state.projects.get(proj.name)
         if selected is not None and old is not None:
             enabled |= {s for s in old.enabled if s in proj.services and proj.services[s].runs_here}

@@ -1,9 +1,10 @@
 """Route decisions as the control API shows them: ``GET /v1/route`` and status ``routes``.
 
 Why apart from ``views``: these read route selection's ``Decision`` (from the proxy's
-``explain``, which knows its down marks and in-flight counts) rather than the snapshot
-alone, and their JSON is a contract of its own (docs/cli.md, ``devmesh route --json``):
-``target`` is where the call goes (local, peer, fallback or null), ``node`` the node that
+``explain``, which knows its down marks and in-flight counts) rather than the snapshot alone,
+and their JSON is a contract of its own (docs/cli.md, ``devmesh route --json``): ``target`` is
+where the call goes (local, peer, fallback or null), ``target_project`` the project whose
+service answers (another one for a dependency with ``project: NAME``), ``node`` the node that
 would answer (this agent's node name for local, null without a mesh or for the fallback),
 ``reason`` the decision's explanation in words.
 """
@@ -61,6 +62,7 @@ def decision_doc(
     return {
         "project": project,
         "service": service,
+        "target_project": route.target_project if route is not None else project,
         "caller": decision.request.caller,
         "branch": decision.request.branch,
         "outcome": decision.outcome.value,
@@ -109,9 +111,9 @@ def rows(
     """Where each dependency call of each local service goes now, and why: one entry per
     caller -> dependency edge of every applied project (``status`` ``routes``).
 
-    Besides the documented keys (project, caller, service, target, node, version, branch,
-    reason, warning), each entry says the caller's range, the NAME_URL it was given and
-    the edge listener behind it.
+    Besides the documented keys (project, caller, service, target_project, target, node,
+    version, branch, reason, warning), each entry says the caller's range, the NAME_URL it
+    was given and the edge listener behind it.
     """
     out: list[dict[str, Any]] = []
     for p in snap.projects:
@@ -128,6 +130,7 @@ def rows(
                 if dep.name not in proj.services:
                     continue
                 edge_port = p.edges.get(f"{caller}->{dep.name}")
+                route = routes_table.mesh_route(p.name, dep.name)
                 decision = (
                     explain(p.name, dep.name, caller=caller)
                     if (
@@ -148,6 +151,7 @@ def rows(
                         "project": p.name,
                         "caller": caller,
                         "service": dep.name,
+                        "target_project": route.target_project if route else p.name,
                         "target": target,
                         "node": _node(chosen, node_name),
                         "version": chosen.version if chosen is not None else None,

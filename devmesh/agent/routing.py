@@ -9,14 +9,15 @@ policy that gave up), and which services have an address at all (a worker withou
 has none).
 
 Mesh routes: every service an applied project declares gets a ``MeshRoute`` (whether it runs
-here, on peers, or only has a ``fallback``), except one that runs here and listens on no port
-(a worker: it has no address, here or anywhere, as it has no ``NAME_URL``). A route holds the
-peers' shared instances of the same project and service name as the mesh node's registry
-holds them (live peers only), the ranges and policy of each caller (``CallerRule``), and the
-branch of each caller that runs under one. The table is rebuilt after every round and
-whenever the node reports that what peers share changed (a catalog fetched, a peer expired,
-left or was refused), so a peer's instance is routable from the moment its catalog arrives
-and not after it has gone.
+here, on peers, or only has a ``fallback``), except one that runs here and listens on no port (a
+worker: it has no address, here or anywhere, as it has no ``NAME_URL``). A route holds the
+peers' shared instances of the same project and service name as the mesh node's registry holds
+them (live peers only; for a dependency that names the project running it, ``project: NAME``,
+the instances of that project, whose local Backend is a candidate too), the ranges and policy of
+each caller (``CallerRule``), and the branch of each caller that runs under one. The table is
+rebuilt after every round and whenever the node reports that what peers share changed (a catalog
+fetched, a peer expired, left or was refused), so a peer's instance is routable from the moment
+its catalog arrives and not after it has gone.
 """
 
 from __future__ import annotations
@@ -130,12 +131,13 @@ def mesh_route(
             settings=routes.Settings.from_policy(proj.policy),
         )
     )
+    owner = target_project(proj, service)
     found = []
     for p in mesh_peers:
         if p.state is not peers.PeerState.ALIVE or p.catalog is None:
             continue
         for s in p.catalog.services:
-            if s.project != proj.name or s.name != service:
+            if s.project != owner or s.name != service:
                 continue
             found.append(
                 table.PeerInstance(
@@ -154,11 +156,19 @@ def mesh_route(
     return table.MeshRoute(
         project=proj.name,
         service=service,
+        owner=owner if owner != proj.name else None,
         peers=tuple(found),
         fallback=svc.fallback,
         rules=tuple(rules),
         caller_branches=tuple(caller_branches),
     )
+
+
+def target_project(proj: model.Project, service: str) -> str:
+    """The project whose instances answer calls to ``service`` of ``proj``: the one its
+    ``project:`` names when it does not run here, else ``proj`` itself."""
+    svc = proj.services[service]
+    return svc.project if svc.project and not svc.runs_here else proj.name
 
 
 def hosts(routes: table.RouteTable) -> dict[plan.Key, str]:
@@ -225,12 +235,14 @@ def _backend(
 def find(
     routes_table: table.RouteTable, project: str, service: str
 ) -> tuple[table.MeshRoute | None, table.Backend | None]:
-    """The mesh route and the local backend of (project, service), either may be None."""
+    """The mesh route of (project, service) and the local backend its calls may go to (that
+    of the project running it, for a dependency naming another one); either may be None."""
     route = next(
         (m for m in routes_table.mesh if m.project == project and m.service == service), None
     )
+    owner = route.target_project if route is not None else project
     backend = next(
-        (b for b in routes_table.backends if b.project == project and b.service == service), None
+        (b for b in routes_table.backends if b.project == owner and b.service == service), None
     )
     return route, backend
 

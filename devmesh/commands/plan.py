@@ -13,6 +13,7 @@ from devmesh.commands import _common
 EXAMPLE = """example:
   devmesh plan
   devmesh plan --json web
+  devmesh plan --no-deps web     web alone; what its dependencies' calls go to instead
 """
 
 
@@ -27,6 +28,11 @@ def register(sub: Any) -> None:
     _common.add_file_arg(p)
     _common.add_project_name_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--no-deps",
+        action="store_true",
+        help="as `up --no-deps`: only the SERVICEs named, not their dependencies",
+    )
     p.add_argument("services", nargs="*", metavar="SERVICE")
     p.set_defaults(func=lambda a: _common.run_command(run, a))
 
@@ -36,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
     proj = loaded.project
     from devmesh.core import model
 
+    if args.no_deps and not args.services:
+        raise _common.CommandError(
+            "--no-deps starts only the services named: name them (devmesh plan --no-deps web)",
+            _common.EXIT_USAGE,
+        )
     client = _common.client()
     if _common.agent_running(client):
         result = client.request(
@@ -46,12 +57,13 @@ def run(args: argparse.Namespace) -> int:
                 "directory": proj.directory,
                 "source": proj.source,
                 "services": args.services or None,
+                "no_deps": args.no_deps,
                 "base_env": dict(os.environ),
                 "dry_run": True,
             },
         )
     else:
-        result = offline_plan(proj, args.services or None)
+        result = offline_plan(proj, args.services or None, no_deps=args.no_deps)
     remote = remote_notes(proj)
     result["remote"] = [{"service": n, "reason": why} for n, why in remote.items()]
     if args.json:
@@ -65,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {a['service']}: {a['action']} - {a['reason']}")
     for name, why in remote.items():
         print(f"  {name}: remote - {why}")
+    for r in result.get("routed", []):
+        print(f"  {r['service']}: {'leave' if r['running'] else 'route'} - {r['reason']}")
     for w in result.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     return _common.EXIT_OK
@@ -86,7 +100,7 @@ def remote_notes(proj: Any) -> dict[str, str]:
     return out
 
 
-def offline_plan(proj: Any, services: list[str] | None) -> dict[str, Any]:
+def offline_plan(proj: Any, services: list[str] | None, *, no_deps: bool = False) -> dict[str, Any]:
     """The plan against an empty machine, computed here: ports of `auto` services are unknown."""
     import time
 
@@ -98,7 +112,7 @@ def offline_plan(proj: Any, services: list[str] | None) -> dict[str, Any]:
             f"no such service {', '.join(map(repr, unknown))} in project {proj.name} "
             f"(services: {', '.join(proj.services)})"
         )
-    enabled = desired.enabled_closure(proj, services)
+    enabled = desired.enabled_closure(proj, services, no_deps=no_deps)
     ports = {n: s.port for n, s in proj.services.items() if s.port is not None}
     urls = {n: desired.dependency_urls(proj, s, ports) for n, s in proj.services.items()}
     wants = desired.wants_for(proj, enabled, ports, urls)
@@ -111,4 +125,13 @@ def offline_plan(proj: Any, services: list[str] | None) -> dict[str, Any]:
             {"service": a.key[1], "action": a.verb.value, "reason": a.reason} for a in p.actions
         ],
         "warnings": [],
+        "routed": [
+            {
+                "service": r.service,
+                "callers": list(r.callers),
+                "running": r.running,
+                "reason": r.words(proj),
+            }
+            for r in (desired.routed_instead(proj, services or [], enabled) if no_deps else [])
+        ],
     }

@@ -88,10 +88,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def headline(data: dict[str, Any]) -> str:
-    """``web → api: node-b api 2.3.0 (^2.1 ok)``: the caller, the service, the decision."""
+    """``web → api: node-b api 2.3.0 (^2.1 ok)``: the caller, the service, the decision.
+
+    A dependency that another project runs is named with it: ``web → shop-api/api: ...``.
+    """
     caller = data.get("caller") or "(no caller)"
     branch = f" [branch {data['branch']}]" if data.get("branch") else ""
-    head = f"{caller} → {data.get('service')}{branch}"
+    head = f"{caller} → {called(data)}{branch}"
     outcome = data.get("outcome")
     if outcome == "reject":
         return f"{head}: rejected with {data.get('status') or 409}: {data.get('message')}"
@@ -102,6 +105,13 @@ def headline(data: dict[str, Any]) -> str:
         if reason.startswith("chose "):
             return f"{head}: {reason.removeprefix('chose ')}"
     return f"{head}: {where(data)}"
+
+
+def called(entry: dict[str, Any]) -> str:
+    """The service called, ``PROJECT/SERVICE`` when another project than the caller's runs it."""
+    service = str(entry.get("service"))
+    owner = entry.get("target_project")
+    return f"{owner}/{service}" if owner and owner != entry.get("project") else service
 
 
 def where(entry: dict[str, Any]) -> str:

@@ -133,7 +133,8 @@ def _render_peers(peers: list[dict[str, Any]], out: Any) -> None:
 def _render_routes(routes: list[dict[str, Any]], out: Any) -> None:
     """Per project, each ``caller → service``, where its calls go now and why.
 
-    ``web → api  node-b api 2.3.0  (^2.1 ok)``; a decision that warns (a version outside
+    ``web → api  node-b api 2.3.0  (^2.1 ok)`` (``web → shop-api/api  ...`` when another
+    project runs the dependency); a decision that warns (a version outside
     the caller's range) is marked ``!`` and followed by the warning; one that would answer
     409 or 502 says so. The words come from route selection itself, as `devmesh route`
     prints them.
@@ -146,7 +147,7 @@ def _render_routes(routes: list[dict[str, Any]], out: Any) -> None:
         by_project.setdefault(str(r.get("project")), []).append(r)
     for project, rows in by_project.items():
         print(f"{project}", file=out)
-        edges = [f"{r.get('caller')} → {r.get('service')}" for r in rows]
+        edges = [f"{r.get('caller')} → {route.called(r)}" for r in rows]
         width = max(len(e) for e in edges)
         for edge, r in zip(edges, rows, strict=True):
             goes, why = _route_words(r)

@@ -24,6 +24,8 @@ EXAMPLE = """example:
   devmesh up             start every service of ./devmesh.yaml, show their logs; Ctrl-C stops
   devmesh up -d          start in the background; return when all are ready
   devmesh up -d web      start web and what it depends on
+  devmesh up -d --no-deps web   start web alone: its dependencies come from this machine's
+                         other projects, teammates or their fallback
 """
 
 
@@ -52,6 +54,12 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
         help="give up waiting for readiness after S seconds (default 300)",
     )
     p.add_argument(
+        "--no-deps",
+        action="store_true",
+        help="start only the SERVICEs named, not their dependencies (those are routed: "
+        "this machine's other projects, teammates, then their fallback)",
+    )
+    p.add_argument(
         "services", nargs="*", metavar="SERVICE", help="only these (and their dependencies)"
     )
 
@@ -67,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
             f"no such service {', '.join(map(repr, unknown))} in project {proj.name} "
             f"(services: {', '.join(proj.services)}); nothing was applied"
         )
+    no_deps = bool(getattr(args, "no_deps", False))
+    if no_deps and not args.services:
+        raise _common.CommandError(
+            "--no-deps starts only the services named: name them (devmesh up --no-deps web)",
+            _common.EXIT_USAGE,
+        )
     document = model.to_document(proj)
     return apply_and_follow(
         args,
@@ -75,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
         directory=proj.directory,
         source=proj.source,
         services=args.services or None,
-        log_services=sorted(desired.enabled_closure(proj, args.services or None)),
+        log_services=sorted(desired.enabled_closure(proj, args.services or None, no_deps=no_deps)),
         agent_env=_common.proxy_env(proj.proxy),
+        no_deps=no_deps,
     )
 
 
@@ -90,6 +105,7 @@ def apply_and_follow(
     services: list[str] | None,
     log_services: list[str],
     agent_env: dict[str, str] | None = None,
+    no_deps: bool = False,
 ) -> int:
     h = _common.home()
     err = sys.stderr
@@ -111,6 +127,7 @@ def apply_and_follow(
                         "directory": directory,
                         "source": source,
                         "services": services,
+                        "no_deps": no_deps,
                         "base_env": dict(os.environ),
                     },
                 )
@@ -120,6 +137,8 @@ def apply_and_follow(
             for w in result.get("warnings", []):
                 print(f"warning: {w}", file=err)
             _print_actions(result, err)
+            for r in result.get("routed", []):
+                print(f"  {r['service']}: {r['reason']}", file=err)
             ok = _wait(client, project, result["services"], args.wait_timeout, err)
         if args.detach:
             return _common.EXIT_OK if ok else _common.EXIT_FAILED

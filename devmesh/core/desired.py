@@ -13,7 +13,7 @@ from another shell must not restart everything because ``$OLDPWD`` differs.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from devmesh.core import interpolate, model, plan
@@ -24,11 +24,62 @@ def url_var(dep: str) -> str:
     return interpolate.url_variable(dep)
 
 
-def enabled_closure(project: model.Project, roots: Iterable[str] | None) -> set[str]:
-    """Services to run for ``up [SERVICE...]``: the roots (all when None) and their deps."""
+def enabled_closure(
+    project: model.Project, roots: Iterable[str] | None, *, no_deps: bool = False
+) -> set[str]:
+    """Services to run for ``up [SERVICE...]``: the roots (all when None) and their deps.
+
+    ``no_deps`` (``up --no-deps SERVICE...``) takes the roots alone: their dependencies
+    that do not run here are routed as a service without ``command`` is (``routed_instead``).
+    """
     deps = {n: [d.name for d in s.depends_on] for n, s in project.services.items()}
     names = list(project.services) if roots is None else list(roots)
-    return {n for n in plan.closure(deps, names) if project.services[n].runs_here}
+    chosen = set(names) if no_deps and roots is not None else plan.closure(deps, names)
+    return {n for n in chosen if project.services[n].runs_here}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Routed:
+    """A dependency of a started service that ``up --no-deps`` does not start."""
+
+    service: str
+    callers: tuple[str, ...]
+    """The enabled services that depend on it."""
+    running: bool
+    """It runs here anyway, enabled by an earlier ``up``: left running, as compose does."""
+
+    def words(self, project: model.Project) -> str:
+        """What becomes of calls to it, as ``plan`` and ``up`` say it."""
+        who = ", ".join(self.callers)
+        if self.running:
+            return (
+                f"left running (started by an earlier `up`; {who} call it here; "
+                f"`devmesh down {self.service}` stops it)"
+            )
+        svc = project.services[self.service]
+        where = ["a teammate's shared instance"]
+        if svc.fallback:
+            where.append(f"its fallback {svc.fallback}")
+        tail = " else ".join(where) + ("" if svc.fallback else ", else 502 (no fallback)")
+        return f"not started (--no-deps): calls from {who} go to {tail}"
+
+
+def routed_instead(
+    project: model.Project, roots: Iterable[str], enabled: Iterable[str]
+) -> list[Routed]:
+    """The dependencies of ``roots`` that ``up --no-deps`` leaves to routing, or that keep
+    running from an earlier ``up`` (``enabled`` is the record after the apply)."""
+    on = set(enabled)
+    callers: dict[str, list[str]] = {}
+    for root in roots:
+        for dep in project.services[root].depends_on:
+            target = project.services.get(dep.name)
+            if target is not None and target.runs_here and dep.name not in roots:
+                callers.setdefault(dep.name, []).append(root)
+    return [
+        Routed(service=name, callers=tuple(sorted(who)), running=name in on)
+        for name, who in sorted(callers.items())
+    ]
 
 
 def dependency_urls(
@@ -127,7 +178,9 @@ def wants_for(
 ) -> dict[plan.Key, plan.Want]:
     """One Want per enabled service that runs here; ``urls`` is per service, from the agent."""
     out: dict[plan.Key, plan.Want] = {}
-    for name in enabled:
+    names = list(enabled)
+    on = set(names)  # a dependency left out (`up --no-deps`) is routed, not waited for
+    for name in names:
         s = project.services.get(name)
         if s is None or not s.runs_here:
             continue
@@ -139,7 +192,7 @@ def wants_for(
         deps = tuple(
             ((project.name, d.name), d.condition)
             for d in s.depends_on
-            if d.name in project.services and project.services[d.name].runs_here
+            if d.name in on and project.services[d.name].runs_here
         )
         out[(project.name, name)] = plan.Want(
             key=(project.name, name),

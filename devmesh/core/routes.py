@@ -100,6 +100,9 @@ class LocalInstance:
     health: Health
     version: str | None = None
     branch: str | None = None
+    reason: str | None = None
+    """Why a stopped instance is not running (``not started ...``, ``stopped by devmesh
+    down``), said in its verdict."""
     down_until_s: float | None = None
     """Clock reading until which a failed connection keeps it out; None when not marked."""
     down_reason: str = ""
@@ -343,6 +346,8 @@ def _screen(
 
 
 def _local_problem(local: LocalInstance) -> str | None:
+    if local.state is LocalState.STOPPED and local.reason:
+        return f"{local.state.value}: {local.reason}"
     if local.state is not LocalState.RUNNING:
         return local.state.value
     if local.health is not Health.HEALTHY:

@@ -42,6 +42,9 @@ class Entry:
     """Where the call went: ``local``, ``peer`` or ``fallback``; None when the proxy answered."""
     node: str | None = None
     """The peer node that answered (route ``peer``), else None."""
+    target: str | None = None
+    """``PROJECT/SERVICE`` called when another project than the caller's runs it (a
+    dependency with ``project: NAME``), else None."""
     error: str | None = None
     pid: int | None = None
     """The proxy process that served the request (the agent or one of its workers); the
@@ -65,6 +68,8 @@ def format_text(entry: Entry) -> str:
     ]
     if entry.caller:
         parts.append(f"caller={entry.caller}")
+    if entry.target:
+        parts.append(f"target={entry.target}")
     if entry.node:
         parts.append(f"node {entry.node}")
     elif entry.route and entry.route != "local":

@@ -449,8 +449,14 @@ class Forwarder:
             return  # building the entry costs as much as routing the request
         edge, request, backend, result = ex.client.edge, ex.request, ex.backend, ex.result
         hop, client = ex.hop, ex.client
+        target = None
         if edge is not None:
             caller: str | None = f"{edge.caller_service}.{edge.caller_project}"
+            owner = ex.plan.target_project if ex.plan is not None else None
+            if owner is None and backend is not None and ex.hop is None:
+                owner = backend.project
+            if owner and owner != edge.caller_project:
+                target = f"{owner}/{edge.target_service}"
         elif client.mesh is not None and isinstance(client.caller, peering.PeerCaller):
             who = client.caller
             caller = f"peer {self.table().node_name(who.node_id, who.node_name)}"
@@ -472,6 +478,7 @@ class Forwarder:
                 "caller": caller,
                 "route": hop.route if hop is not None else ("local" if backend else None),
                 "node": hop.node if hop is not None else None,
+                "target": target,
                 "error": result.error,
             }
         )

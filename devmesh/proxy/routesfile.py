@@ -15,10 +15,10 @@ The format is the standalone proxy's (``python -m devmesh.proxy --routes FILE``)
      "edges": [{"caller_project": "shop", "caller_service": "web",
                 "target_service": "api", "port": 41234}]}
 
-With a mesh, the file also carries ``mesh`` (one object per ``table.MeshRoute``: ``peers``,
-``fallback``, ``rules`` with their requirements and settings, ``caller_branches``) and
-``peer_tls`` (the node's file paths, which workers load themselves), so a worker routes every
-call as the agent does.
+With a mesh, the file also carries ``mesh`` (one object per ``table.MeshRoute``: ``owner`` (the
+project that runs a dependency naming another one), ``peers``, ``fallback``, ``rules`` with
+their requirements and settings, ``caller_branches``) and ``peer_tls`` (the node's file paths,
+which workers load themselves), so a worker routes every call as the agent does.
 
 Only ``project``, ``service`` and ``port`` are required in a backend; ``write`` always spells
 out every ``table.Backend`` field so a worker's table equals the agent's. An edge's ``port``
@@ -187,6 +187,7 @@ def _mesh_doc(route: table.MeshRoute) -> dict[str, Any]:
     return {
         "project": route.project,
         "service": route.service,
+        "owner": route.owner,
         "peers": [dataclasses.asdict(p) for p in route.peers],
         "fallback": route.fallback,
         "rules": [
@@ -226,6 +227,7 @@ def _mesh(doc: Any) -> table.MeshRoute:
     return table.MeshRoute(
         project=str(doc["project"]),
         service=str(doc["service"]),
+        owner=None if doc.get("owner") is None else str(doc["owner"]),
         peers=tuple(table.PeerInstance(**p) for p in doc.get("peers") or ()),
         fallback=doc.get("fallback"),
         rules=rules,

@@ -102,7 +102,7 @@ def choose(
                 assert type(resolved) is table.Unknown
                 return OwnPage(status=404, message=f"no service is named by host {resolved.host!r}")
             route, host_branch = found
-            backend = routes_table.backend(route.project, route.service)
+            backend = routes_table.backend(route.target_project, route.service)
     if route is None:
         assert backend is not None
         _check_running(backend, now_s)

@@ -70,9 +70,14 @@ class Plan:
     """A routed request's targets and what became of the ones tried."""
 
     project: str
+    """The caller's project (the route's): down marks and in-flight counts are kept per
+    (project, service)."""
     service: str
     hops: list[Hop]
     decision: routes.Decision
+    target_project: str = ""
+    """The project whose service answers (a dependency's ``project:``); the access log names
+    it when it is not the caller's."""
     index: int = 0
     tried: list[str] = dataclasses.field(default_factory=list)
     """``node-b api 2.3.0: connection refused on ...``, one per failed target."""
@@ -150,8 +155,12 @@ class Router:
         branch: str | None,
         advance: bool = True,
     ) -> routes.Decision:
-        """Run ``routes.select`` against the current state; ``advance`` moves the cursor."""
-        backend = routes_table.backend(route.project, route.service)
+        """Run ``routes.select`` against the current state; ``advance`` moves the cursor.
+
+        The local candidate is the Backend of the project that runs the service
+        (``route.target_project``); down marks, cursors and in-flight counts are the route's,
+        per (caller's project, service): each project's fallback is its own."""
+        backend = routes_table.backend(route.target_project, route.service)
         pair = (route.project, route.service)
         marks = self.down.get(pair, {})
         local = None
@@ -162,6 +171,7 @@ class Router:
                 health=_HEALTH.get(backend.health, routes.Health.UNHEALTHY),
                 version=backend.version,
                 branch=backend.branch,
+                reason=backend.reason,
                 down_until_s=until,
                 down_reason=why,
             )
@@ -242,6 +252,7 @@ class Router:
                         service=route.service,
                         hops=list(hit[1]),
                         decision=hit[0],
+                        target_project=route.target_project,
                     )
         decision = self.decide(routes_table, route, caller=caller, branch=name)
         if decision.outcome is not routes.Outcome.ROUTE:
@@ -249,7 +260,13 @@ class Router:
         hops = self._hops(routes_table, route, decision, name, propagate)
         if memo_key is not None:
             self._plans[memo_key] = (decision, tuple(hops))
-        return Plan(project=route.project, service=route.service, hops=hops, decision=decision)
+        return Plan(
+            project=route.project,
+            service=route.service,
+            hops=hops,
+            decision=decision,
+            target_project=route.target_project,
+        )
 
     def _hops(
         self,
@@ -259,7 +276,7 @@ class Router:
         name: str | None,
         propagate: bool,
     ) -> list[Hop]:
-        backend = routes_table.backend(route.project, route.service)
+        backend = routes_table.backend(route.target_project, route.service)
         branch_add = [(BRANCH_HEADER, name.encode())] if propagate and name else []
         hops: list[Hop] = []
         for target in decision.targets:

@@ -138,6 +138,10 @@ class MeshRoute:
 
     project: str
     service: str
+    owner: str | None = None
+    """The project that runs the service, when the dependency names another one
+    (``project: NAME``): its local Backend and the peers' instances of (owner, service) are
+    the candidates. None: ``project`` itself."""
     peers: tuple[PeerInstance, ...] = ()
     fallback: str | None = None
     """The service's ``fallback`` URL (http or https), the last resort."""
@@ -146,6 +150,11 @@ class MeshRoute:
     caller_branches: tuple[tuple[str, str], ...] = ()
     """(caller service, branch) for local callers started under a branch: their calls
     through the injected ``NAME_URL`` go to that branch and carry ``X-Devmesh-Branch``."""
+
+    @property
+    def target_project(self) -> str:
+        """The project whose instances answer: ``owner``, else the route's own project."""
+        return self.owner or self.project
 
     def rule(self, caller: str | None) -> CallerRule:
         """The caller's rule, else the no-caller rule, else defaults."""
@@ -291,8 +300,12 @@ class RouteTable:
         return Unknown(hostroute.hostname(host_header))
 
     def for_edge(self, edge: Edge) -> Backend | None:
-        """The target of an edge: the service of that name in the caller's own project."""
-        return self._by_pair.get((edge.target_service.lower(), edge.caller_project.lower()))
+        """The local target of an edge: the service of that name in the project that runs it
+        (the dependency's ``project:``, else the caller's own project)."""
+        service = edge.target_service.lower()
+        route = self._mesh_by_pair.get((service, edge.caller_project.lower()))
+        project = route.target_project if route is not None else edge.caller_project
+        return self._by_pair.get((service, project.lower()))
 
     def backend(self, project: str, service: str) -> Backend | None:
         return self._by_pair.get((service.lower(), project.lower()))

@@ -1,7 +1,8 @@
-"""The demo's web: GET / calls $API_URL/items and shows what came back, standard library only.
+"""The demo's web: GET / calls $API_URL/items and $CART_URL/cart and shows what came back,
+standard library only.
 
-API_URL is a loopback address of Ben's own devmesh proxy; which machine answers is the
-mesh's business, not this code's.
+API_URL and CART_URL are loopback addresses of this machine's devmesh proxy; which machine
+and which project answer is the mesh's business, not this code's.
 """
 
 import json
@@ -11,19 +12,26 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def fetch(url: str) -> tuple[dict, str | None]:
+    """The JSON answer and devmesh's version warning; devmesh's 409/502 say why in the body."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.load(resp), resp.headers.get("X-Devmesh-Version-Warning")
+    except urllib.error.HTTPError as exc:
+        return {"error": f"answered {exc.code}", "why": exc.read().decode()}, None
+
+
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/healthz":
             self._send(200, {"status": "ok"})
             return
-        try:
-            with urllib.request.urlopen(os.environ["API_URL"] + "/items", timeout=10) as resp:
-                answer = json.load(resp)
-                warning = resp.headers.get("X-Devmesh-Version-Warning")
-        except urllib.error.HTTPError as exc:  # devmesh's 409/502 say why in the body
-            self._send(502, {"error": f"api answered {exc.code}", "why": exc.read().decode()})
-            return
-        self._send(200, {"web": "ben", "api": answer, "version_warning": warning})
+        api, warning = fetch(os.environ["API_URL"] + "/items")
+        cart, _ = fetch(os.environ["CART_URL"] + "/cart")
+        status = 502 if "error" in api or "error" in cart else 200
+        self._send(
+            status, {"web": "shop-web", "api": api, "cart": cart, "version_warning": warning}
+        )
 
     def _send(self, status: int, body: dict) -> None:
         data = json.dumps(body, indent=2).encode() + b"\n"

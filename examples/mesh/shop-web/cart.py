@@ -1,20 +1,20 @@
-"""The demo's API: a tiny JSON service on $PORT, standard library only."""
+"""The demo's cart: a tiny JSON service on $PORT, standard library only."""
 
 import json
 import os
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-ITEMS = [{"id": 1, "name": "espresso"}, {"id": 2, "name": "flat white"}]
+CART = [{"item": 1, "quantity": 2}]
 
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/healthz":
             self._send(200, {"status": "ok"})
-        elif self.path == "/items":
+        elif self.path == "/cart":
             served_by = f"{os.environ.get('DEVMESH_SERVICE')} of {os.environ.get('OWNER')}"
-            self._send(200, {"items": ITEMS, "served_by": served_by})
+            self._send(200, {"cart": CART, "served_by": served_by})
         else:
             self._send(404, {"error": f"no route {self.path}"})
 
@@ -32,6 +32,6 @@ class Handler(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     port = int(os.environ["PORT"])
-    print(f"api {os.environ.get('LOG_LEVEL', 'info')}: listening on 127.0.0.1:{port}", flush=True)
+    print(f"cart: listening on 127.0.0.1:{port}", flush=True)
     sys.stdout.flush()
     ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
