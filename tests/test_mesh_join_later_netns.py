@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 from agentkit import PY, ROUTE_SERVICE, Mesh, free_port
-from netkit import Net, NsHTTP, have_netns, wait_for
+from netkit import NETNS, Net, NsHTTP, wait_for
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_netns(), reason="needs root and iproute2 for network namespaces"),
+    NETNS,
 ]
 
 ALPHA, BETA, GAMMA = 0, 1, 2

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 from agentkit import PY, ROUTE_SERVICE, Machines
-from netkit import NsHTTP, have_netns, wait_for
+from netkit import NETNS, NsHTTP, wait_for
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_netns(), reason="needs root and iproute2 for network namespaces"),
+    NETNS,
 ]
 
 ALPHA, BETA = 0, 1
