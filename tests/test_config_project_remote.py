@@ -141,3 +141,21 @@ def test_up_refuses_project_beside_command_before_starting_anything(folder: Path
         "service that has a command (devmesh.yaml:10:5)"
     )
     assert not home.exists()  # no agent was started, nothing was applied
+
+
+def test_plan_says_a_remote_service_is_not_run_and_its_database_not_provisioned(folder: Path):
+    from devmesh.commands import plan
+
+    (folder / "devmesh.yaml").write_text(
+        BASE.replace("    share: true\n", "    db: {engine: sqlite}\n    fallback: http://s.test\n")
+    )
+    override(folder, "services:\n  api:\n    remote: true\n")
+    assert plan.remote_notes(load().project) == {
+        "api": "not run on this machine (remote: true): calls go to a teammate's shared "
+        "instance, else its fallback http://s.test; its database is not provisioned"
+    }
+    override(folder, "services:\n  web:\n    remote: true\n")
+    assert plan.remote_notes(load().project) == {
+        "web": "not run on this machine (remote: true): calls go to a teammate's shared "
+        "instance (no fallback: 502 when none answers)"
+    }
