@@ -133,9 +133,10 @@ def proxy_settings(environ: Mapping[str, str] | None = None) -> settings.Setting
     """The proxy's settings from the environment the agent was started with.
 
     DEVMESH_PROXY_PORT, DEVMESH_HTTPS_PORT ("off" disables HTTPS),
-    DEVMESH_PROXY_CONNECT_TIMEOUT_S, DEVMESH_PROXY_IDLE_TIMEOUT_S, DEVMESH_PROXY_MAX_BODY_MB,
+    DEVMESH_PROXY_CONNECT_TIMEOUT_S, DEVMESH_PROXY_IDLE_TIMEOUT_S,
+    DEVMESH_PROXY_HEADER_TIMEOUT_S, DEVMESH_PROXY_KEEPALIVE_TIMEOUT_S, DEVMESH_PROXY_MAX_BODY_MB,
     DEVMESH_PROXY_WORKERS (see proxy_workers; with workers the listeners are bound shared).
-    `devmesh up` sets the first five from the project's `proxy:` when it starts the agent.
+    `devmesh up` sets the first seven from the project's `proxy:` when it starts the agent.
     Raises ValueError naming the variable when one is not a number.
     """
     env = os.environ if environ is None else environ
@@ -160,6 +161,12 @@ def proxy_settings(environ: Mapping[str, str] | None = None) -> settings.Setting
         connect_timeout_s=number("DEVMESH_PROXY_CONNECT_TIMEOUT_S", defaults.connect_timeout_s)
         or 5.0,
         idle_timeout_s=number("DEVMESH_PROXY_IDLE_TIMEOUT_S", defaults.idle_timeout_s) or 60.0,
+        header_timeout_s=number("DEVMESH_PROXY_HEADER_TIMEOUT_S", defaults.header_timeout_s)
+        or 10.0,
+        keepalive_timeout_s=number(
+            "DEVMESH_PROXY_KEEPALIVE_TIMEOUT_S", defaults.keepalive_timeout_s
+        )
+        or 75.0,
         max_body_bytes=None if max_mb is None else int(max_mb * 2**20),
         reuse_port=proxy_workers(env) > 0,
     )

@@ -10,6 +10,15 @@ runs in callbacks (``callbacks.start``) when it can, or as a task (``run_task``)
 the client through the channel's stream API. When the exchange ends, parsing goes back to the
 callbacks, and requests the client pipelined meanwhile are served in turn: in a loop, never
 by recursion, so a burst of pipelined requests costs no stack.
+
+Deadlines on the client (``Connections.expire``, run by the server's one sweep timer like the
+callback runs' timeouts, rather than a timer armed per request): a connection waiting for a
+request head gets ``header_timeout_s`` from the head's first byte (from the connection's
+opening for its first request), then 408 and close; a keep-alive connection idle between
+requests is closed after ``keepalive_timeout_s``. A connection busy with an exchange has
+neither: the service's silence is ``idle_timeout_s``'s business. The sweep notes when it
+first sees a connection in a waiting state, so a deadline is never early, at most a sweep
+interval late, and the request path pays one counter increment for it.
 """
 
 from __future__ import annotations
@@ -51,11 +60,52 @@ class Connections:
         for down in list(self.open):
             down.abort()
 
+    def expire(self, now: float, header_s: float, keepalive_s: float) -> int:
+        """Close the connections past their header or keep-alive deadline (loop clock); how
+        many heads were cut with a 408."""
+        cut = 0
+        for down in [d for d in self.open if d.current is None and d.consumer is not None]:
+            client = down.client
+            if client is None or down.transport.is_closing():
+                continue
+            partial = bool(client.conn.trailing_data[0])
+            if down.mark != down.served:  # first seen waiting after a request (or opening)
+                down.mark, down.since, down.partial = down.served, now, partial
+            elif partial and not down.partial:  # a head began since the last look
+                down.since, down.partial = now, True
+            first = down.served == 0
+            limit = header_s if down.partial or first else keepalive_s
+            if now - down.since < limit:
+                continue
+            if partial:
+                cut += 1
+                self.forwarder.reject(
+                    client,
+                    h11.RemoteProtocolError(
+                        f"request head not complete within {header_s:g} s (header_timeout_s)",
+                        error_status_hint=408,
+                    ),
+                )
+            down.close()
+        return cut
+
 
 class Downstream(channel.Channel):
     """One client connection. Bytes go into its h11 state as they arrive (``feed``)."""
 
-    __slots__ = ("client", "connections", "current", "edge", "held", "mesh", "proto")
+    __slots__ = (
+        "client",
+        "connections",
+        "current",
+        "edge",
+        "held",
+        "mark",
+        "mesh",
+        "partial",
+        "proto",
+        "served",
+        "since",
+    )
 
     def __init__(
         self,
@@ -73,9 +123,18 @@ class Downstream(channel.Channel):
         self.current: callbacks.Run | None = None
         """The exchange running in callbacks, if one is."""
         self.held = False
+        self.served = 0
+        """Requests begun on this connection (the deadline sweep's clock of progress)."""
+        self.mark = 0
+        """``served`` when the sweep last saw the connection begin waiting."""
+        self.since = 0.0
+        """When that wait (or the head under way) began, as far as the sweep knows."""
+        self.partial = False
+        """A request head had begun then."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.since = asyncio.get_running_loop().time()
         self.client = exchange.Client(
             self,
             proto=self.proto,
@@ -127,6 +186,7 @@ class Downstream(channel.Channel):
         if type(event) is not h11.Request:
             self.close()  # the client closed its side between requests
             return False
+        self.served += 1
         ex = forwarder.open(client, event)
         backend = forwarder.route(ex)
         if backend is None:  # answered by the proxy itself

@@ -137,15 +137,19 @@ class ProxyServer:
         self.access_log.flush()
 
     def _sweep(self) -> None:
-        """Time out exchanges running in callbacks whose service went quiet for idle_timeout_s.
+        """Time out exchanges running in callbacks whose service went quiet for idle_timeout_s,
+        and client connections past their header or keep-alive deadline.
 
-        The price of one timer for all of them is lateness of up to a quarter of the idle
-        timeout (at most a second).
+        The price of one timer for all of them is lateness of up to a quarter of the
+        shortest timeout (at most a second).
         """
-        idle = self.settings.idle_timeout_s
+        s = self.settings
         loop = asyncio.get_running_loop()
-        self._inflight.expire(loop.time(), idle)
-        self._sweeper = loop.call_later(min(1.0, idle / 4), self._sweep)
+        now = loop.time()
+        self._inflight.expire(now, s.idle_timeout_s)
+        self._connections.expire(now, s.header_timeout_s, s.keepalive_timeout_s)
+        shortest = min(s.idle_timeout_s, s.header_timeout_s, s.keepalive_timeout_s)
+        self._sweeper = loop.call_later(min(1.0, shortest / 4), self._sweep)
 
     async def set_edges(self, wanted: Mapping[table.Edge, int | None]) -> dict[table.Edge, int]:
         """Make the edge listeners exactly ``wanted``; edge -> bound port.

@@ -101,6 +101,10 @@ def worker_argv(
         repr(config.connect_timeout_s),
         "--idle-timeout",
         repr(config.idle_timeout_s),
+        "--header-timeout",
+        repr(config.header_timeout_s),
+        "--keepalive-timeout",
+        repr(config.keepalive_timeout_s),
         "--max-header",
         str(config.max_header_bytes),
     ]
