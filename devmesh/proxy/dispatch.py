@@ -29,7 +29,7 @@ from collections.abc import Callable, Coroutine
 
 import h11
 
-from devmesh.proxy import callbacks, channel, exchange, forward, peering, table
+from devmesh.proxy import callbacks, channel, exchange, forward, peergate, peering, table
 
 log = logging.getLogger("devmesh.proxy")
 
@@ -38,12 +38,17 @@ class Connections:
     """What every client connection of one proxy shares, and what the proxy closes at the end:
     the open connections and their tasks."""
 
-    def __init__(self, forwarder: forward.Forwarder, inflight: callbacks.Inflight) -> None:
+    def __init__(
+        self,
+        forwarder: forward.Forwarder,
+        inflight: callbacks.Inflight,
+        members: peergate.Members,
+    ) -> None:
         self.forwarder = forwarder
         self.inflight = inflight
+        self.members = members
+        """The places of the peer listener's connections (past their TLS handshake)."""
         self.open: set[Downstream] = set()
-        self.peers: set[Downstream] = set()
-        """The peer listener's connections (past their TLS handshake), for its cap."""
         self.tasks: set[asyncio.Task[None]] = set()
 
     def factory(
@@ -100,6 +105,7 @@ class Downstream(channel.Channel):
         "edge",
         "held",
         "mark",
+        "member",
         "mesh",
         "partial",
         "proto",
@@ -123,6 +129,8 @@ class Downstream(channel.Channel):
         self.current: callbacks.Run | None = None
         """The exchange running in callbacks, if one is."""
         self.held = False
+        self.member: peering.PeerCaller | None = None
+        """The teammate holding a place under the peer listener's caps with this connection."""
         self.served = 0
         """Requests begun on this connection (the deadline sweep's clock of progress)."""
         self.mark = 0
@@ -146,8 +154,12 @@ class Downstream(channel.Channel):
         self.on_lost = self._lost
         self.on_writable = self._writable
         self.connections.open.add(self)
-        if self.mesh is not None:
-            self.connections.peers.add(self)
+        caller = self.client.caller
+        if self.mesh is not None and isinstance(caller, peering.PeerCaller):
+            admitted = self.connections.members.admit(self.mesh, caller)
+            self.client.caller = admitted
+            if admitted is caller:
+                self.member = caller
 
     def feed(self, data: bytes) -> None:
         client = self.client
@@ -265,7 +277,9 @@ class Downstream(channel.Channel):
 
     def _lost(self, exc: BaseException | None) -> None:
         self.connections.open.discard(self)
-        self.connections.peers.discard(self)
+        if self.member is not None:
+            self.connections.members.leave(self.member)
+            self.member = None
         if self.current is not None:
             self.current.client_gone()
 
