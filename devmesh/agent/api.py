@@ -207,6 +207,12 @@ def _proxy_info(snap: snapshot.Snapshot, engine: Engine) -> dict[str, Any] | Non
         "log": str(snap.home.proxy_log),
     }
     if engine.proxy is not None:
+        info.update(engine.proxy.load())
+        ws = engine.proxy_workers
+        count, ready = (ws.count, ws.ready_count()) if ws is not None else (0, 0)
+        info["workers"] = count
+        info["ready"] = ready == count  # every process of the proxy accepts
+        info["workers_ready"] = ready
         info["peer_listener"] = engine.proxy.peer_stats()
     return info
 

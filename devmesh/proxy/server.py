@@ -222,6 +222,16 @@ class ProxyServer:
             "last_failed_handshake": stats.last_failed_handshake,
         }
 
+    def load(self) -> dict[str, int]:
+        """What this process holds now, cheap to count (for ``status --json`` and the soak):
+        client ``connections`` open, exchanges running as ``exchange_tasks``, and every
+        asyncio task of the process (the agent's own included) as ``tasks``."""
+        return {
+            "connections": len(self._connections.open),
+            "exchange_tasks": len(self._connections.tasks),
+            "tasks": len(asyncio.all_tasks()),
+        }
+
     @property
     def peer_port(self) -> int | None:
         return self._peer[1] if self._peer is not None else None
