@@ -164,7 +164,7 @@ def test_idle_keepalive_connections_are_closed_after_keepalive_timeout(upstream,
     proxy = start(
         upstream.port,
         "--keepalive-timeout",
-        "1",
+        "2",
         "--header-timeout",
         "30",
         "--workers",
@@ -177,7 +177,7 @@ def test_idle_keepalive_connections_are_closed_after_keepalive_timeout(upstream,
             raw_exchange(sock, GET)  # the fast path: the service's connection is pooled now
         # A connection in use is not idle: requests keep it open past the timeout.
         busy = socket.create_connection(("127.0.0.1", proxy.port))
-        end = time.monotonic() + 3
+        end = time.monotonic() + 4
         while time.monotonic() < end:
             raw_exchange(busy, GET)
             time.sleep(0.05)
