@@ -466,6 +466,10 @@ def main() -> int:
                     f"added latency at c1, {name:10}: p50 {r['p50'] - dir_[1]['p50']:+.3f} ms"
                     f"  p99 {r['p99'] - dir_[1]['p99']:+.3f} ms"
                 )
+            print(
+                "goals: c32 at least 0.35x nginx and 0.9x Caddy; c1 added p50 at most 0.1 ms"
+                f" (load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+            )
 
             # Best of two runs each: the first one also warms page cache and socket buffers.
             direct_s = min(stream_gib(up, None, None)[0] for _ in range(2))

@@ -389,3 +389,27 @@ def test_listeners_are_shared_only_when_there_are_workers() -> None:
 def test_a_bad_worker_count_is_a_value_error_naming_the_variable(raw) -> None:
     with pytest.raises(ValueError, match=f"DEVMESH_PROXY_WORKERS='{raw}' is not a whole number"):
         daemon.proxy_workers({"DEVMESH_PROXY_WORKERS": raw})
+
+
+def test_up_returns_once_every_proxy_process_accepts(mesh: Mesh) -> None:
+    """``up -d`` starts the agent and returns: by then each worker already listens on the
+    proxy's ports, and ``status --json`` says the proxy is ready with every worker."""
+    import psutil
+
+    mesh.env["DEVMESH_PROXY_WORKERS"] = "2"
+    quick = "version: 1\nproject: quick\nservices:\n  idle:\n    version: 1.0.0\n    command: sleep 600\n    health: {command: 'true', interval_s: 0.1}\n"
+    d = mesh.project("quick", quick)  # ready at once: `up -d` waits for nothing else
+    mesh.cli("up", "-d", cwd=d, check=True)
+    agent = mesh.agent_pid()
+    assert agent is not None
+    pids = worker_pids(agent)
+    assert len(pids) == 2
+    for pid in pids:
+        listening = {
+            c.laddr.port
+            for c in psutil.Process(pid).net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN
+        }
+        assert {mesh.proxy_port, mesh.https_port} <= listening, (pid, listening)
+    proxy = mesh.status()["proxy"]
+    assert (proxy["workers"], proxy["workers_ready"], proxy["ready"]) == (2, 2, True)

@@ -326,3 +326,36 @@ def test_the_catalog_is_served_on_uvloop_as_the_agent_runs_it(homes) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(main(), 30))
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_failed_fetch_always_says_why(homes, loop: str) -> None:
+    """A connection closed before the TLS handshake (as the peer listener closes one over its
+    caps) fails on uvloop with an error that carries no words (``str(exc)`` is empty): the
+    reason logged for the fetch still says what happened."""
+    import uvloop
+
+    a, b = homes["a"], homes["b"]
+
+    async def on_raw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def main() -> None:
+        srv = await asyncio.start_server(on_raw, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(channel.ChannelError) as err:
+                await channel.fetch_catalog(
+                    b, node_id=a.node_id, node_name="alpha", address="127.0.0.1", port=port,
+                    timeout_s=5,
+                )  # fmt: skip
+            problem = err.value.problem
+            assert problem.startswith("connection failed: ")
+            assert problem.removeprefix("connection failed: ").strip(), problem
+        finally:
+            srv.close()
+
+    if loop == "uvloop":
+        uvloop.run(asyncio.wait_for(main(), 30))
+    else:
+        run(main())

@@ -128,7 +128,8 @@ def test_own_broadcasts_are_ignored_silently() -> None:
         (("laptop-c",), "laptop-b", "10.250.7.2", "10.250.7.2", True),
         (("10.250.7.0/24",), "laptop-b", "10.250.7.2", "10.250.7.2", False),
         (("10.250.7.0/24",), "laptop-b", "10.250.8.2", "10.250.8.2", True),
-        # The announced address is allowed but the datagram came from elsewhere.
+        # The announced address is allowed but the datagram came from elsewhere (by a seed:
+        # a broadcast would be dropped for that alone, see below).
         (("10.250.7.0/24",), "laptop-b", "10.250.7.2", "192.0.2.9", True),
         (("10.250.7.0/24", "100.64.0.0/10"), "laptop-b", "100.101.1.2", "100.101.1.2", False),
         (("fd00::/8",), "laptop-b", "fd00::2", "fd00::2", False),
@@ -137,7 +138,7 @@ def test_own_broadcasts_are_ignored_silently() -> None:
 )
 def test_mesh_allow_by_name_or_cidr(allow, name, address, source, refused) -> None:
     reg = registry(allow=allow)
-    seen = receive(reg, datagram(name=name, address=address), source=source)
+    seen = receive(reg, datagram(name=name, address=address), source=source, backend="seeds")
     peer = reg.get(B)
     assert peer is not None
     assert seen.refused is refused
@@ -148,6 +149,37 @@ def test_mesh_allow_by_name_or_cidr(allow, name, address, source, refused) -> No
         assert reg.due_fetches(T0) == []
     else:
         assert peer.reason == ""
+
+
+@pytest.mark.parametrize(
+    ("backend", "address", "source", "dropped"),
+    [
+        ("broadcast", "10.250.7.2", "10.250.7.2", None),
+        # A member names another machine, or its own loopback, for teammates to dial.
+        ("broadcast", "10.250.7.9", "10.250.7.2", "address-not-source"),
+        ("broadcast", "127.0.0.1", "10.250.7.2", "loopback-address"),
+        ("seeds", "127.0.0.1", "10.250.7.2", "loopback-address"),
+        ("mdns", "::1", "10.250.7.2", "loopback-address"),
+        # Seeds may announce another address (NAT, ``advertise``): the operator named them.
+        ("seeds", "10.250.7.9", "10.250.7.2", None),
+        # On one machine (discovery pinned to ``lo``) nothing leaves it: anything goes.
+        ("broadcast", "127.0.0.2", "127.0.0.1", None),
+        ("broadcast", "10.250.7.2", "127.0.0.1", None),
+    ],
+)
+def test_an_announced_address_other_than_the_source_or_loopback_is_dropped(
+    backend: str, address: str, source: str, dropped: str | None
+) -> None:
+    reg = registry()
+    seen = receive(reg, datagram(address=address), source=source, backend=backend)
+    if dropped is None:
+        assert seen.drop is None and reg.get(B) is not None
+        assert reg.drops == {}
+    else:
+        assert seen.drop is not None and seen.drop.reason.value == dropped
+        assert address in seen.drop.detail and source in seen.drop.detail
+        assert reg.get(B) is None and reg.due_fetches(T0) == []
+        assert reg.drops == {dropped: 1}
 
 
 def _catalog(node: str = B, version: str = "2.3.1") -> catalog.Catalog:

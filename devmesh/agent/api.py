@@ -72,7 +72,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
                     "started_at": snap.started_at,
                     "projects": [p.name for p in snap.projects],
                 },
-                "proxy": _proxy_info(snap),
+                "proxy": _proxy_info(snap, engine),
                 "mesh_off": engine.mesh.off,
             },
         )
@@ -205,14 +205,23 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
     return router
 
 
-def _proxy_info(snap: snapshot.Snapshot) -> dict[str, Any] | None:
+def _proxy_info(snap: snapshot.Snapshot, engine: Engine) -> dict[str, Any] | None:
     if snap.proxy_port is None:
         return None
-    return {
+    info: dict[str, Any] = {
         "http_port": snap.proxy_port,
         "https_port": snap.https_port,
         "log": str(snap.home.proxy_log),
     }
+    if engine.proxy is not None:
+        info.update(engine.proxy.load())
+        ws = engine.proxy_workers
+        count, ready = (ws.count, ws.ready_count()) if ws is not None else (0, 0)
+        info["workers"] = count
+        info["ready"] = ready == count  # every process of the proxy accepts
+        info["workers_ready"] = ready
+        info["peer_listener"] = engine.proxy.peer_stats()
+    return info
 
 
 def _object(value: Any) -> dict[str, Any]:

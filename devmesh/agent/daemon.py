@@ -133,9 +133,10 @@ def proxy_settings(environ: Mapping[str, str] | None = None) -> settings.Setting
     """The proxy's settings from the environment the agent was started with.
 
     DEVMESH_PROXY_PORT, DEVMESH_HTTPS_PORT ("off" disables HTTPS),
-    DEVMESH_PROXY_CONNECT_TIMEOUT_S, DEVMESH_PROXY_IDLE_TIMEOUT_S, DEVMESH_PROXY_MAX_BODY_MB,
+    DEVMESH_PROXY_CONNECT_TIMEOUT_S, DEVMESH_PROXY_IDLE_TIMEOUT_S,
+    DEVMESH_PROXY_HEADER_TIMEOUT_S, DEVMESH_PROXY_KEEPALIVE_TIMEOUT_S, DEVMESH_PROXY_MAX_BODY_MB,
     DEVMESH_PROXY_WORKERS (see proxy_workers; with workers the listeners are bound shared).
-    `devmesh up` sets the first five from the project's `proxy:` when it starts the agent.
+    `devmesh up` sets the first seven from the project's `proxy:` when it starts the agent.
     Raises ValueError naming the variable when one is not a number.
     """
     env = os.environ if environ is None else environ
@@ -160,6 +161,12 @@ def proxy_settings(environ: Mapping[str, str] | None = None) -> settings.Setting
         connect_timeout_s=number("DEVMESH_PROXY_CONNECT_TIMEOUT_S", defaults.connect_timeout_s)
         or 5.0,
         idle_timeout_s=number("DEVMESH_PROXY_IDLE_TIMEOUT_S", defaults.idle_timeout_s) or 60.0,
+        header_timeout_s=number("DEVMESH_PROXY_HEADER_TIMEOUT_S", defaults.header_timeout_s)
+        or 10.0,
+        keepalive_timeout_s=number(
+            "DEVMESH_PROXY_KEEPALIVE_TIMEOUT_S", defaults.keepalive_timeout_s
+        )
+        or 75.0,
         max_body_bytes=None if max_mb is None else int(max_mb * 2**20),
         reuse_port=proxy_workers(env) > 0,
     )
@@ -215,10 +222,18 @@ async def _port_owner(port: int) -> ports.PortOwner | None:
     return owner
 
 
+WORKERS_READY_TIMEOUT_S = 30.0
+"""How long the agent waits for its proxy workers to listen before it answers anyway (a
+worker that cannot start is restarted with backoff, and ``status`` shows it not ready)."""
+
+
 async def _start_workers(
     tg: anyio.abc.TaskGroup, home: Home, engine: Engine, proxy: server.ProxyServer
 ) -> None:
-    """Start the proxy's worker processes on its ports, without waiting for them to listen.
+    """Start the proxy's worker processes on its ports and wait until every one listens, so
+    that the proxy counts as ready (for ``up -d``, which waits for the agent's socket, and
+    ``status``) only once each of its processes accepts: connections opened right after
+    ``up -d`` are shared among all of them by the kernel, not all taken by the agent.
 
     They follow the route file the engine rewrites after each round; it is written once here
     first, so a worker never reads a previous agent's table.
@@ -239,7 +254,15 @@ async def _start_workers(
         json_lines=True,
         allow_uvloop=runtime.uvloop_available(),
     )
-    await tg.start(workers.WorkerSet(argv, count).run)
+    worker_set = workers.WorkerSet(argv, count)
+    await tg.start(worker_set.run)
+    engine.proxy_workers = worker_set
+    with anyio.move_on_after(WORKERS_READY_TIMEOUT_S):
+        await worker_set.wait_ready()
+    ready = worker_set.ready_count()
+    if ready < count:
+        log.warning("proxy: %d of %d worker process(es) listening after %.0f s", ready, count,
+                    WORKERS_READY_TIMEOUT_S)  # fmt: skip
     log.info("proxy: %d worker process(es) share its ports (DEVMESH_PROXY_WORKERS)", count)
 
 

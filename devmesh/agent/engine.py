@@ -44,7 +44,7 @@ from devmesh.agent import snapshot as snap
 from devmesh.agent import state as state_mod
 from devmesh.agent.paths import Home
 from devmesh.core import desired, model, plan, routes
-from devmesh.proxy import accesslog, routesfile, server, table
+from devmesh.proxy import accesslog, routesfile, server, table, workers
 from devmesh.supervisor import logs
 
 log = logging.getLogger("devmesh.agent")
@@ -73,6 +73,8 @@ class Engine:
         self.route_file: Path | None = None
         """Where the routes and edge ports are published for proxy worker processes after
         each round; None when the agent runs no workers."""
+        self.proxy_workers: workers.WorkerSet | None = None
+        """The proxy's worker processes, when it has any (``status`` counts the ready ones)."""
         self.clock = clock
         self.state = state_mod.State()
         self.models: dict[str, model.Project] = {}

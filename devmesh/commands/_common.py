@@ -109,6 +109,8 @@ def proxy_env(proxy: Any) -> dict[str, str]:
         "DEVMESH_HTTPS_PORT": str(proxy.https_port),
         "DEVMESH_PROXY_CONNECT_TIMEOUT_S": str(proxy.connect_timeout_s),
         "DEVMESH_PROXY_IDLE_TIMEOUT_S": str(proxy.idle_timeout_s),
+        "DEVMESH_PROXY_HEADER_TIMEOUT_S": str(proxy.header_timeout_s),
+        "DEVMESH_PROXY_KEEPALIVE_TIMEOUT_S": str(proxy.keepalive_timeout_s),
     }
     if proxy.max_body_mb is not None:
         env["DEVMESH_PROXY_MAX_BODY_MB"] = str(proxy.max_body_mb)

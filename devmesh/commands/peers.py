@@ -128,12 +128,29 @@ def render(data: dict[str, Any], out: Any) -> None:
     for line in data.get("channel_refused") or []:
         print(f"refused on the peer channel: {line}", file=out)
     listener = data.get("listener") or {}
-    if listener.get("failed_handshakes") or listener.get("refused_over_cap"):
-        last = listener.get("last_failed_handshake")
-        print(
-            f"peer channel: {listener.get('open', 0)} open of {listener.get('max_connections')}; "
-            f"{listener.get('failed_handshakes', 0)} failed TLS handshakes"
-            + (f" (last: {last})" if last else "")
-            + f"; {listener.get('refused_over_cap', 0)} refused over the cap",
-            file=out,
-        )
+    for line in listener_lines(listener):
+        print(line, file=out)
+
+
+LISTENER_REFUSALS = (
+    ("failed_handshakes", "failed TLS handshakes"),
+    ("refused_over_address_cap", "refused over the handshakes per address"),
+    ("refused_over_handshake_cap", "refused over the handshake budget"),
+    ("refused_over_node_cap", "refused over the cap per node"),
+    ("refused_over_cap", "refused over the cap"),
+)
+
+
+def listener_lines(listener: dict[str, Any]) -> list[str]:
+    """The peer listener's counts in words, when it refused anything (else nothing)."""
+    said = [f"{listener[key]} {words}" for key, words in LISTENER_REFUSALS if listener.get(key)]
+    if not said:
+        return []
+    last = listener.get("last_failed_handshake")
+    if listener.get("failed_handshakes") and last:
+        said[0] += f" (last: {last})"
+    head = (
+        f"peer channel: {listener.get('open', 0)} open of {listener.get('max_connections')}, "
+        f"{listener.get('handshaking', 0)} handshaking"
+    )
+    return [f"{head}; " + "; ".join(said)]

@@ -232,7 +232,13 @@ class ProxySettings:
     connect_timeout_s: float = 5.0
     """Seconds to connect to a service before the proxy answers 504."""
     idle_timeout_s: float = 60.0
-    """Seconds a service may stay silent before the proxy answers 504 or cuts the stream."""
+    """Seconds a service may stay silent before the proxy answers 504 or cuts the stream
+    (the service's side of an exchange; the two below are the client's)."""
+    header_timeout_s: float = 10.0
+    """Seconds a client has to send a whole request head once it began (from the connection's
+    opening for the first one); then 408 and the connection closes."""
+    keepalive_timeout_s: float = 75.0
+    """Seconds an idle keep-alive client connection stays open between requests (nginx's)."""
     max_body_mb: float | None = None
     """Largest request body forwarded, in MiB; None is no limit."""
 
@@ -466,6 +472,8 @@ def from_document(
             https_port=int(_opt(proxy_doc, "https_port", DEFAULT_HTTPS_PORT)),
             connect_timeout_s=float(_opt(proxy_doc, "connect_timeout_s", 5.0)),
             idle_timeout_s=float(_opt(proxy_doc, "idle_timeout_s", 60.0)),
+            header_timeout_s=float(_opt(proxy_doc, "header_timeout_s", 10.0)),
+            keepalive_timeout_s=float(_opt(proxy_doc, "keepalive_timeout_s", 75.0)),
             max_body_mb=None
             if proxy_doc.get("max_body_mb") is None
             else float(proxy_doc["max_body_mb"]),
@@ -579,6 +587,8 @@ def to_document(p: Project) -> dict[str, Any]:
             "https_port": p.proxy.https_port,
             "connect_timeout_s": p.proxy.connect_timeout_s,
             "idle_timeout_s": p.proxy.idle_timeout_s,
+            "header_timeout_s": p.proxy.header_timeout_s,
+            "keepalive_timeout_s": p.proxy.keepalive_timeout_s,
         },
     }
     if p.proxy.max_body_mb is not None:

@@ -100,6 +100,44 @@ class Seen:
     refused: bool = False
 
 
+SOURCE_CHECKED = frozenset({"broadcast"})
+"""Backends whose sighting's source is the datagram's own source address, so that the
+announced address must be it. Seeds are not checked: a seed may sit behind NAT or announce
+its ``advertise`` address (the operator named it); nor mDNS, whose source is the record's own
+A record."""
+
+
+def address_drop(address: str, source: str, backend: str) -> wire.Drop | None:
+    """Why an authentic announcement's peer-channel ``address`` is not to be dialled, or None.
+
+    A member could otherwise make every teammate's agent open a TLS connection (about once
+    a second, as a failed catalog fetch is retried) to any address and port it names: a
+    third machine, or each teammate's own loopback. From a loopback source (nodes on one
+    machine, discovery pinned to ``lo``) anything goes: nothing leaves the machine.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", maxsplit=1)[0])
+    except ValueError:
+        return wire.Drop(reason=wire.DropReason.MALFORMED, detail=f"address {address!r}")
+    try:
+        src = ipaddress.ip_address(source.split("%", maxsplit=1)[0])
+    except ValueError:
+        return None  # a backend that knows no source (an mDNS record without an address)
+    if src.is_loopback:
+        return None
+    if ip.is_loopback:
+        return wire.Drop(
+            reason=wire.DropReason.LOOPBACK_ADDRESS,
+            detail=f"announces {address} from {source}",
+        )
+    if backend in SOURCE_CHECKED and ip != src:
+        return wire.Drop(
+            reason=wire.DropReason.ADDRESS_NOT_SOURCE,
+            detail=f"announces {address} from {source}",
+        )
+    return None
+
+
 def allowed(allow: tuple[str, ...], name: str, addresses: tuple[str, ...]) -> str | None:
     """None when allowed, else why not. Names match the node name; a CIDR must contain
     every address the peer is known by (announced and source), so a spoofed source cannot
@@ -174,6 +212,10 @@ class Registry:
             return self._drop(msg)
         if msg.node_id == self.settings.self_id:
             return Seen(node_id=msg.node_id)
+        if msg.kind is not wire.Kind.GOODBYE and (
+            bad := address_drop(msg.address, source, backend)
+        ):
+            return self._drop(bad, msg.node_id)
         if msg.node_id not in self._high_water and len(self._high_water) >= MAX_PEERS:
             self._forget_oldest()
         self._high_water[msg.node_id] = msg.order

@@ -87,6 +87,12 @@ class DropReason(enum.Enum):
     WRONG_MESH = "wrong-mesh"
     REFUSED = "refused"
     """Authentic, but the sender is outside ``mesh.allow`` (counted by the peer registry)."""
+    ADDRESS_NOT_SOURCE = "address-not-source"
+    """Authentic, but a broadcast names a peer-channel address other than the one it came
+    from (counted by the peer registry; seeds and ``lo`` aside)."""
+    LOOPBACK_ADDRESS = "loopback-address"
+    """Authentic, but it came over a network and names a loopback address: every agent that
+    heard it would dial its own machine (counted by the peer registry)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -38,6 +38,21 @@ clients cannot pile up (each one is also bounded by READ_TIMEOUT_S per read)."""
 _NODE_ID = re.compile(r"[0-9a-f]{32}")
 
 
+def _words(exc: OSError) -> str:
+    """An OS or TLS error in words, never empty: a reset raised without arguments says
+    nothing in ``str(exc)``, so its kind is named instead."""
+    reason = getattr(exc, "reason", None)
+    words = str(reason or exc.strerror or exc or "").strip()
+    if words:
+        return words
+    kind = type(exc).__name__
+    return {
+        "ConnectionResetError": "connection reset by the peer",
+        "ConnectionAbortedError": "connection aborted",
+        "BrokenPipeError": "connection closed by the peer",
+    }.get(kind, kind)
+
+
 class ChannelError(Exception):
     """A fetch over the peer channel failed.
 
@@ -46,6 +61,7 @@ class ChannelError(Exception):
     """
 
     def __init__(self, peer: str, problem: str, *, refused: bool = False) -> None:
+        problem = problem.strip().rstrip(":") or "failed, with no reason given"
         super().__init__(f"peer {peer}: {problem}")
         self.peer = peer
         self.problem = problem
@@ -402,7 +418,7 @@ async def fetch_catalog(
             except ssl.SSLEOFError:
                 raise ChannelError(who, "closed during the TLS handshake (busy?)") from None
             except ssl.SSLError as exc:
-                raise ChannelError(who, f"TLS: {exc.reason or exc}", refused=True) from None
+                raise ChannelError(who, f"TLS: {_words(exc)}", refused=True) from None
             seen = peer_identity(writer.get_extra_info("peercert"), identity.team.mesh)
             if seen is None or seen.node_id != node_id or seen.node_name != node_name:
                 raise ChannelError(
@@ -412,9 +428,9 @@ async def fetch_catalog(
     except TimeoutError:
         raise ChannelError(who, f"no answer within {timeout_s} s") from None
     except ssl.SSLError as exc:
-        raise ChannelError(who, f"TLS: {exc.reason or exc}", refused=True) from None
+        raise ChannelError(who, f"TLS: {_words(exc)}", refused=True) from None
     except OSError as exc:
-        raise ChannelError(who, f"connection failed: {exc.strerror or exc}") from None
+        raise ChannelError(who, f"connection failed: {_words(exc)}") from None
     finally:
         if writer is not None:
             writer.close()

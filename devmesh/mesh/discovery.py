@@ -19,6 +19,11 @@ selected interface's network, broadcast; from elsewhere, seeds.
   receives a valid unicast announcement answers its sender by unicast from then on
   (``learn``), so one side listing the other is enough.
 
+What a sighting may announce is the registry's to judge (``core.peers.address_drop``): a
+broadcast must name the address it came from, and nothing heard over a network may name a
+loopback address; seeds (NAT, ``advertise``) and sightings on ``lo`` are exempt. So the
+``source`` of a ``Sighting`` is the datagram's own source address, never a claim.
+
 Network safety: nothing here picks an interface by itself except ``auto``; tests pin
 ``lo`` or interfaces inside their own network namespaces.
 """

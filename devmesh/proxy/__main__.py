@@ -59,6 +59,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-ipv6", action="store_true", help="do not also listen on ::1")
     p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds")
     p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds")
+    p.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds for a client's request head"
+    )
+    p.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=75.0,
+        help="seconds a client's idle keep-alive connection stays open",
+    )
     p.add_argument("--max-body", type=int, default=None, help="request body limit, bytes")
     p.add_argument("--max-header", type=int, default=64 * 1024, help="request head limit, bytes")
     p.add_argument("--upstream-ca", default=None, help="verify https services against this CA")
@@ -93,6 +102,8 @@ def _settings(args: argparse.Namespace) -> settings.Settings:
         ipv6=not args.no_ipv6,
         connect_timeout_s=args.connect_timeout,
         idle_timeout_s=args.idle_timeout,
+        header_timeout_s=args.header_timeout,
+        keepalive_timeout_s=args.keepalive_timeout,
         max_body_bytes=args.max_body,
         max_header_bytes=args.max_header,
         upstream_verify_tls=args.upstream_verify or args.upstream_ca is not None,

@@ -10,6 +10,15 @@ runs in callbacks (``callbacks.start``) when it can, or as a task (``run_task``)
 the client through the channel's stream API. When the exchange ends, parsing goes back to the
 callbacks, and requests the client pipelined meanwhile are served in turn: in a loop, never
 by recursion, so a burst of pipelined requests costs no stack.
+
+Deadlines on the client (``Connections.expire``, run by the server's one sweep timer like the
+callback runs' timeouts, rather than a timer armed per request): a connection waiting for a
+request head gets ``header_timeout_s`` from the head's first byte (from the connection's
+opening for its first request), then 408 and close; a keep-alive connection idle between
+requests is closed after ``keepalive_timeout_s``. A connection busy with an exchange has
+neither: the service's silence is ``idle_timeout_s``'s business. The sweep notes when it
+first sees a connection in a waiting state, so a deadline is never early, at most a sweep
+interval late, and the request path pays one counter increment for it.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from collections.abc import Callable, Coroutine
 
 import h11
 
-from devmesh.proxy import callbacks, channel, exchange, forward, peering, table
+from devmesh.proxy import callbacks, channel, exchange, forward, peergate, peering, table
 
 log = logging.getLogger("devmesh.proxy")
 
@@ -29,12 +38,17 @@ class Connections:
     """What every client connection of one proxy shares, and what the proxy closes at the end:
     the open connections and their tasks."""
 
-    def __init__(self, forwarder: forward.Forwarder, inflight: callbacks.Inflight) -> None:
+    def __init__(
+        self,
+        forwarder: forward.Forwarder,
+        inflight: callbacks.Inflight,
+        members: peergate.Members,
+    ) -> None:
         self.forwarder = forwarder
         self.inflight = inflight
+        self.members = members
+        """The places of the peer listener's connections (past their TLS handshake)."""
         self.open: set[Downstream] = set()
-        self.peers: set[Downstream] = set()
-        """The peer listener's connections (past their TLS handshake), for its cap."""
         self.tasks: set[asyncio.Task[None]] = set()
 
     def factory(
@@ -51,11 +65,53 @@ class Connections:
         for down in list(self.open):
             down.abort()
 
+    def expire(self, now: float, header_s: float, keepalive_s: float) -> int:
+        """Close the connections past their header or keep-alive deadline (loop clock); how
+        many heads were cut with a 408."""
+        cut = 0
+        for down in [d for d in self.open if d.current is None and d.consumer is not None]:
+            client = down.client
+            if client is None or down.transport.is_closing():
+                continue
+            partial = bool(client.conn.trailing_data[0])
+            if down.mark != down.served:  # first seen waiting after a request (or opening)
+                down.mark, down.since, down.partial = down.served, now, partial
+            elif partial and not down.partial:  # a head began since the last look
+                down.since, down.partial = now, True
+            first = down.served == 0
+            limit = header_s if down.partial or first else keepalive_s
+            if now - down.since < limit:
+                continue
+            if partial:
+                cut += 1
+                self.forwarder.reject(
+                    client,
+                    h11.RemoteProtocolError(
+                        f"request head not complete within {header_s:g} s (header_timeout_s)",
+                        error_status_hint=408,
+                    ),
+                )
+            down.close()
+        return cut
+
 
 class Downstream(channel.Channel):
     """One client connection. Bytes go into its h11 state as they arrive (``feed``)."""
 
-    __slots__ = ("client", "connections", "current", "edge", "held", "mesh", "proto")
+    __slots__ = (
+        "client",
+        "connections",
+        "current",
+        "edge",
+        "held",
+        "mark",
+        "member",
+        "mesh",
+        "partial",
+        "proto",
+        "served",
+        "since",
+    )
 
     def __init__(
         self,
@@ -73,9 +129,20 @@ class Downstream(channel.Channel):
         self.current: callbacks.Run | None = None
         """The exchange running in callbacks, if one is."""
         self.held = False
+        self.member: peering.PeerCaller | None = None
+        """The teammate holding a place under the peer listener's caps with this connection."""
+        self.served = 0
+        """Requests begun on this connection (the deadline sweep's clock of progress)."""
+        self.mark = 0
+        """``served`` when the sweep last saw the connection begin waiting."""
+        self.since = 0.0
+        """When that wait (or the head under way) began, as far as the sweep knows."""
+        self.partial = False
+        """A request head had begun then."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.since = asyncio.get_running_loop().time()
         self.client = exchange.Client(
             self,
             proto=self.proto,
@@ -87,8 +154,12 @@ class Downstream(channel.Channel):
         self.on_lost = self._lost
         self.on_writable = self._writable
         self.connections.open.add(self)
-        if self.mesh is not None:
-            self.connections.peers.add(self)
+        caller = self.client.caller
+        if self.mesh is not None and isinstance(caller, peering.PeerCaller):
+            admitted = self.connections.members.admit(self.mesh, caller)
+            self.client.caller = admitted
+            if admitted is caller:
+                self.member = caller
 
     def feed(self, data: bytes) -> None:
         client = self.client
@@ -127,6 +198,7 @@ class Downstream(channel.Channel):
         if type(event) is not h11.Request:
             self.close()  # the client closed its side between requests
             return False
+        self.served += 1
         ex = forwarder.open(client, event)
         backend = forwarder.route(ex)
         if backend is None:  # answered by the proxy itself
@@ -205,7 +277,9 @@ class Downstream(channel.Channel):
 
     def _lost(self, exc: BaseException | None) -> None:
         self.connections.open.discard(self)
-        self.connections.peers.discard(self)
+        if self.member is not None:
+            self.connections.members.leave(self.member)
+            self.member = None
         if self.current is not None:
             self.current.client_gone()
 

@@ -128,8 +128,8 @@ class Client:
         self.edge = edge
         self.mesh = mesh
         """Set on the peer listener's connections."""
-        self.caller: peering.PeerCaller | str | None = None
-        """On the peer listener: the calling node, or why it is refused."""
+        self.caller: peering.PeerCaller | peering.Crowded | str | None = None
+        """On the peer listener: the calling node, or why it is refused (or crowded out)."""
         self.size = config.read_size
         self.max_head = config.max_header_bytes
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)

@@ -490,8 +490,9 @@ def bad_request(exc: h11.RemoteProtocolError) -> errors.BadRequestError:
     h11 quotes the offending line as a Python ``bytearray(b'...')``; the message says instead
     which byte is wrong and where, and that a URL's non-ASCII characters are percent-encoded.
     """
-    if exc.error_status_hint == 431:
-        return errors.BadRequestError(431, "request head too large")
+    if exc.error_status_hint in (408, 431):
+        words = str(exc) if exc.error_status_hint == 408 else "request head too large"
+        return errors.BadRequestError(exc.error_status_hint, words)
     text = str(exc)
     found = _H11_BAD_LINE.match(text)
     if found is None:

@@ -5,17 +5,25 @@ the network, and the event loop's TLS server hides what a developer needs to kno
 failed handshake (a stranger without a team certificate) never reaches the protocol and is
 logged by neither asyncio nor uvloop outside debug mode, so nothing can count it; a handshake
 that never completes holds its connection for the loop's default 60 s; and nothing bounds how
-many connections a stranger may hold open. So each accepted socket is:
+many connections a stranger may hold open.
 
-1. refused at once (closed, counted) when ``max_connections`` are already open, handshaking
-   or established: that is load, not a verdict on the caller;
-2. handshaken by the loop's own TLS (``connect_accepted_socket``, the same transport as
-   ``create_server`` makes, on asyncio and uvloop alike) within ``handshake_timeout_s``;
-3. counted with its reason when the handshake fails, in ``Stats`` (the agent shows it), with
-   one DEBUG line rather than a line per stranger in the agent's log.
+Two kinds of place, so that anyone on the LAN (no certificate needed to open a TCP
+connection) cannot keep teammates out:
 
-An established connection is the proxy's like any other (``dispatch.Downstream``); it holds
-its place under the cap until it closes.
+1. A connection still in its TLS handshake holds a place of the handshake budget
+   (``max_handshakes``), at most ``max_handshakes_per_address`` of them per source address;
+   past either, it is closed at once and counted. It never holds a member's place. The
+   handshake runs on the loop's own TLS (``connect_accepted_socket``, the same transport as
+   ``create_server`` makes, on asyncio and uvloop alike) within ``handshake_timeout_s``; a
+   failure is counted with its reason in ``Stats`` (the agent shows it), with one DEBUG line
+   rather than a line per stranger in the agent's log.
+2. A connection past its handshake is a teammate's (its certificate chains to the team CA):
+   ``Members`` gives it a place under ``max_connections``, at most ``max_per_node`` for one
+   node. Past either, its requests are answered 503 with ``x-devmesh-unavailable`` (the
+   caller moves on) and it is closed; counted.
+
+An established connection is the proxy's like any other (``dispatch.Downstream``, with its
+header and keep-alive deadlines); it holds its place until it closes.
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Callable
 
 from devmesh.proxy import peering
@@ -41,11 +51,54 @@ class Stats:
     """What the peer listener refused, since the proxy started (all listeners)."""
 
     refused_over_cap: int = 0
-    """Connections closed at once because ``max_connections`` were open."""
+    """Teammates' connections refused because ``max_connections`` members were connected."""
+    refused_over_node_cap: int = 0
+    """Teammates' connections refused because their node held ``max_per_node``."""
+    refused_over_handshake_cap: int = 0
+    """Connections closed at once because ``max_handshakes`` were in progress."""
+    refused_over_address_cap: int = 0
+    """Connections closed at once because their address had ``max_handshakes_per_address``
+    handshakes in progress."""
     failed_handshakes: int = 0
     """TLS handshakes that failed, were abandoned or did not finish in time."""
     last_failed_handshake: str | None = None
     """``ADDRESS: why``, for the latest of them."""
+
+
+class Members:
+    """The teammates' places: established peer connections per node (all listeners)."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self.nodes: Counter[str] = Counter()
+        self.count = 0
+
+    def admit(
+        self, listener: peering.PeerListener, caller: peering.PeerCaller
+    ) -> peering.PeerCaller | peering.Crowded:
+        """A place for ``caller``'s new connection (``leave`` gives it back), or why not."""
+        if self.count >= listener.max_connections:
+            self.stats.refused_over_cap += 1
+            why = f"the peer listener holds {listener.max_connections} connections (its cap)"
+            return peering.Crowded(node_name=caller.node_name, why=why)
+        if self.nodes[caller.node_id] >= listener.max_per_node:
+            self.stats.refused_over_node_cap += 1
+            why = (
+                f"node {caller.node_name} holds {listener.max_per_node} connections to this "
+                "peer listener (the cap per node)"
+            )
+            return peering.Crowded(node_name=caller.node_name, why=why)
+        self.nodes[caller.node_id] += 1
+        self.count += 1
+        return caller
+
+    def leave(self, caller: peering.PeerCaller) -> None:
+        self.count -= 1
+        left = self.nodes[caller.node_id] - 1
+        if left > 0:
+            self.nodes[caller.node_id] = left
+        else:
+            del self.nodes[caller.node_id]
 
 
 class Gate:
@@ -58,22 +111,18 @@ class Gate:
         factory: Callable[[], asyncio.Protocol],
         *,
         stats: Stats,
-        established: Callable[[], int],
     ) -> None:
-        """``established`` counts the peer connections past their handshake (all listeners)."""
         self.sock = sock
         self.listener = listener
         self.factory = factory
         self.stats = stats
-        self.established = established
         self.handshaking: set[asyncio.Task[None]] = set()
+        self.per_address: Counter[str] = Counter()
+        """Handshakes in progress per source address."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._accept_loop())
-
-    def open_count(self) -> int:
-        return len(self.handshaking) + self.established()
 
     def close(self) -> None:
         """Stop accepting and drop unfinished handshakes; established connections go on
@@ -88,7 +137,7 @@ class Gate:
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        cap = self.listener.max_connections
+        listener, stats, per_address = self.listener, self.stats, self.per_address
         while True:
             try:
                 conn, address = await loop.sock_accept(self.sock)
@@ -96,15 +145,28 @@ class Gate:
                 log.warning("peer listener: accept failed: %s", exc)
                 await asyncio.sleep(ACCEPT_ERROR_PAUSE_S)
                 continue
-            if self.open_count() >= cap:
-                self.stats.refused_over_cap += 1
-                log.debug("peer listener: %s refused: over %d connections", address[0], cap)
+            ip = str(address[0])
+            if len(self.handshaking) >= listener.max_handshakes:
+                stats.refused_over_handshake_cap += 1
+                conn.close()
+                continue
+            if per_address[ip] >= listener.max_handshakes_per_address:
+                stats.refused_over_address_cap += 1
                 conn.close()
                 continue
             conn.setblocking(False)
-            task = loop.create_task(self._admit(conn, str(address[0])))
+            per_address[ip] += 1
+            task = loop.create_task(self._admit(conn, ip))
             self.handshaking.add(task)
-            task.add_done_callback(self.handshaking.discard)
+            task.add_done_callback(functools.partial(self._done, ip))
+
+    def _done(self, ip: str, task: asyncio.Task[None]) -> None:
+        self.handshaking.discard(task)
+        left = self.per_address[ip] - 1
+        if left > 0:
+            self.per_address[ip] = left
+        else:
+            del self.per_address[ip]
 
     async def _admit(self, conn: socket.socket, address: str) -> None:
         """Run the TLS handshake; the protocol takes the connection from there."""

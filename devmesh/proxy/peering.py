@@ -26,9 +26,19 @@ from collections.abc import Callable
 from devmesh.proxy import headers, selection, table
 
 CATALOG_PATH = b"/mesh/v1/catalog"
-MAX_CONNECTIONS = 64
-"""Connections the peer listener holds open at once (handshaking or established); more are
-closed at once. Peer hops are pooled and kept alive, so a handful per teammate is the norm."""
+MAX_CONNECTIONS = 128
+"""Teammates' connections (past their TLS handshake) the peer listener holds at once; more
+get a 503 and are closed. Peer hops are pooled and kept alive, so a few dozen per busy
+teammate is the norm (one per concurrent call)."""
+MAX_PER_NODE = 48
+"""Of those, the most one teammate's node may hold, so that no member keeps the others out."""
+MAX_HANDSHAKES = 128
+"""Connections still in their TLS handshake, held apart from the members' places: a stranger
+who never finishes a handshake can fill only this budget, never a teammate's place."""
+MAX_HANDSHAKES_PER_ADDRESS = 32
+"""Of those, the most from one source address (more are closed at once), so that one
+stranger cannot fill the handshake budget either; a teammate's burst of new connections
+(a worker's pool filling up) stays well within it."""
 HANDSHAKE_TIMEOUT_S = 5.0
 """How long a TLS handshake on the peer listener may take before its connection is closed
 (the event loop's default is 60 s: a slow stranger would hold a place that long)."""
@@ -59,7 +69,18 @@ class PeerListener:
     catalog: Callable[[], bytes]
     """The body of ``GET /mesh/v1/catalog``."""
     max_connections: int = MAX_CONNECTIONS
+    max_per_node: int = MAX_PER_NODE
+    max_handshakes: int = MAX_HANDSHAKES
+    max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Crowded:
+    """A teammate past the listener's cap or its node's: answered 503 and closed."""
+
+    node_name: str
+    why: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,7 +123,7 @@ def authorize(listener: PeerListener, cert: dict[str, object] | None, ip: str) -
 def serve(
     routes_table: table.RouteTable,
     listener: PeerListener,
-    caller: PeerCaller | str,
+    caller: PeerCaller | Crowded | str,
     *,
     method: bytes,
     target: bytes,
@@ -113,6 +134,8 @@ def serve(
     its own answer."""
     if isinstance(caller, str):
         return Answer(status=403, body=json.dumps(REFUSED_BODY).encode(), close=True)
+    if isinstance(caller, Crowded):
+        return _error(503, caller.why, unavailable=True, close=True)
     if target.split(b"?", 1)[0] == CATALOG_PATH:
         if method not in (b"GET", b"HEAD"):
             return _error(405, "method not allowed")

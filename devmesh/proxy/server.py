@@ -63,11 +63,12 @@ class ProxyServer:
         self.http_port: int | None = None
         self.https_port: int | None = None
         self._inflight = callbacks.Inflight()
-        self._connections = dispatch.Connections(self.forwarder, self._inflight)
+        self._peer_stats = peergate.Stats()
+        self._members = peergate.Members(self._peer_stats)
+        self._connections = dispatch.Connections(self.forwarder, self._inflight, self._members)
         self._servers: list[asyncio.Server] = []
         self._edges: dict[table.Edge, tuple[int, list[asyncio.Server]]] = {}
         self._peer: tuple[peering.PeerListener, int, peergate.Gate] | None = None
-        self._peer_stats = peergate.Stats()
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def _listen(
@@ -137,15 +138,19 @@ class ProxyServer:
         self.access_log.flush()
 
     def _sweep(self) -> None:
-        """Time out exchanges running in callbacks whose service went quiet for idle_timeout_s.
+        """Time out exchanges running in callbacks whose service went quiet for idle_timeout_s,
+        and client connections past their header or keep-alive deadline.
 
-        The price of one timer for all of them is lateness of up to a quarter of the idle
-        timeout (at most a second).
+        The price of one timer for all of them is lateness of up to a quarter of the
+        shortest timeout (at most a second).
         """
-        idle = self.settings.idle_timeout_s
+        s = self.settings
         loop = asyncio.get_running_loop()
-        self._inflight.expire(loop.time(), idle)
-        self._sweeper = loop.call_later(min(1.0, idle / 4), self._sweep)
+        now = loop.time()
+        self._inflight.expire(now, s.idle_timeout_s)
+        self._connections.expire(now, s.header_timeout_s, s.keepalive_timeout_s)
+        shortest = min(s.idle_timeout_s, s.header_timeout_s, s.keepalive_timeout_s)
+        self._sweeper = loop.call_later(min(1.0, shortest / 4), self._sweep)
 
     async def set_edges(self, wanted: Mapping[table.Edge, int | None]) -> dict[table.Edge, int]:
         """Make the edge listeners exactly ``wanted``; edge -> bound port.
@@ -176,8 +181,8 @@ class ProxyServer:
 
         Replacing closes the old listener first (its open connections finish their current
         exchange; unfinished handshakes are dropped), so the same port can be bound again.
-        Raises OSError when the port is taken. Connections are capped and handshakes timed
-        out and counted (``peergate``, ``peer_stats``).
+        Raises OSError when the port is taken. Handshakes are capped apart from teammates'
+        connections, timed out and counted (``peergate``, ``peer_stats``).
         """
         if self._peer is not None:
             self._peer[2].close()
@@ -186,31 +191,45 @@ class ProxyServer:
             return None
         factory = self._connections.factory("https", None, listener)
         sock = listeners.bind(listener.host, listener.port)
-        gate = peergate.Gate(
-            sock,
-            listener,
-            factory,
-            stats=self._peer_stats,
-            established=lambda: len(self._connections.peers),
-        )
+        gate = peergate.Gate(sock, listener, factory, stats=self._peer_stats)
         gate.start()
         port = int(sock.getsockname()[1])
         self._peer = (listener, port, gate)
         return port
 
     def peer_stats(self) -> dict[str, int | str | None]:
-        """The peer listener's counts, for the agent to show: connections ``open`` now (of
-        ``max_connections``; 0 with no listener), and since the proxy started, connections
-        ``refused_over_cap`` and ``failed_handshakes`` (strangers without a team
+        """The peer listener's counts, for the agent to show (see docs/mesh.md): teammates'
+        connections ``open`` now (of ``max_connections``, ``max_per_node`` each; 0 with no
+        listener), connections ``handshaking`` now (of ``max_handshakes``,
+        ``max_handshakes_per_address`` each), and since the proxy started the connections
+        refused over each cap and the ``failed_handshakes`` (strangers without a team
         certificate, abandoned or slow handshakes), the latest as ``ADDRESS: why``."""
         stats = self._peer_stats
         gate = self._peer[2] if self._peer is not None else None
+        listener = gate.listener if gate is not None else None
         return {
-            "open": gate.open_count() if gate is not None else len(self._connections.peers),
-            "max_connections": gate.listener.max_connections if gate is not None else 0,
+            "open": self._members.count,
+            "max_connections": listener.max_connections if listener else 0,
+            "max_per_node": listener.max_per_node if listener else 0,
+            "handshaking": len(gate.handshaking) if gate is not None else 0,
+            "max_handshakes": listener.max_handshakes if listener else 0,
+            "max_handshakes_per_address": listener.max_handshakes_per_address if listener else 0,
             "refused_over_cap": stats.refused_over_cap,
+            "refused_over_node_cap": stats.refused_over_node_cap,
+            "refused_over_handshake_cap": stats.refused_over_handshake_cap,
+            "refused_over_address_cap": stats.refused_over_address_cap,
             "failed_handshakes": stats.failed_handshakes,
             "last_failed_handshake": stats.last_failed_handshake,
+        }
+
+    def load(self) -> dict[str, int]:
+        """What this process holds now, cheap to count (for ``status --json`` and the soak):
+        client ``connections`` open, exchanges running as ``exchange_tasks``, and every
+        asyncio task of the process (the agent's own included) as ``tasks``."""
+        return {
+            "connections": len(self._connections.open),
+            "exchange_tasks": len(self._connections.tasks),
+            "tasks": len(asyncio.all_tasks()),
         }
 
     @property

@@ -25,7 +25,13 @@ class Settings:
     connect_timeout_s: float = 5.0
     """Seconds to open a connection to a service before answering 504."""
     idle_timeout_s: float = 60.0
-    """Seconds a service may stay silent (before or during its answer) before a 504/abort."""
+    """Seconds a service may stay silent (before or during its answer) before a 504/abort.
+    The service's side; the two deadlines below are the client's."""
+    header_timeout_s: float = 10.0
+    """Seconds a client has to send a whole request head: from its first byte, or from the
+    connection's opening for its first request. Then 408 (nothing if nothing came) and close."""
+    keepalive_timeout_s: float = 75.0
+    """Seconds a client connection may sit idle between requests before it is closed."""
     max_header_bytes: int = 64 * 1024
     """Largest request head accepted; larger heads get 431."""
     max_body_bytes: int | None = None

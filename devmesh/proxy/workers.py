@@ -22,8 +22,9 @@ race with an owner that died before the request was made. The death signal is ti
 from a worker thread.
 
 What it does not guarantee: that a worker is listening when ``WorkerSet.run`` has started
-(the owner does not wait for its workers, so the agent starts fast; ``wait_ready`` is there
-for tests and the standalone proxy), nor that a worker sees a route change at the same moment
+(the owner waits for that with ``wait_ready``: the agent and the standalone proxy do before
+they say they are up, so the proxy counts as ready only once every one of its processes
+accepts), nor that a worker sees a route change at the same moment
 as the owner (it polls every quarter second).
 """
 
@@ -101,6 +102,10 @@ def worker_argv(
         repr(config.connect_timeout_s),
         "--idle-timeout",
         repr(config.idle_timeout_s),
+        "--header-timeout",
+        repr(config.header_timeout_s),
+        "--keepalive-timeout",
+        repr(config.keepalive_timeout_s),
         "--max-header",
         str(config.max_header_bytes),
     ]
@@ -149,6 +154,14 @@ class WorkerSet:
     def pids(self) -> list[int]:
         """The live workers' pids (a worker being restarted is missing)."""
         return [w.popen.pid for w in self._slots if w is not None and w.popen.returncode is None]
+
+    def ready_count(self) -> int:
+        """Workers listening now (a worker being restarted is not)."""
+        return sum(
+            1
+            for w in self._slots
+            if w is not None and w.ready.is_set() and w.popen.returncode is None
+        )
 
     async def wait_ready(self) -> None:
         """Until every slot has a worker that reported it is listening; for tests and the
