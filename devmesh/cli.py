@@ -22,6 +22,7 @@ COMMANDS: tuple[str, ...] = (
     "route",
     "peers",
     "logs",
+    "dashboard",
     "plan",
     "validate",
     "db",

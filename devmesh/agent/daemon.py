@@ -24,7 +24,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from devmesh.agent import logfeed
+from devmesh.agent import dashboardhost, logfeed
 from devmesh.agent.api import build_router
 from devmesh.agent.engine import Engine
 from devmesh.agent.http_server import serve_unix
@@ -252,10 +252,13 @@ async def _main(home: Home) -> None:
     async with anyio.create_task_group() as tg:
         engine.proxy = await _start_proxy(tg, home, engine)
         await _start_workers(tg, home, engine, engine.proxy)
+        await dashboardhost.start(tg, engine)  # before the first round: it publishes the route
         await tg.start(engine.run)
         await engine.mesh.restore(engine.mesh_view())
         tg.start_soon(logfeed.stamp_forever, engine.service_logs)
-        await tg.start(serve_unix, home.socket, build_router(engine, stop.set))
+        router = build_router(engine, stop.set)
+        dashboardhost.register(router, engine)
+        await tg.start(serve_unix, home.socket, router)
         tg.start_soon(_signals, stop)
         log.info("devmesh agent %d listening on %s", os.getpid(), home.socket)
         await stop.wait()

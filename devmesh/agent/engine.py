@@ -41,6 +41,7 @@ from devmesh.agent import (
 )
 from devmesh.agent import snapshot as snap
 from devmesh.agent import state as state_mod
+from devmesh.agent.instance import Instance
 from devmesh.agent.paths import Home
 from devmesh.core import desired, model, plan, routes
 from devmesh.proxy import accesslog, ca, routesfile, server, table
@@ -95,6 +96,9 @@ class Engine:
         rounds builds the table from it."""
         self._edge_warnings: dict[tuple[str, str, str], str] = {}
         """(project, caller, service) -> the version warning last logged for that edge."""
+        self.dashboard: table.Backend | None = None
+        """The dashboard's listener, where the proxy sends devmesh.localhost (None: the
+        proxy's own index page)."""
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -314,6 +318,32 @@ class Engine:
             await self.databases.stop_project(project)
         return [k[1] for k in targets]
 
+    async def restart(self, key: plan.Key) -> Instance:
+        """Restart one service at the user's request and return its new instance once the
+        next round started it (its ``proc`` set, or ``reason`` saying why it could not start).
+
+        The process is stopped the way its service says (signal, grace); the planner then
+        starts it again as for any wanted service that does not run. Raises RestartError
+        when the service is not one this agent runs or is stopping already.
+        """
+        name = plan.key_text(key)
+        if key not in self.wants():
+            raise RestartError(404, f"{name} is not a service this agent runs")
+        inst = self.runner.instances.get(key)
+        if inst is None:
+            raise RestartError(409, f"{name} has not started yet; it starts by itself")
+        if inst.phase is plan.Phase.STOPPING:
+            raise RestartError(409, f"{name} is stopping already")
+        self.runner.restart(key, "restart asked for")
+        self.wake()
+        with anyio.fail_after(inst.service.stop.grace_s + 60):
+            while True:
+                generation = self.generation
+                new = self.runner.instances.get(key)
+                if new is not None and new is not inst and new.phase is not plan.Phase.STOPPING:
+                    return new
+                await self.changed(generation)
+
     # ---------------------------------------------------------------- a round
 
     def _reconcile(self) -> dict[plan.Key, plan.Want]:
@@ -349,6 +379,7 @@ class Engine:
             self._actions(),
             mesh_peers=n.registry.peers() if n is not None else (),
             identity=n.identity if n is not None else None,
+            agent=self.dashboard,
         )
         self.publish_route_file()
         self._log_edge_warnings()
@@ -514,6 +545,15 @@ class Engine:
             https_port=p.https_port if p is not None else None,
             home=self.home,
         )
+
+
+class RestartError(Exception):
+    """A restart that cannot be done now; ``status`` is the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 def _model(rec: state_mod.ProjectRecord) -> model.Project:

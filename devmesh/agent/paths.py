@@ -55,6 +55,11 @@ class Home:
         """The route table and edge ports the agent publishes for its proxy worker processes."""
         return self.root / "proxy-routes.json"
 
+    @property
+    def dashboard_token(self) -> Path:
+        """The dashboard's access token (mode 0600): `devmesh dashboard` prints it in its URL."""
+        return self.root / "dashboard.token"
+
     def service_log(self, project: str, service: str) -> Path:
         return self.logs / project / f"{service}.log"
 

@@ -39,6 +39,7 @@ def build_table(
     *,
     mesh_peers: Sequence[peers.Peer] = (),
     identity: ids.Identity | None = None,
+    agent: table.Backend | None = None,
 ) -> table.RouteTable:
     """One backend per service with a port, projects in the order they were first applied,
     and one mesh route per declared service.
@@ -46,7 +47,8 @@ def build_table(
     The proxy gives the short name to the first backend of a name, so that order is the
     contract. Services without a port have no backend: nothing can route to them here.
     ``mesh_peers`` are the node's peers and ``identity`` its identity while this agent is
-    a mesh node (the peers' server names and ``peer_tls`` come from it).
+    a mesh node (the peers' server names and ``peer_tls`` come from it). ``agent`` is
+    where devmesh.localhost goes: the agent's dashboard.
     """
     backends: list[table.Backend] = []
     for rec, proj in projects:
@@ -76,7 +78,7 @@ def build_table(
         for name, svc in proj.services.items()
         if not svc.runs_here or svc.wants_port  # a worker here listens on nothing: no route
     )
-    return table.RouteTable(tuple(backends), mesh=mesh, peer_tls=peer_tls(identity))
+    return table.RouteTable(tuple(backends), agent, mesh=mesh, peer_tls=peer_tls(identity))
 
 
 def peer_tls(identity: ids.Identity | None) -> table.PeerTLS | None:
