@@ -9,6 +9,7 @@ Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
   GET  /v1/status[?project=P]         services, peers, routes, agent
   GET  /v1/peers                      the mesh: this node, peers, backends, drop counters
   GET  /v1/route?project=P&service=S[&caller=C][&branch=B]   where such a call goes, and why
+  GET  /v1/graph[?project=P]          machines, services and where each call goes (graphview)
   POST /v1/apply                      {document, directory, source, services, base_env, dry_run}
   GET  /v1/wait?project=P&services=a,b    stream: progress, then {"done": true, "ok": ...}
   POST /v1/down                       {project, services, volumes}; answers when they are
@@ -24,6 +25,7 @@ Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +35,7 @@ from devmesh import __version__
 from devmesh.agent import (
     dbapi,
     gitbranch,
+    graphview,
     identity_api,
     logfeed,
     meshhost,
@@ -171,6 +174,28 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
                 route=route_,
                 backend=backend,
                 node_name=engine.node_name(),
+            ),
+        )
+
+    @router.route("GET", "/v1/graph")
+    async def graph(req: Request) -> Response:
+        project = req.query.get("project") or None
+        snap = engine.snapshot()
+        if project is not None and snap.project(project) is None:
+            known = ", ".join(p.name for p in snap.projects) or "none"
+            raise ApiError(
+                404, f"no project {project!r} is applied to this agent (projects: {known})"
+            )
+        n = engine.mesh.node
+        return Response(
+            200,
+            graphview.document(
+                snap,
+                engine.explain,
+                machine_name=engine.node_name() or socket.gethostname(),
+                node_id=n.identity.node_id if n is not None else None,
+                peer_rows=engine.mesh.peers(),
+                project=project,
             ),
         )
 
