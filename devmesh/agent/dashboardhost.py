@@ -27,7 +27,7 @@ import anyio
 import anyio.abc
 
 from devmesh import __version__
-from devmesh.agent import logfeed, routeview, views
+from devmesh.agent import graphview, logfeed, routeview, views
 from devmesh.agent.engine import Engine, RestartError
 from devmesh.agent.http_server import Request, Response, Router
 from devmesh.core import hostroute, overall, plan
@@ -80,6 +80,16 @@ class Host:
             row["share"] = bool(svc.share) if svc is not None else False
         routes = routeview.rows(snap, engine.routes, engine.explain, engine.node_name())
         mesh = engine.mesh.status()
+        node = engine.mesh.node
+        graph = graphview.document(
+            snap,
+            engine.explain,
+            machine_name=engine.node_name() or socket.gethostname(),
+            node_id=node.identity.node_id if node is not None else None,
+            peer_rows=mesh.get("peers") or [],
+            traffic=self.traffic(),
+        )
+        graph.pop("generated_at", None)  # changes by itself
         summary = overall.summarise(rows)
         self._refresh_databases()
         return {
@@ -97,9 +107,14 @@ class Host:
             "peers": _peers(mesh, snap.now),
             "mesh": _mesh(mesh),
             "routes": routes,
+            "graph": graph,
             "warnings": _warnings(routes),
             "databases": self.databases,
         }
+
+    def traffic(self) -> dict[Any, Any] | None:
+        """Calls per edge over the graph's window, from the proxy's metrics (none yet)."""
+        return None
 
     def _refresh_databases(self) -> None:
         """Start a database status read in a worker thread when one is due (never blocks)."""

@@ -214,7 +214,7 @@ async function doRestart(project, service, button) {
 
 // ---------------------------------------------------------------- graph and routes
 
-function edgeMetrics(s, r) {
+function graphEdge(s, r) {
   const g = s.graph;
   if (!g || !g.edges) return null;
   return g.edges.find((e) => e.project === r.project && e.caller === r.caller && e.service === r.service) || null;
@@ -227,55 +227,55 @@ function goesTo(r) {
   return "nowhere";
 }
 
-function metricLines(m) {
-  if (!m || !m.metrics || !m.metrics.requests) return [];
-  const x = m.metrics;
-  return [`${fixed(x.rps, 2)} rps · ${fixed(x.success_rate === undefined ? null : x.success_rate * 100, 1, "%")} ok`,
-    `p50 ${fixed(x.p50_ms, 1, "ms")} · p99 ${fixed(x.p99_ms, 1, "ms")}`];
+function hasTraffic(e) {
+  return Boolean(e && e.requests);
 }
 
+function successText(e) {
+  return hasTraffic(e) ? fixed((1 - e.error_rate) * 100, 1, "%") : "–";
+}
+
+function metricLines(e) {
+  if (!hasTraffic(e)) return [];
+  return [`${fixed(e.rps, 2)} rps · ${successText(e)} ok`, `p50 ${fixed(e.p50_ms, 1, "ms")} · p99 ${fixed(e.p99_ms, 1, "ms")}`];
+}
+
+
 function renderGraph(s) {
-  const nodes = new Map();
-  const local = new Map(s.services.map((r) => [`${r.project}/${r.name}`, r]));
-  const addNode = (project, name) => {
-    const id = `${project}/${name}`;
-    if (nodes.has(id)) return;
-    const r = local.get(id);
-    const level = r ? (STATE_CLASS[r.state] || "off") : "ext";
-    const lines = r
-      ? [`${r.state}${r.version ? ` · v${r.version}` : ""}`, r.state === "external" ? "runs elsewhere" : `${project}`]
-      : ["not declared here", project];
-    nodes.set(id, { id, title: name, lines, level });
-  };
-  for (const r of s.services) addNode(r.project, r.name);
-  const edges = [];
-  for (const r of s.routes) {
-    addNode(r.project, r.caller);
-    addNode(r.project, r.service);
-    const m = edgeMetrics(s, r);
-    const where = goesTo(r);
-    edges.push({
-      from: `${r.project}/${r.caller}`,
-      to: `${r.project}/${r.service}`,
-      kind: r.target || "none",
-      warn: Boolean(r.warning),
-      lines: [`→ ${where}${r.warning ? " ⚠ version" : ""}`, ...metricLines(m)],
-    });
-  }
-  draw($("#graph-canvas"), [...nodes.values()], edges);
+  const g = s.graph || { machines: [], nodes: [], edges: [] };
+  const machines = new Map(g.machines.map((m) => [m.id, m]));
+  const nodes = g.nodes.map((n) => {
+    const m = machines.get(n.machine);
+    const where = n.kind === "fallback" ? "fallback URL" : n.kind === "missing" ? "nowhere"
+      : m ? (m.local ? `here (${m.name})` : `peer ${m.name}`) : n.kind;
+    const level = n.kind === "fallback" ? "ext" : n.kind === "missing" ? "bad" : STATE_CLASS[n.state] || "off";
+    return {
+      id: n.id,
+      title: `${n.name}${n.version ? ` ${n.version}` : ""}`,
+      lines: [`${n.state || n.kind}${n.health && n.health !== "none" ? ` · ${n.health}` : ""}`, `${where} · ${n.project}`],
+      level,
+    };
+  });
+  const edges = g.edges.map((e) => ({
+    from: e.from,
+    to: e.to,
+    kind: e.target || "none",
+    warn: Boolean(e.mismatch || e.warning),
+    lines: [`→ ${goesTo(e)}${e.mismatch ? " ⚠ version" : ""}${e.status ? ` (answers ${e.status})` : ""}`, ...metricLines(e)],
+  }));
+  draw($("#graph-canvas"), nodes, edges);
 
   const body = $("#route-table tbody");
   body.replaceChildren(
     ...s.routes.map((r) => {
-      const m = edgeMetrics(s, r);
-      const x = (m && m.metrics) || {};
+      const e = graphEdge(s, r) || {};
       const tr = document.createElement("tr");
       tr.dataset.edge = `${r.project}/${r.caller}->${r.service}`;
       tr.append(text("td", r.caller), text("td", r.service), text("td", r.range), text("td", goesTo(r), "goes-to"),
-        text("td", r.version), text("td", x.requests ? fixed(x.rps, 2) : "–"),
-        text("td", x.requests ? fixed(x.success_rate * 100, 1, "%") : "–"),
-        text("td", x.requests ? fixed(x.p50_ms, 1, " ms") : "–"),
-        text("td", x.requests ? fixed(x.p99_ms, 1, " ms") : "–"),
+        text("td", r.version), text("td", hasTraffic(e) ? fixed(e.rps, 2) : "–"),
+        text("td", successText(e)),
+        text("td", hasTraffic(e) ? fixed(e.p50_ms, 1, " ms") : "–"),
+        text("td", hasTraffic(e) ? fixed(e.p99_ms, 1, " ms") : "–"),
         text("td", r.warning ? `⚠ ${r.warning}` : r.reason));
       return tr;
     }),
