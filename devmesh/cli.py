@@ -21,6 +21,7 @@ COMMANDS: tuple[str, ...] = (
     "status",
     "route",
     "peers",
+    "metrics",
     "logs",
     "dashboard",
     "plan",
