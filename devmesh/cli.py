@@ -22,6 +22,7 @@ COMMANDS: tuple[str, ...] = (
     "route",
     "graph",
     "peers",
+    "metrics",
     "logs",
     "plan",
     "validate",

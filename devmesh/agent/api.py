@@ -17,6 +17,7 @@ Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
   /v1/db/...                          the databases (see ``dbapi``)
   GET  /v1/logs?project=P&services=a,b&tail=N|all&since=UNIX_S&follow=1   stream of
        {service, line, time}; proxy=1 (&format=text) for the access log
+  GET  /v1/metrics?since=1h&service=S  the proxy's per-route numbers (see metricsapi)
   GET  /v1/ca                         {path, pem} of the CA signing HTTPS leaves (team or local)
   GET|POST /v1/mesh/...               the team identity: see identity_api
   POST /v1/shutdown
@@ -39,6 +40,7 @@ from devmesh.agent import (
     identity_api,
     logfeed,
     meshhost,
+    metricsapi,
     preflight,
     routeview,
     routing,
@@ -55,6 +57,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
     router = Router()
     # /v1/mesh/*: `devmesh mesh ...`; a new identity restarts the running mesh node with it
     identity_api.register(router, engine.home.root, on_change=engine.mesh.reload_identity)
+    metricsapi.register(router, lambda: engine.metrics)  # GET /v1/metrics
 
     @router.route("GET", "/v1/status")
     async def status(req: Request) -> Response:

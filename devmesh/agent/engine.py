@@ -34,6 +34,7 @@ from devmesh.agent import (
     databases,
     launch,
     meshhost,
+    metrics,
     peerchannel,
     preflight,
     reconcile,
@@ -67,6 +68,8 @@ class Engine:
         self.proxy = proxy
         self.routes = table.RouteTable()
         """What the proxy routes by; replaced (never mutated) after each round."""
+        self.metrics: metrics.History | None = None
+        """The proxy's metrics history (``History.query``); None with DEVMESH_METRICS=off."""
         self.route_file: Path | None = None
         """Where the routes and edge ports are published for proxy worker processes after
         each round; None when the agent runs no workers."""
