@@ -14,7 +14,7 @@ from graphcheck import check_document, check_mermaid, render_dot
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from devmesh.core import catalog, graph, graphrender, model, routes
+from devmesh.core import catalog, graph, graphrender, metrics, model, routes
 
 ANA = "a" * 32
 BEN = "b" * 32
@@ -358,3 +358,47 @@ def test_dot_renders_with_graphviz_whatever_the_names() -> None:
     nasty = 'we"ird\\ {name} <b>&amp; \\"x\\" ; }'
     svg = render_dot(graphrender.dot(weird_doc(nasty, nasty, nasty)))
     assert "we&quot;ird" in svg
+
+
+def stats(codes: dict[str, int], fast: int = 0, slow: int = 0) -> metrics.Stats:
+    """Counts with ``fast`` calls in the 1-2.5 ms bucket and ``slow`` ones in 25-50 ms."""
+    s = metrics.Stats(codes=dict(codes))
+    s.buckets[metrics.bucket_index(0.002)] += fast
+    s.buckets[metrics.bucket_index(0.04)] += slow
+    return s
+
+
+def test_edge_traffic_adds_every_target_of_a_caller_and_leaves_browsers_out() -> None:
+    key = metrics.RouteKey
+    counts = {
+        # web's calls to api went local, then to ben (the target moved within the window)
+        key(metrics.ROUTE, "shop", "web.shop", "api", "local", ""): stats({"2xx": 90}, fast=90),
+        key(metrics.ROUTE, "shop", "web.shop", "api", "peer", "ben"): stats(
+            {"2xx": 20, "5xx": 10}, slow=30
+        ),
+        # devmesh answered 502 itself: no target, still web's calls to mail
+        key(metrics.ROUTE, "shop", "web.shop", "mail", "none", ""): stats({"5xx": 6}),
+        # a browser's calls (no caller) and a teammate's calls into here are no edge's
+        key(metrics.ROUTE, "shop", "", "api", "local", ""): stats({"2xx": 1000}),
+        key(metrics.SERVED, "shop", "", "api", "local", "cara"): stats({"2xx": 1000}),
+    }
+    got = graph.edge_traffic(counts, seconds=300.0)
+    assert set(got) == {("shop", "web", "api"), ("shop", "web", "mail")}
+    api = got[("shop", "web", "api")]
+    assert (api.requests, api.rps, api.error_rate) == (120, 0.4, round(10 / 120, 4))
+    assert api.p50_ms is not None and 1.0 <= api.p50_ms <= 2.5
+    assert api.p99_ms is not None and 25.0 <= api.p99_ms <= 50.0
+    mail = got[("shop", "web", "mail")]
+    assert (mail.requests, mail.error_rate) == (6, 1.0)
+    doc = graph.document(team_graph(traffic=got), generated_at=1.0)
+    by = {e["service"]: e for e in doc["edges"]}
+    assert by["mail"]["target"] is None and by["mail"]["rps"] == 0.02
+    assert "nowhere, calls get 502" in graphrender.text(doc)
+    assert "0.02 req/s, 100% errors" in graphrender.text(doc)
+
+
+def test_with_metrics_off_the_text_says_so_instead_of_no_traffic() -> None:
+    doc = graph.document(team_graph(metrics_on=False), generated_at=1.0)
+    check_document(doc)
+    out = graphrender.text(doc)
+    assert "the proxy's metrics are off" in out and "no traffic" not in out

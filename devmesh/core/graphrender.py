@@ -191,15 +191,19 @@ def text(doc: Doc) -> str:
         out += ["", "outside the mesh"]
         for n in outside:
             out += _wrap(f"{n.get('project')}/{n.get('name')}: fallback {n.get('url')}", "  ")
+    metrics_on = doc.get("metrics", True) is not False
     if edges:
         window = float(doc.get("window_s") or 300)
-        out += ["", f"CALLS (traffic over the last {window / 60:g} min)"]
+        if metrics_on:
+            out += ["", f"CALLS (traffic over the last {max(1, int(window // 60))} min)"]
+        else:
+            out += ["", "CALLS (the proxy's metrics are off: calls are not counted)"]
     project = None
     for e in edges:
         if e.get("project") != project:
             project = e.get("project")
             out += _wrap(str(project))
-        out += _edge_lines(e, by_id, names)
+        out += _edge_lines(e, by_id, names, traffic=metrics_on)
     if mismatches:
         out += ["", "! the instance called is outside the caller's version range"]
     return "\n".join(line.rstrip() for line in out) + "\n"
@@ -209,7 +213,9 @@ def _count(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
-def _edge_lines(e: Doc, nodes: Mapping[str, Doc], names: Mapping[str, str]) -> list[str]:
+def _edge_lines(
+    e: Doc, nodes: Mapping[str, Doc], names: Mapping[str, str], *, traffic: bool
+) -> list[str]:
     mark = "!" if e.get("mismatch") else " "
     head = f"{mark} {e.get('caller')} → {e.get('service')}"
     if e.get("range"):
@@ -220,8 +226,9 @@ def _edge_lines(e: Doc, nodes: Mapping[str, Doc], names: Mapping[str, str]) -> l
     else:
         goes = f"served by {where(e, nodes, names)}"
     lines = _wrap(f"{head}: {goes}", hanging="      ")
-    if e.get("target") is not None:
+    if traffic and (e.get("target") is not None or e.get("rps") is not None):
         lines += _wrap(traffic_words(e), "      ")
+    if e.get("target") is not None:
         then = [node_words(nodes.get(str(t)), names) for t in e.get("failover") or []]
         if then:
             lines += _wrap("then " + ", then ".join(then), "      ")
@@ -260,7 +267,7 @@ def _edge_label(e: Doc) -> str:
     lines = [str(e["range"])] if e.get("range") else []
     if e.get("target") is None:
         lines.append(f"nowhere ({e['status']})" if e.get("status") else "nowhere")
-    elif e.get("rps") is not None:
+    if e.get("rps") is not None:
         lines.append(traffic_words(e))
     if e.get("mismatch"):
         lines.append("! version mismatch")
