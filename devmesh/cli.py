@@ -20,6 +20,7 @@ COMMANDS: tuple[str, ...] = (
     "run",
     "status",
     "route",
+    "graph",
     "peers",
     "metrics",
     "logs",

@@ -198,6 +198,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
                 machine_name=engine.node_name() or socket.gethostname(),
                 node_id=n.identity.node_id if n is not None else None,
                 peer_rows=engine.mesh.peers(),
+                history=engine.metrics,
                 project=project,
             ),
         )

@@ -87,9 +87,9 @@ class Host:
             machine_name=engine.node_name() or socket.gethostname(),
             node_id=node.identity.node_id if node is not None else None,
             peer_rows=mesh.get("peers") or [],
-            traffic=self.traffic(),
+            history=engine.metrics,
         )
-        graph.pop("generated_at", None)  # changes by itself
+        _steady(graph)
         summary = overall.summarise(rows)
         self._refresh_databases()
         return {
@@ -111,10 +111,6 @@ class Host:
             "warnings": _warnings(routes),
             "databases": self.databases,
         }
-
-    def traffic(self) -> dict[Any, Any] | None:
-        """Calls per edge over the graph's window, from the proxy's metrics (none yet)."""
-        return None
 
     def _refresh_databases(self) -> None:
         """Start a database status read in a worker thread when one is due (never blocks)."""
@@ -217,6 +213,18 @@ class Host:
             if port.isdigit() and b.port == int(port) and b.host == upstream.rpartition(":")[0]:
                 return b.service
         return str(entry.get("host") or "-")
+
+
+def _steady(graph: dict[str, Any]) -> None:
+    """Drop or round what changes by itself in the graph document: its time, the window
+    that grows until the next minute, and rates to the digits the page shows (else every
+    tick would be a change to send while any traffic is in the window)."""
+    graph.pop("generated_at", None)
+    graph.pop("window_s", None)
+    for e in graph.get("edges") or []:
+        for field, digits in (("rps", 2), ("error_rate", 4), ("p50_ms", 1), ("p99_ms", 1)):
+            if isinstance(e.get(field), float):
+                e[field] = round(e[field], digits)
 
 
 def _peers(mesh: dict[str, Any], now: float) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from devmesh.agent import routeview, views
+from devmesh.agent import metrics, routeview, views
 from devmesh.agent.snapshot import Snapshot
 from devmesh.core import catalog, graph
 
@@ -92,10 +92,20 @@ def document(
     machine_name: str,
     node_id: str | None,
     peer_rows: Iterable[Mapping[str, Any]],
-    traffic: Mapping[graph.TrafficKey, graph.Traffic] | None = None,
+    history: metrics.History | None,
     project: str | None = None,
 ) -> dict[str, Any]:
-    """The ``GET /v1/graph`` document (docs/cli.md, ``devmesh graph --format json``)."""
+    """The ``GET /v1/graph`` document (docs/cli.md, ``devmesh graph --format json``).
+
+    ``history`` is the proxy's metrics (None when they are off): each edge's traffic over
+    the last ``graph.WINDOW_S`` seconds, counted from the start of that minute as every
+    metrics query is (so the window is 5 to 6 minutes, and the document says which).
+    """
+    traffic: dict[graph.TrafficKey, graph.Traffic] = {}
+    window_s = graph.WINDOW_S
+    if history is not None:
+        counts, window_s = history.counts(graph.WINDOW_S, now=snap.now)
+        traffic = graph.edge_traffic(counts, seconds=window_s)
     g = graph.build(
         machine_name=machine_name,
         node_id=node_id,
@@ -104,5 +114,7 @@ def document(
         calls=calls(snap, explain, project),
         traffic=traffic,
         project=project,
+        window_s=round(window_s, 1),
+        metrics_on=history is not None,
     )
     return graph.document(g, generated_at=snap.now)

@@ -15,7 +15,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from devmesh.core import catalog, model, routes
+from devmesh.core import catalog, metrics, model, routes
 
 
 def find_cycle(deps: Mapping[str, Iterable[str]]) -> list[str] | None:
@@ -159,6 +159,9 @@ class Graph:
     project: str | None = None
     """The one project shown; None for every applied project."""
     window_s: float = WINDOW_S
+    """The span the traffic covers, in seconds."""
+    metrics: bool = True
+    """Whether the proxy counts calls at all (False: DEVMESH_METRICS=off, no traffic known)."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -206,7 +209,40 @@ class Call:
 
 
 TrafficKey = tuple[str, str, str]
-"""(project, caller, service)."""
+"""(project, caller, service): the caller's project, the caller, the dependency."""
+
+
+def edge_traffic(
+    counts: Mapping[metrics.RouteKey, metrics.Stats], *, seconds: float
+) -> dict[TrafficKey, Traffic]:
+    """The calls through each dependency edge over a period of ``seconds``.
+
+    The proxy counts per route: the caller (``SERVICE.PROJECT``, known from the edge
+    listener the call came through), the service, and where the call went (local, a peer,
+    the fallback, or ``none`` when devmesh answered it 409 or 502). An edge's traffic is
+    every route of its caller and service whatever the target, since the target may have
+    changed within the period; calls from a browser or curl (no caller) belong to no edge.
+    The numbers are ``core.metrics.summarize``'s, so `devmesh metrics` and the graph agree.
+    """
+    by_edge = metrics.merge(
+        {metrics.RouteKey(metrics.ROUTE, caller_project, caller, key.service, "", ""): stats}
+        for key, stats in counts.items()
+        if key.kind == metrics.ROUTE and key.caller
+        for caller, _, caller_project in [key.caller.partition(".")]
+    )
+    out: dict[TrafficKey, Traffic] = {}
+    for row in metrics.summarize(by_edge, seconds=seconds):
+        if not row.requests:
+            continue
+        k = row.key
+        out[(k.project, k.caller, k.service)] = Traffic(
+            requests=row.requests,
+            rps=row.rps,
+            error_rate=row.error_rate if row.error_rate is not None else 0.0,
+            p50_ms=row.p50_ms,
+            p99_ms=row.p99_ms,
+        )
+    return out
 
 
 def local_id(project: str, service: str) -> str:
@@ -239,12 +275,14 @@ def build(
     traffic: Mapping[TrafficKey, Traffic] | None = None,
     project: str | None = None,
     window_s: float = WINDOW_S,
+    metrics_on: bool = True,
 ) -> Graph:
     """The graph of this machine (``machine_name``, mesh ``node_id``), its peers and calls.
 
     With ``project`` set, only that project's services and edges are shown (peers stay, as
     machines, with that project's shared services only). ``traffic`` maps an edge to its
-    calls over the window; an edge without an entry had none. Every node an edge names
+    calls over the window; an edge without an entry had none (``metrics_on`` False: the
+    proxy counts nothing, so none is known). Every node an edge names
     exists: a target that is not among ``services`` or the peers' catalogs (they are read
     a moment apart from the decisions) is added from the decision's own words.
     """
@@ -317,6 +355,7 @@ def build(
         edges=tuple(sorted(edges, key=lambda e: (e.project, e.caller, e.service))),
         project=project,
         window_s=window_s,
+        metrics=metrics_on,
     )
 
 
@@ -463,6 +502,7 @@ def document(graph: Graph, *, generated_at: float) -> dict[str, Any]:
         "generated_at": generated_at,
         "project": graph.project,
         "window_s": graph.window_s,
+        "metrics": graph.metrics,
         "machines": [
             {
                 "id": m.id,
