@@ -95,11 +95,16 @@ def chromium() -> Iterator[Any]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def shot(page: Any, name: str) -> None:
-    """Save a screenshot when DEVMESH_SCREENSHOTS names a folder."""
+def shot(page: Any, name: str, part: str | None = None) -> None:
+    """Save a screenshot (of the whole page, or of the element ``part`` selects) when
+    DEVMESH_SCREENSHOTS names a folder."""
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
+        path = str(Path(SHOTS) / f"{name}.png")
+        if part is None:
+            page.screenshot(path=path, full_page=True)
+        else:
+            page.locator(part).screenshot(path=path)
 
 
 class OtherSite:

@@ -13,6 +13,7 @@ import os
 import signal
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from agentkit import PY, SERVER, Mesh, free_port
 from dashkit import OtherSite, access, chromium, dashboard_url, origin, pid_of, shot
@@ -139,7 +140,48 @@ def test_the_page_follows_the_mesh_restarts_and_refuses_other_origins(two: Two) 
             expect(pay_route).to_have_text("peer ben", timeout=DEADLINE_MS)
             expect(page.locator("#warning-list")).to_contain_text("extra → pay")
             expect(page.locator('#graph-canvas g.edge[data-edge*="shop/web"]')).to_have_count(2)
+
+            # Traffic: web's calls to api (through its API_URL listener) put the golden
+            # numbers on the edge; browser-like calls and a 404 show in the request tail.
+            listener = next(
+                r["listener"]
+                for r in ana.status()["routes"]
+                if (r["caller"], r["service"]) == ("web", "api")
+            )
+            with httpx.Client(trust_env=False, timeout=10) as c:
+                for i in range(20):
+                    assert c.get(f"http://{listener}/edge/{i}").status_code == 200
+                for i in range(3):
+                    c.get(
+                        f"http://127.0.0.1:{ana.proxy_port}/direct/{i}",
+                        headers={"host": "api.localhost"},
+                    )
+                assert (
+                    c.get(
+                        f"http://127.0.0.1:{ana.proxy_port}/", headers={"host": "nothing.localhost"}
+                    ).status_code
+                    == 404
+                )
+            web_api = page.locator('#route-table tr[data-edge="shop/web->api"] td')
+            expect(web_api.nth(6)).to_have_text("100.0%", timeout=DEADLINE_MS)  # success
+            expect(web_api.nth(5)).not_to_have_text("\u2013")  # requests per second
+            expect(
+                page.locator('#graph-canvas g.edge[data-edge="local:shop/web->local:shop/api"]')
+            ).to_contain_text("rps")
+            tap = page.locator("#tap-table tbody tr")
+            expect(tap.filter(has_text="/edge/19")).to_have_count(1, timeout=DEADLINE_MS)
+            expect(
+                page.locator('#tap-table tr[data-service="nothing"][data-status="404"]')
+            ).to_have_count(1)
+            page.select_option("#tap-status", "4xx")  # filtered at the agent: only the 404
+            expect(tap).to_have_count(1, timeout=DEADLINE_MS)
+            expect(tap.first).to_have_attribute("data-status", "404")
+            page.select_option("#tap-status", "")
+            page.select_option("#tap-service", "api")
+            expect(tap.filter(has_text="/direct/2")).to_have_count(1, timeout=DEADLINE_MS)
+            expect(page.locator('#tap-table tbody tr:not([data-service="api"])')).to_have_count(0)
             shot(page, "dashboard")
+            shot(page, "dashboard-graph", "#graph")
 
             # The restart button: a new process, and the page shows its pid.
             old = pid_of(ana, "api")

@@ -8,8 +8,8 @@
 const SVG = "http://www.w3.org/2000/svg";
 const NODE_W = 190;
 const NODE_H = 54;
-const GAP_X = 170;
-const GAP_Y = 34;
+const GAP_X = 230;
+const GAP_Y = 60;
 const PAD = 20;
 
 function el(name, attrs, text) {
@@ -96,7 +96,7 @@ export function draw(container, nodes, edges) {
   for (const kind of ["local", "peer", "fallback", "none"]) {
     const marker = el("marker", {
       id: `arrow-${kind}`, viewBox: "0 0 10 10", refX: 10, refY: 5,
-      markerWidth: 8, markerHeight: 8, orient: "auto-start-reverse",
+      markerWidth: 10, markerHeight: 10, markerUnits: "userSpaceOnUse", orient: "auto-start-reverse",
     });
     marker.append(el("path", { d: "M 0 0 L 10 5 L 0 10 z", class: `arrowhead ${kind}` }));
     defs.append(marker);
@@ -106,12 +106,26 @@ export function draw(container, nodes, edges) {
   const nodeLayer = el("g", { class: "nodes" });
   svg.append(edgeLayer, nodeLayer);
 
+  // Each edge leaves and enters at its own port, spread along the node's side in the order
+  // of the other end's position, so arrows (and their labels) between neighbours part.
+  const ports = (key, other) => {
+    const by = new Map();
+    for (const e of edges) (by.get(e[key]) || by.set(e[key], []).get(e[key])).push(e);
+    const at = new Map();
+    for (const list of by.values()) {
+      list.sort((p, q) => ((pos.get(p[other]) || {}).y || 0) - ((pos.get(q[other]) || {}).y || 0));
+      list.forEach((e, i) => at.set(e, (NODE_H * (i + 1)) / (list.length + 1)));
+    }
+    return at;
+  };
+  const outPort = ports("from", "to");
+  const inPort = ports("to", "from");
   for (const e of edges) {
     const a = pos.get(e.from);
     const b = pos.get(e.to);
     if (!a || !b) continue;
-    const x1 = a.x + NODE_W, y1 = a.y + NODE_H / 2;
-    const x2 = b.x, y2 = b.y + NODE_H / 2;
+    const x1 = a.x + NODE_W, y1 = a.y + outPort.get(e);
+    const x2 = b.x, y2 = b.y + inPort.get(e);
     const back = x2 <= x1;
     const mid = (x1 + x2) / 2;
     const d = back
@@ -121,7 +135,7 @@ export function draw(container, nodes, edges) {
     g.append(el("title", {}, `${e.from} calls ${e.to}: ${e.lines.join("; ")}`));
     g.append(el("path", { d, class: "edge-line", "marker-end": `url(#arrow-${e.kind})` }));
     const lx = back ? (x1 + x2) / 2 : mid;
-    const ly = (y1 + y2) / 2 - 6 - (e.lines.length - 1) * 7;
+    const ly = back ? Math.min(y1, y2) - 70 : (y1 + y2) / 2 - 6 - (e.lines.length - 1) * 14;
     e.lines.forEach((line, i) => {
       const t = el("text", { x: lx, y: ly + i * 14, class: "edge-label", "text-anchor": "middle" }, line);
       g.append(t);
