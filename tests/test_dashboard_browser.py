@@ -39,6 +39,7 @@ services:
     version: 2.3.1
     command: {py} server.py
     health: {{http: /healthz, interval_s: 0.5}}
+    db: {{engine: sqlite}}
   web:
     version: 1.0.0
     command: {py} server.py
@@ -117,6 +118,10 @@ def test_the_page_follows_the_mesh_restarts_and_refuses_other_origins(two: Two) 
             expect(api).to_have_attribute("data-state", "running", timeout=DEADLINE_MS)
             expect(web).to_have_attribute("data-state", "running", timeout=DEADLINE_MS)
             expect(api.locator("td.reason")).to_have_attribute("data-pid", str(pid_of(ana, "api")))
+            expect(api.locator("td.state")).to_have_text("running")  # a word, not a colour
+            expect(page.locator('#db-table tr[data-db="shop/api"] td').nth(2)).to_have_text(
+                "sqlite", timeout=DEADLINE_MS
+            )
             expect(page.locator("#overall")).to_have_attribute("data-level", "healthy")
             assert page.title().startswith("✓ devmesh")
             page.evaluate("window.__same_page = true")  # gone if the page reloads
@@ -185,7 +190,8 @@ def test_the_page_follows_the_mesh_restarts_and_refuses_other_origins(two: Two) 
 
             # The restart button: a new process, and the page shows its pid.
             old = pid_of(ana, "api")
-            page.locator("#restart-shop-api").click()
+            page.locator("#restart-shop-api").focus()  # by keyboard: a real button
+            page.keyboard.press("Enter")
             expect(page.locator("#action-result")).to_contain_text(
                 "Restarted shop/api", timeout=DEADLINE_MS
             )
@@ -196,6 +202,7 @@ def test_the_page_follows_the_mesh_restarts_and_refuses_other_origins(two: Two) 
                 "data-pid", str(new), timeout=DEADLINE_MS
             )
             expect(api.locator("td.restarts")).to_have_text("1")
+            expect(page.locator("#restart-shop-api")).to_be_focused()  # kept across redraws
 
             # The log of a service, followed live.
             page.locator("#logs-shop-api").click()

@@ -170,6 +170,7 @@ function renderServices(s) {
           restart.id = `restart-${r.project}-${r.name}`;
           restart.textContent = "Restart";
           restart.setAttribute("aria-label", `Restart ${r.name} of ${r.project}`);
+          if (pending.has(restart.id)) restart.setAttribute("aria-disabled", "true");
           restart.addEventListener("click", () => doRestart(r.project, r.name, restart));
           const logs = document.createElement("button");
           logs.type = "button";
@@ -186,9 +187,15 @@ function renderServices(s) {
   });
 }
 
+// Restarts under way: their buttons say so (aria-disabled) but keep the keyboard focus,
+// which a disabled button would lose.
+const pending = new Set();
+
 async function doRestart(project, service, button) {
   const out = $("#action-result");
-  button.disabled = true;
+  if (pending.has(button.id)) return;
+  pending.add(button.id);
+  button.setAttribute("aria-disabled", "true");
   out.textContent = `Restarting ${project}/${service}…`;
   try {
     const response = await fetch("/api/restart", {
@@ -207,8 +214,9 @@ async function doRestart(project, service, button) {
   } catch (err) {
     out.textContent = `Restart of ${project}/${service} failed: ${err}`;
   } finally {
+    pending.delete(button.id);
     const again = document.getElementById(button.id);
-    if (again) again.disabled = false;
+    if (again) again.removeAttribute("aria-disabled");
   }
 }
 
