@@ -10,6 +10,7 @@ Set DEVMESH_SCREENSHOTS=docs/img to retake the pictures of docs/dashboard.md.
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Iterator
 
@@ -55,6 +56,10 @@ services:
     version: 1.4.0
     command: {py} server.py
     remote: true
+  broken:
+    version: 0.1.0
+    command: {py} -c "import sys; sys.exit(3)"
+    restart: {{policy: "no"}}
 """
 BEN = """
 version: 1
@@ -250,6 +255,27 @@ def test_the_page_follows_the_mesh_restarts_and_refuses_other_origins(two: Two) 
                 )
                 forged.close()
             assert pid_of(ana, "api") == before
+
+            # The peer leaves: it is gone from the page and extra's calls to pay go nowhere.
+            ben.cli("down", cwd=b, check=True, timeout=60)
+            expect(
+                page.locator('#peer-table tr[data-peer="ben"][data-state="alive"]')
+            ).to_have_count(0, timeout=DEADLINE_MS)
+            expect(row(page, "shop/pay@ben")).to_have_count(0)
+            extra_pay = page.locator('#route-table tr[data-edge="shop/extra->pay"] td.goes-to')
+            expect(extra_pay).to_have_text("nowhere", timeout=DEADLINE_MS)
+
+            # Something fails: the title, the favicon and the header say so, in words.
+            ana.cli("up", "-d", "broken", cwd=d, timeout=90)
+            broken = row(page, "shop/broken")
+            expect(broken).to_have_attribute("data-state", "exited", timeout=DEADLINE_MS)
+            expect(broken.locator("td.reason")).to_contain_text("exited with code 3")
+            expect(page.locator("#overall")).to_have_attribute("data-level", "failed")
+            expect(page.locator("#overall")).to_contain_text("broken (exited)")
+            expect(page).to_have_title(re.compile(r"^✗ devmesh: 1 of \d failing: broken"))
+            icon = page.locator("#favicon").get_attribute("href") or ""
+            assert icon.startswith("data:image/svg+xml,") and "cf222e" in icon  # the red one
+            shot(page, "dashboard-failed", "header")
 
             # The agent goes away and comes back: the page says so, then is live again.
             agent = ana.agent_pid()

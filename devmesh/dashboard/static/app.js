@@ -10,14 +10,6 @@ import { draw } from "./graph.js";
 const $ = (sel) => document.querySelector(sel);
 const csrf = document.querySelector('meta[name="devmesh-csrf"]').content;
 
-const LEVEL_WORDS = {
-  healthy: "all running",
-  starting: "starting",
-  failed: "failing",
-  idle: "nothing running",
-  offline: "agent unreachable",
-  connecting: "connecting",
-};
 const ICON = { healthy: "✓", starting: "…", failed: "✗", idle: "○", offline: "?", connecting: "?" };
 const COLOUR = {
   healthy: "#1a7f37", starting: "#9a6700", failed: "#cf222e",
@@ -103,7 +95,7 @@ function favicon(level) {
 function showOverall(level, words) {
   const node = $("#overall");
   node.dataset.level = level;
-  node.textContent = `${ICON[level] || ""} ${LEVEL_WORDS[level] || level}: ${words}`;
+  node.textContent = `${ICON[level] || ""} ${words}`;
   document.title = `${ICON[level] || ""} devmesh: ${words}`;
   favicon(level);
 }
@@ -463,7 +455,7 @@ function connect() {
   socket.addEventListener("close", () => {
     socket = null;
     connected(false, `agent unreachable: reconnecting every ${Math.max(1, Math.round(retryMs / 1000))} s…`);
-    showOverall("offline", "the agent is not answering; showing what it last said");
+    showOverall("offline", "agent unreachable: showing what it last said");
     setTimeout(connect, retryMs);
     retryMs = Math.min(retryMs * 2, 2000);
   });
