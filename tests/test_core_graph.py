@@ -275,7 +275,7 @@ def test_text_says_where_each_call_goes_and_marks_the_mismatch() -> None:
     assert "  web → api ^1.2: served by local api 1.2.0" in out
     assert "4.20 req/s, 0.5% errors, p50 3.1 ms, p99 40 ms" in out
     assert "  web → auth ^2.1: served by ben auth 2.3.0" in out
-    assert "then fallback https://auth.example" in out
+    assert "failover: fallback https://auth.example" in out
     assert "  web → mail ^1: nowhere, calls get 502" in out
     assert re.search(r"^! web → search \^1\.0: served by ben search 0\.9\.0$", out, re.M)
     assert "Attention: 1 version mismatch (!), 1 dependency served nowhere" in out
@@ -336,7 +336,8 @@ def test_mermaid_stays_well_formed_whatever_the_names(name: str) -> None:
     parts = check_mermaid(graphrender.mermaid(doc))
     assert len(parts["subgraphs"]) == len(doc["machines"])  # type: ignore[arg-type]
     assert len(parts["nodes"]) == len(doc["nodes"])  # type: ignore[arg-type]
-    assert len(parts["edges"]) == len(doc["edges"])  # type: ignore[arg-type]
+    failovers = sum(len(e["failover"]) for e in doc["edges"])  # type: ignore[union-attr,index]
+    assert len(parts["edges"]) == len(doc["edges"]) + failovers  # type: ignore[arg-type]
 
 
 def test_mermaid_draws_mismatch_and_nowhere_apart() -> None:
@@ -344,9 +345,14 @@ def test_mermaid_draws_mismatch_and_nowhere_apart() -> None:
     text = graphrender.mermaid(doc)
     parts = check_mermaid(text)
     arrows = [arrow for _, arrow, _ in parts["edges"]]
-    # edges are sorted: api, auth, mail (nowhere), pay, search (mismatch)
-    assert arrows == ["-->", "-->", "-.->", "-->", "==>"]
-    assert "linkStyle 4 stroke:red" in text and "linkStyle 2 stroke:grey" in text
+    # edges are sorted: api, auth and its failover to the fallback, mail (nowhere), pay,
+    # search (mismatch)
+    assert arrows == ["-->", "-->", "-.->", "-.->", "-->", "==>"]
+    ids = [n["id"] for n in doc["nodes"]]
+    fallback = f"n{ids.index('fallback:shop/auth')}"
+    assert parts["edges"][2] == (parts["edges"][1][0], "-.->", fallback)
+    assert "linkStyle 5 stroke:red" in text and "linkStyle 3 stroke:grey" in text
+    assert "linkStyle 2 stroke:lightgrey" in text
 
 
 def test_dot_renders_with_graphviz_whatever_the_names() -> None:

@@ -188,7 +188,7 @@ def text(doc: Doc) -> str:
                 out += _wrap(f"why: {n['reason']}", "      ")
     outside = [n for n in nodes if n.get("kind") == "fallback"]
     if outside:
-        out += ["", "outside the mesh"]
+        out += ["", "fallbacks (outside the mesh)"]
         for n in outside:
             out += _wrap(f"{n.get('project')}/{n.get('name')}: fallback {n.get('url')}", "  ")
     metrics_on = doc.get("metrics", True) is not False
@@ -231,7 +231,7 @@ def _edge_lines(
     if e.get("target") is not None:
         then = [node_words(nodes.get(str(t)), names) for t in e.get("failover") or []]
         if then:
-            lines += _wrap("then " + ", then ".join(then), "      ")
+            lines += _wrap("failover: " + ", then ".join(then), "      ")
     else:
         lines += _wrap(f"why: {e.get('reason')}", "      ")
     if e.get("warning"):
@@ -274,6 +274,47 @@ def _edge_label(e: Doc) -> str:
     return "\n".join(lines)
 
 
+def _arrows(doc: Doc) -> list[tuple[str, str, str, str]]:
+    """What DOT and Mermaid draw: (from, to, label, kind) per edge, each followed by a
+    ``failover`` arrow to every node its calls would go to next. ``kind`` is ``mismatch``,
+    ``nowhere``, ``errors`` (calls answered 5xx in the window) or ``call``."""
+    out = []
+    for e in doc.get("edges") or []:
+        if e.get("mismatch"):
+            kind = "mismatch"
+        elif e.get("target") is None:
+            kind = "nowhere"
+        elif e.get("error_rate"):
+            kind = "errors"
+        else:
+            kind = "call"
+        out.append((str(e["from"]), str(e["to"]), _edge_label(e), kind))
+        out += [(str(e["from"]), str(f), "failover", "failover") for f in e.get("failover") or []]
+    return out
+
+
+DOT_LOOKS: dict[str, dict[str, str]] = {
+    "call": {},
+    "mismatch": {"color": "red", "fontcolor": "red", "style": "bold"},
+    "nowhere": {"color": "grey40", "fontcolor": "grey40", "style": "dashed"},
+    "errors": {"color": "darkorange", "fontcolor": "darkorange3", "penwidth": "1.5"},
+    "failover": {"color": "grey60", "fontcolor": "grey40", "style": "dotted"},
+}
+MERMAID_ARROWS = {
+    "call": "-->",
+    "mismatch": "==>",
+    "nowhere": "-.->",
+    "errors": "-->",
+    "failover": "-.->",
+}
+MERMAID_LINK_STYLES = {
+    "mismatch": "stroke:red,color:red",
+    "nowhere": "stroke:grey",
+    "errors": "stroke:darkorange,color:darkorange",
+    "failover": "stroke:lightgrey,color:grey",
+}
+
+
 def dot(doc: Doc) -> str:
     """Graphviz DOT: ``devmesh graph --format dot | dot -Tsvg > mesh.svg``."""
     out = [
@@ -305,13 +346,9 @@ def dot(doc: Doc) -> str:
                 label=_node_label(n), shape="octagon", style="dashed", color="grey40"
             )
         out.append(f"  {_dot_quote(n['id'])} {attrs};")
-    for e in doc.get("edges") or []:
-        look: dict[str, str] = {"label": _edge_label(e)}
-        if e.get("mismatch"):
-            look.update(color="red", fontcolor="red", style="bold")
-        elif e.get("target") is None:
-            look.update(color="grey40", fontcolor="grey40", style="dashed")
-        out.append(f"  {_dot_quote(e['from'])} -> {_dot_quote(e['to'])} {_dot_attrs(**look)};")
+    for source, dest, label, kind in _arrows(doc):
+        look = {"label": label, **DOT_LOOKS[kind]}
+        out.append(f"  {_dot_quote(source)} -> {_dot_quote(dest)} {_dot_attrs(**look)};")
     out.append("}")
     return "\n".join(out) + "\n"
 
@@ -360,27 +397,20 @@ def mermaid(doc: Doc) -> str:
         out += [node_line(n, "    ") for n in nodes if n.get("machine") == m["id"]]
         out.append("  end")
     out += [node_line(n, "  ") for n in nodes if n.get("machine") is None]
-    mismatched: list[int] = []
-    nowhere: list[int] = []
+    styled: dict[str, list[int]] = {}
     drawn = 0
-    for e in doc.get("edges") or []:
-        source, dest = nids.get(str(e["from"])), nids.get(str(e["to"]))
-        if source is None or dest is None:
+    for source, dest, label, kind in _arrows(doc):
+        a, b = nids.get(source), nids.get(dest)
+        if a is None or b is None:
             continue  # the document names every node an edge uses; never draw half an edge
-        i, drawn = drawn, drawn + 1
-        label = _edge_label(e)
-        arrow = "-.->" if e.get("target") is None else "==>" if e.get("mismatch") else "-->"
         text_part = f'|"{_mermaid_text(label)}"|' if label else ""
-        out.append(f"  {source} {arrow}{text_part} {dest}")
-        if e.get("mismatch"):
-            mismatched.append(i)
-        elif e.get("target") is None:
-            nowhere.append(i)
+        out.append(f"  {a} {MERMAID_ARROWS[kind]}{text_part} {b}")
+        styled.setdefault(kind, []).append(drawn)
+        drawn += 1
     out.append("  classDef missing stroke-dasharray: 5 5")
-    if mismatched:
-        out.append(f"  linkStyle {','.join(map(str, mismatched))} stroke:red,color:red")
-    if nowhere:
-        out.append(f"  linkStyle {','.join(map(str, nowhere))} stroke:grey")
+    for kind, style in MERMAID_LINK_STYLES.items():
+        if styled.get(kind):
+            out.append(f"  linkStyle {','.join(map(str, styled[kind]))} {style}")
     return "\n".join(out) + "\n"
 
 
