@@ -271,6 +271,18 @@ def test_a_peer_serves_an_edge_and_its_services_show_under_its_machine(team: Tea
         what="5 calls on web -> api",
     )
     assert counted["error_rate"] == 0.0 and counted["target"] == "peer"
+    # ana, the owner, sees the same calls arrive from ben's node.
+    ben_id = ben.peers()["node"]
+    arrived = ana.wait_for(
+        lambda: [i for i in graph_json(ana)["inbound"] if i["requests"] == 5],
+        timeout=20,
+        what="ben's 5 calls counted on ana's side",
+    )
+    assert [(i["node"], i["machine"], i["to"]) for i in arrived] == [
+        ("ben", f"peer:{ben_id}", "local:shop/api")
+    ]
+    ana_text = ana.cli("graph", check=True).stdout
+    assert "CALLS FROM TEAMMATES (last 5 min)\n  ben → shop/api\n" in ana_text
 
     text = ben.cli("graph", check=True).stdout
     assert all(len(line) <= 80 for line in text.splitlines()), text

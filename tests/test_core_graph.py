@@ -408,3 +408,47 @@ def test_with_metrics_off_the_text_says_so_instead_of_no_traffic() -> None:
     check_document(doc)
     out = graphrender.text(doc)
     assert "the proxy's metrics are off" in out and "no traffic" not in out
+
+
+def test_calls_from_teammates_are_counted_per_node_and_drawn_from_their_machine() -> None:
+    key = metrics.RouteKey
+    counts = {
+        key(metrics.SERVED, "shop", "", "api", "local", "ben"): stats({"2xx": 8, "5xx": 2}),
+        key(metrics.SERVED, "shop", "", "api", "local", "cara"): stats({"2xx": 3}),
+        key(metrics.SERVED, "library", "", "books", "local", "ben"): stats({"2xx": 1}),
+        key(metrics.ROUTE, "shop", "web.shop", "api", "local", ""): stats({"2xx": 50}),
+    }
+    inbound = graph.inbound_traffic(counts, seconds=100.0)
+    assert set(inbound) == {
+        ("ben", "shop", "api"),
+        ("cara", "shop", "api"),
+        ("ben", "library", "books"),
+    }
+    assert (
+        inbound[("ben", "shop", "api")].requests,
+        inbound[("ben", "shop", "api")].rps,
+        inbound[("ben", "shop", "api")].error_rate,
+    ) == (10, 0.1, 0.2)
+    g = team_graph(inbound=inbound)
+    doc = graph.document(g, generated_at=1.0)
+    check_document(doc)
+    got = {(i["node"], i["to"]): i for i in doc["inbound"]}
+    # ben is a known peer: its machine; cara is not (yet): no machine. books is not a
+    # service of this machine's view, so its node is added.
+    assert got[("ben", "local:shop/api")]["machine"] == f"peer:{BEN}"
+    assert got[("cara", "local:shop/api")]["machine"] is None
+    assert ("ben", "local:library/books") in got
+    assert [
+        i["node"]
+        for i in graph.document(team_graph(inbound=inbound, project="library"), generated_at=1.0)[
+            "inbound"
+        ]
+    ] == ["ben"]
+    out = graphrender.text(doc)
+    assert "CALLS FROM TEAMMATES (last 5 min)" in out
+    assert "  ben → shop/api\n      0.10 req/s, 20% errors" in out
+    parts = check_mermaid(graphrender.mermaid(doc))
+    callers = [n for n in parts["nodes"] if n.startswith("c")]
+    assert len(callers) == 2  # one drawn node per calling teammate
+    svg = render_dot(graphrender.dot(doc))
+    assert "calls from ben" in svg and "calls from cara" in svg

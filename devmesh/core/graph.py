@@ -152,10 +152,27 @@ class Edge:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Inbound:
+    """Calls a teammate's node made into one of this machine's shared services."""
+
+    id: str
+    node: str
+    """The calling node's name."""
+    machine: str | None
+    """Its ``Machine.id`` when the mesh node knows it; None otherwise."""
+    project: str
+    service: str
+    dest: str
+    """The local service's node id."""
+    traffic: Traffic
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Graph:
     machines: tuple[Machine, ...]
     nodes: tuple[Node, ...]
     edges: tuple[Edge, ...]
+    inbound: tuple[Inbound, ...] = ()
     project: str | None = None
     """The one project shown; None for every applied project."""
     window_s: float = WINDOW_S
@@ -211,6 +228,9 @@ class Call:
 TrafficKey = tuple[str, str, str]
 """(project, caller, service): the caller's project, the caller, the dependency."""
 
+InboundKey = tuple[str, str, str]
+"""(node, project, service): the calling teammate's node name, the local shared service."""
+
 
 def edge_traffic(
     counts: Mapping[metrics.RouteKey, metrics.Stats], *, seconds: float
@@ -224,18 +244,49 @@ def edge_traffic(
     changed within the period; calls from a browser or curl (no caller) belong to no edge.
     The numbers are ``core.metrics.summarize``'s, so `devmesh metrics` and the graph agree.
     """
-    by_edge = metrics.merge(
-        {metrics.RouteKey(metrics.ROUTE, caller_project, caller, key.service, "", ""): stats}
+    grouped = _grouped(
+        (("route", caller_project, caller, key.service), stats)
         for key, stats in counts.items()
         if key.kind == metrics.ROUTE and key.caller
         for caller, _, caller_project in [key.caller.partition(".")]
     )
-    out: dict[TrafficKey, Traffic] = {}
-    for row in metrics.summarize(by_edge, seconds=seconds):
+    return {(k[1], k[2], k[3]): t for k, t in _summaries(grouped, seconds).items()}
+
+
+def inbound_traffic(
+    counts: Mapping[metrics.RouteKey, metrics.Stats], *, seconds: float
+) -> dict[InboundKey, Traffic]:
+    """The calls teammates' nodes made into this machine's shared services over a period,
+    per calling node and service (the owner's side of their edges: the proxy's peer
+    listener counts them by the caller's node name)."""
+    grouped = _grouped(
+        (("served", key.project, key.node, key.service), stats)
+        for key, stats in counts.items()
+        if key.kind == metrics.SERVED
+    )
+    return {(k[2], k[1], k[3]): t for k, t in _summaries(grouped, seconds).items()}
+
+
+def _grouped(
+    items: Iterable[tuple[tuple[str, str, str, str], metrics.Stats]],
+) -> dict[metrics.RouteKey, metrics.Stats]:
+    """Counts added per group, the group written as a RouteKey (kind, project, caller,
+    service) so ``metrics.summarize`` can read it."""
+    return metrics.merge(
+        {metrics.RouteKey(kind, project, caller, service, "", ""): stats}
+        for (kind, project, caller, service), stats in items
+    )
+
+
+def _summaries(
+    grouped: Mapping[metrics.RouteKey, metrics.Stats], seconds: float
+) -> dict[tuple[str, str, str, str], Traffic]:
+    out = {}
+    for row in metrics.summarize(grouped, seconds=seconds):
         if not row.requests:
             continue
         k = row.key
-        out[(k.project, k.caller, k.service)] = Traffic(
+        out[(k.kind, k.project, k.caller, k.service)] = Traffic(
             requests=row.requests,
             rps=row.rps,
             error_rate=row.error_rate if row.error_rate is not None else 0.0,
@@ -273,6 +324,7 @@ def build(
     peers: Iterable[Peer],
     calls: Iterable[Call],
     traffic: Mapping[TrafficKey, Traffic] | None = None,
+    inbound: Mapping[InboundKey, Traffic] | None = None,
     project: str | None = None,
     window_s: float = WINDOW_S,
     metrics_on: bool = True,
@@ -282,7 +334,8 @@ def build(
     With ``project`` set, only that project's services and edges are shown (peers stay, as
     machines, with that project's shared services only). ``traffic`` maps an edge to its
     calls over the window; an edge without an entry had none (``metrics_on`` False: the
-    proxy counts nothing, so none is known). Every node an edge names
+    proxy counts nothing, so none is known). ``inbound`` maps a teammate's node and a local
+    service to the calls it made into it. Every node an edge names
     exists: a target that is not among ``services`` or the peers' catalogs (they are read
     a moment apart from the decisions) is added from the decision's own words.
     """
@@ -337,6 +390,34 @@ def build(
         edges.append(
             _edge(c, machines, nodes, traffic.get((c.project, c.caller, c.dependency.name)))
         )
+    calls_in = []
+    by_name = {m.name: m.id for m in machines.values() if not m.local}
+    for (caller_node, proj_name, service), t in sorted((inbound or {}).items()):
+        if project is not None and proj_name != project:
+            continue
+        dest = local_id(proj_name, service)
+        nodes.setdefault(
+            dest,
+            Node(
+                id=dest,
+                kind=NodeKind.SERVICE,
+                machine=LOCAL_MACHINE,
+                project=proj_name,
+                name=service,
+                shared=True,
+            ),
+        )
+        calls_in.append(
+            Inbound(
+                id=f"{caller_node}->{proj_name}/{service}",
+                node=caller_node,
+                machine=by_name.get(caller_node),
+                project=proj_name,
+                service=service,
+                dest=dest,
+                traffic=t,
+            )
+        )
     order = {mid: i for i, mid in enumerate(machines)}
     kinds = list(NodeKind)
     return Graph(
@@ -353,6 +434,7 @@ def build(
             )
         ),
         edges=tuple(sorted(edges, key=lambda e: (e.project, e.caller, e.service))),
+        inbound=tuple(calls_in),
         project=project,
         window_s=window_s,
         metrics=metrics_on,
@@ -532,6 +614,18 @@ def document(graph: Graph, *, generated_at: float) -> dict[str, Any]:
             for n in graph.nodes
         ],
         "edges": [_edge_doc(e) for e in graph.edges],
+        "inbound": [
+            {
+                "id": i.id,
+                "node": i.node,
+                "machine": i.machine,
+                "project": i.project,
+                "service": i.service,
+                "to": i.dest,
+                **_traffic_doc(i.traffic),
+            }
+            for i in graph.inbound
+        ],
     }
 
 
@@ -555,6 +649,12 @@ def _edge_doc(e: Edge) -> dict[str, Any]:
         "warning": e.warning,
         "reason": e.reason,
         "failover": list(e.failover),
+        **_traffic_doc(t),
+    }
+
+
+def _traffic_doc(t: Traffic | None) -> dict[str, Any]:
+    return {
         "requests": t.requests if t is not None else None,
         "rps": t.rps if t is not None else None,
         "error_rate": t.error_rate if t is not None else None,

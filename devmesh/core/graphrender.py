@@ -204,6 +204,13 @@ def text(doc: Doc) -> str:
             project = e.get("project")
             out += _wrap(str(project))
         out += _edge_lines(e, by_id, names, traffic=metrics_on)
+    inbound = list(doc.get("inbound") or [])
+    if inbound:
+        window = float(doc.get("window_s") or 300)
+        out += ["", f"CALLS FROM TEAMMATES (last {max(1, int(window // 60))} min)"]
+        for i in inbound:
+            out += _wrap(f"  {i.get('node')} → {i.get('project')}/{i.get('service')}")
+            out += _wrap(traffic_words(i), "      ")
     if mismatches:
         out += ["", "! the instance called is outside the caller's version range"]
     return "\n".join(line.rstrip() for line in out) + "\n"
@@ -290,7 +297,20 @@ def _arrows(doc: Doc) -> list[tuple[str, str, str, str]]:
             kind = "call"
         out.append((str(e["from"]), str(e["to"]), _edge_label(e), kind))
         out += [(str(e["from"]), str(f), "failover", "failover") for f in e.get("failover") or []]
+    for i in doc.get("inbound") or []:
+        kind = "errors" if i.get("error_rate") else "call"
+        out.append((_caller_id(i), str(i["to"]), traffic_words(i), kind))
     return out
+
+
+def _caller_id(inbound: Doc) -> str:
+    """The node drawn for a teammate's node that calls here (one per calling node)."""
+    return f"caller:{inbound.get('node')}"
+
+
+def _callers(doc: Doc) -> dict[str, tuple[str, str | None]]:
+    """Each calling teammate's drawn node: id -> (its name, its machine id or None)."""
+    return {_caller_id(i): (str(i.get("node")), i.get("machine")) for i in doc.get("inbound") or []}
 
 
 DOT_LOOKS: dict[str, dict[str, str]] = {
@@ -315,6 +335,10 @@ MERMAID_LINK_STYLES = {
 }
 
 
+def _dot_caller(name: str) -> dict[str, str]:
+    return {"label": f"calls from {name}", "shape": "ellipse", "style": "dashed"}
+
+
 def dot(doc: Doc) -> str:
     """Graphviz DOT: ``devmesh graph --format dot | dot -Tsvg > mesh.svg``."""
     out = [
@@ -325,6 +349,7 @@ def dot(doc: Doc) -> str:
         '  edge [fontname="Helvetica", fontsize=9];',
     ]
     nodes = list(doc.get("nodes") or [])
+    callers = _callers(doc)
     for i, m in enumerate(doc.get("machines") or []):
         out.append(f"  subgraph cluster_{i} {{")
         out.append(f"    label={_dot_quote(machine_title(m))};")
@@ -335,7 +360,13 @@ def dot(doc: Doc) -> str:
                 out.append(
                     f"    {_dot_quote(n['id'])} {_dot_attrs(label=_node_label(n), style=style)};"
                 )
+        for cid, (name, machine) in callers.items():
+            if machine == m["id"]:
+                out.append(f"    {_dot_quote(cid)} {_dot_attrs(**_dot_caller(name))};")
         out.append("  }")
+    for cid, (name, machine) in callers.items():
+        if machine is None:
+            out.append(f"  {_dot_quote(cid)} {_dot_attrs(**_dot_caller(name))};")
     for n in nodes:
         if n.get("machine") is not None:
             continue
@@ -379,9 +410,14 @@ def mermaid(doc: Doc) -> str:
     """A Mermaid flowchart for a Markdown page (inside a ```` ```mermaid ```` block)."""
     machines = list(doc.get("machines") or [])
     nodes = list(doc.get("nodes") or [])
+    callers = _callers(doc)
     mids = _mermaid_ids(machines, "m")
     nids = _mermaid_ids(nodes, "n")
+    nids.update({cid: f"c{i}" for i, cid in enumerate(callers)})
     out = ["flowchart LR"]
+
+    def caller_line(cid: str, indent: str) -> str:
+        return f'{indent}{nids[cid]}(("{_mermaid_text("calls from " + callers[cid][0])}"))'
 
     def node_line(n: Doc, indent: str) -> str:
         label = f'"{_mermaid_text(_node_label(n))}"'
@@ -395,8 +431,10 @@ def mermaid(doc: Doc) -> str:
     for m in machines:
         out.append(f'  subgraph {mids[str(m["id"])]}["{_mermaid_text(machine_title(m))}"]')
         out += [node_line(n, "    ") for n in nodes if n.get("machine") == m["id"]]
+        out += [caller_line(c, "    ") for c, (_, mid) in callers.items() if mid == m["id"]]
         out.append("  end")
     out += [node_line(n, "  ") for n in nodes if n.get("machine") is None]
+    out += [caller_line(c, "  ") for c, (_, mid) in callers.items() if mid is None]
     styled: dict[str, list[int]] = {}
     drawn = 0
     for source, dest, label, kind in _arrows(doc):
