@@ -14,7 +14,7 @@ from graphcheck import check_document, check_mermaid, render_dot
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from devmesh.core import catalog, graph, graphrender, metrics, model, routes
+from devmesh.core import catalog, graph, graphrender, graphtraffic, metrics, model, routes
 
 ANA = "a" * 32
 BEN = "b" * 32
@@ -388,7 +388,7 @@ def test_edge_traffic_adds_every_target_of_a_caller_and_leaves_browsers_out() ->
         key(metrics.ROUTE, "shop", "", "api", "local", ""): stats({"2xx": 1000}),
         key(metrics.SERVED, "shop", "", "api", "local", "cara"): stats({"2xx": 1000}),
     }
-    got = graph.edge_traffic(counts, seconds=300.0)
+    got = graphtraffic.edge_traffic(counts, seconds=300.0)
     assert set(got) == {("shop", "web", "api"), ("shop", "web", "mail")}
     api = got[("shop", "web", "api")]
     assert (api.requests, api.rps, api.error_rate) == (120, 0.4, round(10 / 120, 4))
@@ -418,7 +418,7 @@ def test_calls_from_teammates_are_counted_per_node_and_drawn_from_their_machine(
         key(metrics.SERVED, "library", "", "books", "local", "ben"): stats({"2xx": 1}),
         key(metrics.ROUTE, "shop", "web.shop", "api", "local", ""): stats({"2xx": 50}),
     }
-    inbound = graph.inbound_traffic(counts, seconds=100.0)
+    inbound = graphtraffic.inbound_traffic(counts, seconds=100.0)
     assert set(inbound) == {
         ("ben", "shop", "api"),
         ("cara", "shop", "api"),

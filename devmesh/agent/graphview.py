@@ -14,7 +14,7 @@ from typing import Any
 
 from devmesh.agent import metrics, routeview, views
 from devmesh.agent.snapshot import Snapshot
-from devmesh.core import catalog, graph
+from devmesh.core import catalog, graph, graphtraffic
 
 
 def local_services(snap: Snapshot, project: str | None = None) -> list[graph.LocalService]:
@@ -106,8 +106,8 @@ def document(
     window_s = graph.WINDOW_S
     if history is not None:
         counts, window_s = history.counts(graph.WINDOW_S, now=snap.now)
-        traffic = graph.edge_traffic(counts, seconds=window_s)
-        inbound = graph.inbound_traffic(counts, seconds=window_s)
+        traffic = graphtraffic.edge_traffic(counts, seconds=window_s)
+        inbound = graphtraffic.inbound_traffic(counts, seconds=window_s)
     g = graph.build(
         machine_name=machine_name,
         node_id=node_id,
