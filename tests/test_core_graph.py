@@ -452,3 +452,25 @@ def test_calls_from_teammates_are_counted_per_node_and_drawn_from_their_machine(
     assert len(callers) == 2  # one drawn node per calling teammate
     svg = render_dot(graphrender.dot(doc))
     assert "calls from ben" in svg and "calls from cara" in svg
+
+
+def test_machines_are_this_one_first_then_peers_by_name_even_when_added_late() -> None:
+    late = decide("api", peers=(on_peer("0" * 32, "aaron", "2.0.0"),))
+    g = graph.build(
+        machine_name="zed",
+        node_id=None,
+        services=[svc("web")],
+        peers=[
+            graph.Peer(
+                node_id=BEN,
+                name="ben",
+                address="10.0.0.2",
+                state="alive",
+                services=(catalog.SharedService(name="auth", project="shop", version="1.0.0"),),
+            )
+        ],
+        calls=[call("api", late)],
+    )
+    assert [m.name for m in g.machines] == ["zed", "aaron", "ben"]
+    # nodes follow the machines' order
+    assert [n.machine for n in g.nodes] == ["local", "peer:" + "0" * 32, f"peer:{BEN}"]

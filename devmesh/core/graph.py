@@ -355,10 +355,11 @@ def build(
                 traffic=t,
             )
         )
-    order = {mid: i for i, mid in enumerate(machines)}
+    ordered = sorted(machines.values(), key=lambda m: (not m.local, m.name, m.id))
+    order = {m.id: i for i, m in enumerate(ordered)}
     kinds = list(NodeKind)
     return Graph(
-        machines=tuple(machines.values()),
+        machines=tuple(ordered),
         nodes=tuple(
             sorted(
                 nodes.values(),
