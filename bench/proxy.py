@@ -13,6 +13,10 @@ Prints requests/s and latency for wrk -t1 -c32 and -c1, the ratios against nginx
 1 GiB streamed (direct vs devmesh, with the proxy's peak RSS), and WebSocket echo
 messages/s (direct vs devmesh). Not a test: nothing asserts.
 
+``--metrics`` measures only what the proxy's metrics cost: the same proxy with them on and
+off (``--no-metrics``, as ``DEVMESH_METRICS=off`` does for the agent), one process and two,
+in interleaved rounds of one run, and prints the on/off throughput ratios (the bar is 0.95x).
+
 ``--compare DIR`` also runs the proxy from another source tree (for a before/after table in
 one run, on one machine state), e.g. ``git archive OLD devmesh | tar -x -C /tmp/old``;
 ``--no-uvloop`` passes the same flag to every devmesh process.
@@ -329,6 +333,61 @@ def ws_rate(port: int, host: str, duration: float) -> float:
         return count / (time.perf_counter() - start)
 
 
+def metrics_cost(args: argparse.Namespace) -> int:
+    """The proxy's throughput with its metrics on and off, in one run (``--metrics``)."""
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="devmesh-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        tmp.chmod(0o755)
+        up, wsp = free_port(), free_port()
+        try:
+            procs.append(
+                start_nginx(
+                    tmp,
+                    "upstream",
+                    f"""
+                server {{
+                    listen 127.0.0.1:{up};
+                    location = / {{ return 200 "hello from nginx\\n"; }}
+                }}""",
+                )
+            )
+            extra = ("--no-uvloop",) if args.no_uvloop else ()
+            targets = []
+            for workers in (1, 2):
+                for label, flags in (("on", ()), ("off", ("--no-metrics",))):
+                    proc, port = start_devmesh(tmp, up, wsp, workers, extra=(*extra, *flags))
+                    procs.append(proc)
+                    targets.append((f"{workers}p metrics {label}", port))
+            for _, port in [("upstream", up), *targets]:
+                wait_port(port)
+            for _, port in targets:
+                wrk(port, 32, 1, "api.localhost")  # warm up
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in targets}
+            for _ in range(args.rounds):
+                for name, port in targets:
+                    runs[name].append(wrk(port, 32, args.duration, "api.localhost"))
+            results = {name: median_run(r) for name, r in runs.items()}
+            print(f"{'target':18} {'c32 req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+            for name, r in results.items():
+                print(f"{name:18} {r['rps']:10.0f} {r['p50']:8.3f} {r['p99']:8.3f}")
+            print()
+            for workers in (1, 2):
+                on = results[f"{workers}p metrics on"]["rps"]
+                off = results[f"{workers}p metrics off"]["rps"]
+                print(f"{workers} process(es): metrics on/off throughput {on / off:.3f}x")
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -343,11 +402,18 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="median of this many runs")
     parser.add_argument("--no-uvloop", action="store_true", help="devmesh without uvloop")
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="only the proxy with its metrics on vs off (same run), and their ratio",
+    )
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "curl"):
         if shutil.which(tool) is None:
             print(f"missing {tool}: apt-get install -y wrk nginx-light curl (caddy optional)")
             return 2
+    if args.metrics:
+        return metrics_cost(args)
     have_caddy = shutil.which("caddy") is not None
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="devmesh-bench-") as tmpdir:

@@ -22,6 +22,7 @@ TABLES = {
     "`machines[]`:": "machines",
     "`nodes[]`:": "nodes",
     "`edges[]`:": "edges",
+    "`inbound[]`:": "inbound",
 }
 
 
@@ -69,11 +70,11 @@ def _check_value(where: str, value: Any, words: str) -> None:
 
 def check_document(doc: dict[str, Any]) -> None:
     fields = documented_fields()
-    assert set(fields) == {"top", "machines", "nodes", "edges"}, fields.keys()
+    assert set(fields) == {"top", "machines", "nodes", "edges", "inbound"}, fields.keys()
     assert set(doc) == set(fields["top"]), set(doc) ^ set(fields["top"])
     for key, words in fields["top"].items():
         _check_value(key, doc[key], words)
-    for part in ("machines", "nodes", "edges"):
+    for part in ("machines", "nodes", "edges", "inbound"):
         for i, item in enumerate(doc[part]):
             assert set(item) == set(fields[part]), (part, set(item) ^ set(fields[part]))
             for key, words in fields[part].items():
@@ -91,11 +92,16 @@ def check_document(doc: dict[str, Any]) -> None:
         assert (e["target"] is None) == (e["outcome"] != "route"), e
         traffic = [e[k] for k in ("requests", "rps", "error_rate", "p50_ms", "p99_ms")]
         assert all(v is None for v in traffic[:3]) or all(v is not None for v in traffic[:3]), e
+    for i in doc["inbound"]:
+        assert i["to"] in nodes and (i["machine"] is None or i["machine"] in machines), i
+        assert i["requests"] > 0 and i["rps"] is not None, i
 
 
-_ID = r"[nm][0-9]+"
+_ID = r"[nmc][0-9]+"
 _LABEL = r'"[^"]*"'
-_NODE = re.compile(rf"^\s+({_ID})(\[{_LABEL}\]|\[/{_LABEL}/\]|\{{\{{{_LABEL}\}}\}})(:::\w+)?$")
+_NODE = re.compile(
+    rf"^\s+({_ID})(\[{_LABEL}\]|\[/{_LABEL}/\]|\{{\{{{_LABEL}\}}\}}|\(\({_LABEL}\)\))(:::\w+)?$"
+)
 _EDGE = re.compile(rf"^\s+({_ID}) (-->|-\.->|==>)(\|{_LABEL}\|)? ({_ID})$")
 _SUBGRAPH = re.compile(rf"^\s+subgraph ({_ID})\[{_LABEL}\]$")
 

@@ -197,6 +197,24 @@ def test_scope_by_project_and_the_errors_of_the_command(shop: Mesh) -> None:
     assert r.returncode == 2 and "invalid choice: 'png'" in r.stderr
 
 
+def test_with_the_metrics_off_the_graph_says_no_traffic_is_known() -> None:
+    m = Mesh()
+    m.env["DEVMESH_METRICS"] = "off"
+    try:
+        m.start_agent()
+        d = m.project("shop", shop_yaml(), {"svc.py": STATUS_SERVICE})
+        assert m.cli("up", "-d", cwd=d, timeout=90).returncode == 0
+        assert curl(name_url(m, "web", "api") + "/ok") == 200
+        doc = graph_json(m)
+        assert doc["metrics"] is False
+        assert all(e["requests"] is None and e["rps"] is None for e in doc["edges"])
+        text = m.cli("graph", check=True).stdout
+        assert "CALLS (the proxy's metrics are off: calls are not counted)" in text
+        assert "no traffic" not in text
+    finally:
+        m.close()
+
+
 def test_without_an_agent_graph_exits_3_and_says_so() -> None:
     m = Mesh()
     try:
@@ -253,6 +271,18 @@ def test_a_peer_serves_an_edge_and_its_services_show_under_its_machine(team: Tea
         what="5 calls on web -> api",
     )
     assert counted["error_rate"] == 0.0 and counted["target"] == "peer"
+    # ana, the owner, sees the same calls arrive from ben's node.
+    ben_id = ben.peers()["node"]
+    arrived = ana.wait_for(
+        lambda: [i for i in graph_json(ana)["inbound"] if i["requests"] == 5],
+        timeout=20,
+        what="ben's 5 calls counted on ana's side",
+    )
+    assert [(i["node"], i["machine"], i["to"]) for i in arrived] == [
+        ("ben", f"peer:{ben_id}", "local:shop/api")
+    ]
+    ana_text = ana.cli("graph", check=True).stdout
+    assert "CALLS FROM TEAMMATES (last 5 min)\n  ben → shop/api\n" in ana_text
 
     text = ben.cli("graph", check=True).stdout
     assert all(len(line) <= 80 for line in text.splitlines()), text

@@ -14,7 +14,7 @@ from graphcheck import check_document, check_mermaid, render_dot
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from devmesh.core import catalog, graph, graphrender, metrics, model, routes
+from devmesh.core import catalog, graph, graphrender, graphtraffic, metrics, model, routes
 
 ANA = "a" * 32
 BEN = "b" * 32
@@ -275,7 +275,7 @@ def test_text_says_where_each_call_goes_and_marks_the_mismatch() -> None:
     assert "  web → api ^1.2: served by local api 1.2.0" in out
     assert "4.20 req/s, 0.5% errors, p50 3.1 ms, p99 40 ms" in out
     assert "  web → auth ^2.1: served by ben auth 2.3.0" in out
-    assert "then fallback https://auth.example" in out
+    assert "failover: fallback https://auth.example" in out
     assert "  web → mail ^1: nowhere, calls get 502" in out
     assert re.search(r"^! web → search \^1\.0: served by ben search 0\.9\.0$", out, re.M)
     assert "Attention: 1 version mismatch (!), 1 dependency served nowhere" in out
@@ -336,7 +336,8 @@ def test_mermaid_stays_well_formed_whatever_the_names(name: str) -> None:
     parts = check_mermaid(graphrender.mermaid(doc))
     assert len(parts["subgraphs"]) == len(doc["machines"])  # type: ignore[arg-type]
     assert len(parts["nodes"]) == len(doc["nodes"])  # type: ignore[arg-type]
-    assert len(parts["edges"]) == len(doc["edges"])  # type: ignore[arg-type]
+    failovers = sum(len(e["failover"]) for e in doc["edges"])  # type: ignore[union-attr,index]
+    assert len(parts["edges"]) == len(doc["edges"]) + failovers  # type: ignore[arg-type]
 
 
 def test_mermaid_draws_mismatch_and_nowhere_apart() -> None:
@@ -344,9 +345,14 @@ def test_mermaid_draws_mismatch_and_nowhere_apart() -> None:
     text = graphrender.mermaid(doc)
     parts = check_mermaid(text)
     arrows = [arrow for _, arrow, _ in parts["edges"]]
-    # edges are sorted: api, auth, mail (nowhere), pay, search (mismatch)
-    assert arrows == ["-->", "-->", "-.->", "-->", "==>"]
-    assert "linkStyle 4 stroke:red" in text and "linkStyle 2 stroke:grey" in text
+    # edges are sorted: api, auth and its failover to the fallback, mail (nowhere), pay,
+    # search (mismatch)
+    assert arrows == ["-->", "-->", "-.->", "-.->", "-->", "==>"]
+    ids = [n["id"] for n in doc["nodes"]]
+    fallback = f"n{ids.index('fallback:shop/auth')}"
+    assert parts["edges"][2] == (parts["edges"][1][0], "-.->", fallback)
+    assert "linkStyle 5 stroke:red" in text and "linkStyle 3 stroke:grey" in text
+    assert "linkStyle 2 stroke:lightgrey" in text
 
 
 def test_dot_renders_with_graphviz_whatever_the_names() -> None:
@@ -382,7 +388,7 @@ def test_edge_traffic_adds_every_target_of_a_caller_and_leaves_browsers_out() ->
         key(metrics.ROUTE, "shop", "", "api", "local", ""): stats({"2xx": 1000}),
         key(metrics.SERVED, "shop", "", "api", "local", "cara"): stats({"2xx": 1000}),
     }
-    got = graph.edge_traffic(counts, seconds=300.0)
+    got = graphtraffic.edge_traffic(counts, seconds=300.0)
     assert set(got) == {("shop", "web", "api"), ("shop", "web", "mail")}
     api = got[("shop", "web", "api")]
     assert (api.requests, api.rps, api.error_rate) == (120, 0.4, round(10 / 120, 4))
@@ -402,3 +408,69 @@ def test_with_metrics_off_the_text_says_so_instead_of_no_traffic() -> None:
     check_document(doc)
     out = graphrender.text(doc)
     assert "the proxy's metrics are off" in out and "no traffic" not in out
+
+
+def test_calls_from_teammates_are_counted_per_node_and_drawn_from_their_machine() -> None:
+    key = metrics.RouteKey
+    counts = {
+        key(metrics.SERVED, "shop", "", "api", "local", "ben"): stats({"2xx": 8, "5xx": 2}),
+        key(metrics.SERVED, "shop", "", "api", "local", "cara"): stats({"2xx": 3}),
+        key(metrics.SERVED, "library", "", "books", "local", "ben"): stats({"2xx": 1}),
+        key(metrics.ROUTE, "shop", "web.shop", "api", "local", ""): stats({"2xx": 50}),
+    }
+    inbound = graphtraffic.inbound_traffic(counts, seconds=100.0)
+    assert set(inbound) == {
+        ("ben", "shop", "api"),
+        ("cara", "shop", "api"),
+        ("ben", "library", "books"),
+    }
+    assert (
+        inbound[("ben", "shop", "api")].requests,
+        inbound[("ben", "shop", "api")].rps,
+        inbound[("ben", "shop", "api")].error_rate,
+    ) == (10, 0.1, 0.2)
+    g = team_graph(inbound=inbound)
+    doc = graph.document(g, generated_at=1.0)
+    check_document(doc)
+    got = {(i["node"], i["to"]): i for i in doc["inbound"]}
+    # ben is a known peer: its machine; cara is not (yet): no machine. books is not a
+    # service of this machine's view, so its node is added.
+    assert got[("ben", "local:shop/api")]["machine"] == f"peer:{BEN}"
+    assert got[("cara", "local:shop/api")]["machine"] is None
+    assert ("ben", "local:library/books") in got
+    assert [
+        i["node"]
+        for i in graph.document(team_graph(inbound=inbound, project="library"), generated_at=1.0)[
+            "inbound"
+        ]
+    ] == ["ben"]
+    out = graphrender.text(doc)
+    assert "CALLS FROM TEAMMATES (last 5 min)" in out
+    assert "  ben → shop/api\n      0.10 req/s, 20% errors" in out
+    parts = check_mermaid(graphrender.mermaid(doc))
+    callers = [n for n in parts["nodes"] if n.startswith("c")]
+    assert len(callers) == 2  # one drawn node per calling teammate
+    svg = render_dot(graphrender.dot(doc))
+    assert "calls from ben" in svg and "calls from cara" in svg
+
+
+def test_machines_are_this_one_first_then_peers_by_name_even_when_added_late() -> None:
+    late = decide("api", peers=(on_peer("0" * 32, "aaron", "2.0.0"),))
+    g = graph.build(
+        machine_name="zed",
+        node_id=None,
+        services=[svc("web")],
+        peers=[
+            graph.Peer(
+                node_id=BEN,
+                name="ben",
+                address="10.0.0.2",
+                state="alive",
+                services=(catalog.SharedService(name="auth", project="shop", version="1.0.0"),),
+            )
+        ],
+        calls=[call("api", late)],
+    )
+    assert [m.name for m in g.machines] == ["zed", "aaron", "ben"]
+    # nodes follow the machines' order
+    assert [n.machine for n in g.nodes] == ["local", "peer:" + "0" * 32, f"peer:{BEN}"]

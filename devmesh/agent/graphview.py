@@ -14,7 +14,7 @@ from typing import Any
 
 from devmesh.agent import metrics, routeview, views
 from devmesh.agent.snapshot import Snapshot
-from devmesh.core import catalog, graph
+from devmesh.core import catalog, graph, graphtraffic
 
 
 def local_services(snap: Snapshot, project: str | None = None) -> list[graph.LocalService]:
@@ -102,10 +102,12 @@ def document(
     metrics query is (so the window is 5 to 6 minutes, and the document says which).
     """
     traffic: dict[graph.TrafficKey, graph.Traffic] = {}
+    inbound: dict[graph.InboundKey, graph.Traffic] = {}
     window_s = graph.WINDOW_S
     if history is not None:
         counts, window_s = history.counts(graph.WINDOW_S, now=snap.now)
-        traffic = graph.edge_traffic(counts, seconds=window_s)
+        traffic = graphtraffic.edge_traffic(counts, seconds=window_s)
+        inbound = graphtraffic.inbound_traffic(counts, seconds=window_s)
     g = graph.build(
         machine_name=machine_name,
         node_id=node_id,
@@ -113,6 +115,7 @@ def document(
         peers=peers(peer_rows),
         calls=calls(snap, explain, project),
         traffic=traffic,
+        inbound=inbound,
         project=project,
         window_s=round(window_s, 1),
         metrics_on=history is not None,

@@ -5,7 +5,8 @@ definition of "a dependency cycle". Edges that point at unknown services are ign
 reporting them is the validator's job, and the planner only ever sees validated projects.
 
 The mesh graph (``build``, ``document``) is what `devmesh graph`, ``GET /v1/graph`` and the
-dashboard show; see below.
+dashboard show; see below. Its traffic comes from ``core.graphtraffic``, its renderings
+from ``core.graphrender``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from devmesh.core import catalog, metrics, model, routes
+from devmesh.core import catalog, model, routes
 
 
 def find_cycle(deps: Mapping[str, Iterable[str]]) -> list[str] | None:
@@ -152,10 +153,27 @@ class Edge:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Inbound:
+    """Calls a teammate's node made into one of this machine's shared services."""
+
+    id: str
+    node: str
+    """The calling node's name."""
+    machine: str | None
+    """Its ``Machine.id`` when the mesh node knows it; None otherwise."""
+    project: str
+    service: str
+    dest: str
+    """The local service's node id."""
+    traffic: Traffic
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Graph:
     machines: tuple[Machine, ...]
     nodes: tuple[Node, ...]
     edges: tuple[Edge, ...]
+    inbound: tuple[Inbound, ...] = ()
     project: str | None = None
     """The one project shown; None for every applied project."""
     window_s: float = WINDOW_S
@@ -211,38 +229,8 @@ class Call:
 TrafficKey = tuple[str, str, str]
 """(project, caller, service): the caller's project, the caller, the dependency."""
 
-
-def edge_traffic(
-    counts: Mapping[metrics.RouteKey, metrics.Stats], *, seconds: float
-) -> dict[TrafficKey, Traffic]:
-    """The calls through each dependency edge over a period of ``seconds``.
-
-    The proxy counts per route: the caller (``SERVICE.PROJECT``, known from the edge
-    listener the call came through), the service, and where the call went (local, a peer,
-    the fallback, or ``none`` when devmesh answered it 409 or 502). An edge's traffic is
-    every route of its caller and service whatever the target, since the target may have
-    changed within the period; calls from a browser or curl (no caller) belong to no edge.
-    The numbers are ``core.metrics.summarize``'s, so `devmesh metrics` and the graph agree.
-    """
-    by_edge = metrics.merge(
-        {metrics.RouteKey(metrics.ROUTE, caller_project, caller, key.service, "", ""): stats}
-        for key, stats in counts.items()
-        if key.kind == metrics.ROUTE and key.caller
-        for caller, _, caller_project in [key.caller.partition(".")]
-    )
-    out: dict[TrafficKey, Traffic] = {}
-    for row in metrics.summarize(by_edge, seconds=seconds):
-        if not row.requests:
-            continue
-        k = row.key
-        out[(k.project, k.caller, k.service)] = Traffic(
-            requests=row.requests,
-            rps=row.rps,
-            error_rate=row.error_rate if row.error_rate is not None else 0.0,
-            p50_ms=row.p50_ms,
-            p99_ms=row.p99_ms,
-        )
-    return out
+InboundKey = tuple[str, str, str]
+"""(node, project, service): the calling teammate's node name, the local shared service."""
 
 
 def local_id(project: str, service: str) -> str:
@@ -273,6 +261,7 @@ def build(
     peers: Iterable[Peer],
     calls: Iterable[Call],
     traffic: Mapping[TrafficKey, Traffic] | None = None,
+    inbound: Mapping[InboundKey, Traffic] | None = None,
     project: str | None = None,
     window_s: float = WINDOW_S,
     metrics_on: bool = True,
@@ -282,7 +271,8 @@ def build(
     With ``project`` set, only that project's services and edges are shown (peers stay, as
     machines, with that project's shared services only). ``traffic`` maps an edge to its
     calls over the window; an edge without an entry had none (``metrics_on`` False: the
-    proxy counts nothing, so none is known). Every node an edge names
+    proxy counts nothing, so none is known). ``inbound`` maps a teammate's node and a local
+    service to the calls it made into it. Every node an edge names
     exists: a target that is not among ``services`` or the peers' catalogs (they are read
     a moment apart from the decisions) is added from the decision's own words.
     """
@@ -337,10 +327,39 @@ def build(
         edges.append(
             _edge(c, machines, nodes, traffic.get((c.project, c.caller, c.dependency.name)))
         )
-    order = {mid: i for i, mid in enumerate(machines)}
+    calls_in = []
+    by_name = {m.name: m.id for m in machines.values() if not m.local}
+    for (caller_node, proj_name, service), t in sorted((inbound or {}).items()):
+        if project is not None and proj_name != project:
+            continue
+        dest = local_id(proj_name, service)
+        nodes.setdefault(
+            dest,
+            Node(
+                id=dest,
+                kind=NodeKind.SERVICE,
+                machine=LOCAL_MACHINE,
+                project=proj_name,
+                name=service,
+                shared=True,
+            ),
+        )
+        calls_in.append(
+            Inbound(
+                id=f"{caller_node}->{proj_name}/{service}",
+                node=caller_node,
+                machine=by_name.get(caller_node),
+                project=proj_name,
+                service=service,
+                dest=dest,
+                traffic=t,
+            )
+        )
+    ordered = sorted(machines.values(), key=lambda m: (not m.local, m.name, m.id))
+    order = {m.id: i for i, m in enumerate(ordered)}
     kinds = list(NodeKind)
     return Graph(
-        machines=tuple(machines.values()),
+        machines=tuple(ordered),
         nodes=tuple(
             sorted(
                 nodes.values(),
@@ -353,6 +372,7 @@ def build(
             )
         ),
         edges=tuple(sorted(edges, key=lambda e: (e.project, e.caller, e.service))),
+        inbound=tuple(calls_in),
         project=project,
         window_s=window_s,
         metrics=metrics_on,
@@ -532,6 +552,18 @@ def document(graph: Graph, *, generated_at: float) -> dict[str, Any]:
             for n in graph.nodes
         ],
         "edges": [_edge_doc(e) for e in graph.edges],
+        "inbound": [
+            {
+                "id": i.id,
+                "node": i.node,
+                "machine": i.machine,
+                "project": i.project,
+                "service": i.service,
+                "to": i.dest,
+                **_traffic_doc(i.traffic),
+            }
+            for i in graph.inbound
+        ],
     }
 
 
@@ -555,6 +587,12 @@ def _edge_doc(e: Edge) -> dict[str, Any]:
         "warning": e.warning,
         "reason": e.reason,
         "failover": list(e.failover),
+        **_traffic_doc(t),
+    }
+
+
+def _traffic_doc(t: Traffic | None) -> dict[str, Any]:
+    return {
         "requests": t.requests if t is not None else None,
         "rps": t.rps if t is not None else None,
         "error_rate": t.error_rate if t is not None else None,

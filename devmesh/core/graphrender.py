@@ -188,7 +188,7 @@ def text(doc: Doc) -> str:
                 out += _wrap(f"why: {n['reason']}", "      ")
     outside = [n for n in nodes if n.get("kind") == "fallback"]
     if outside:
-        out += ["", "outside the mesh"]
+        out += ["", "fallbacks (outside the mesh)"]
         for n in outside:
             out += _wrap(f"{n.get('project')}/{n.get('name')}: fallback {n.get('url')}", "  ")
     metrics_on = doc.get("metrics", True) is not False
@@ -204,6 +204,13 @@ def text(doc: Doc) -> str:
             project = e.get("project")
             out += _wrap(str(project))
         out += _edge_lines(e, by_id, names, traffic=metrics_on)
+    inbound = list(doc.get("inbound") or [])
+    if inbound:
+        window = float(doc.get("window_s") or 300)
+        out += ["", f"CALLS FROM TEAMMATES (last {max(1, int(window // 60))} min)"]
+        for i in inbound:
+            out += _wrap(f"  {i.get('node')} → {i.get('project')}/{i.get('service')}")
+            out += _wrap(traffic_words(i), "      ")
     if mismatches:
         out += ["", "! the instance called is outside the caller's version range"]
     return "\n".join(line.rstrip() for line in out) + "\n"
@@ -231,7 +238,7 @@ def _edge_lines(
     if e.get("target") is not None:
         then = [node_words(nodes.get(str(t)), names) for t in e.get("failover") or []]
         if then:
-            lines += _wrap("then " + ", then ".join(then), "      ")
+            lines += _wrap("failover: " + ", then ".join(then), "      ")
     else:
         lines += _wrap(f"why: {e.get('reason')}", "      ")
     if e.get("warning"):
@@ -274,6 +281,64 @@ def _edge_label(e: Doc) -> str:
     return "\n".join(lines)
 
 
+def _arrows(doc: Doc) -> list[tuple[str, str, str, str]]:
+    """What DOT and Mermaid draw: (from, to, label, kind) per edge, each followed by a
+    ``failover`` arrow to every node its calls would go to next. ``kind`` is ``mismatch``,
+    ``nowhere``, ``errors`` (calls answered 5xx in the window) or ``call``."""
+    out = []
+    for e in doc.get("edges") or []:
+        if e.get("mismatch"):
+            kind = "mismatch"
+        elif e.get("target") is None:
+            kind = "nowhere"
+        elif e.get("error_rate"):
+            kind = "errors"
+        else:
+            kind = "call"
+        out.append((str(e["from"]), str(e["to"]), _edge_label(e), kind))
+        out += [(str(e["from"]), str(f), "failover", "failover") for f in e.get("failover") or []]
+    for i in doc.get("inbound") or []:
+        kind = "errors" if i.get("error_rate") else "call"
+        out.append((_caller_id(i), str(i["to"]), traffic_words(i), kind))
+    return out
+
+
+def _caller_id(inbound: Doc) -> str:
+    """The node drawn for a teammate's node that calls here (one per calling node)."""
+    return f"caller:{inbound.get('node')}"
+
+
+def _callers(doc: Doc) -> dict[str, tuple[str, str | None]]:
+    """Each calling teammate's drawn node: id -> (its name, its machine id or None)."""
+    return {_caller_id(i): (str(i.get("node")), i.get("machine")) for i in doc.get("inbound") or []}
+
+
+DOT_LOOKS: dict[str, dict[str, str]] = {
+    "call": {},
+    "mismatch": {"color": "red", "fontcolor": "red", "style": "bold"},
+    "nowhere": {"color": "grey40", "fontcolor": "grey40", "style": "dashed"},
+    "errors": {"color": "darkorange", "fontcolor": "darkorange3", "penwidth": "1.5"},
+    "failover": {"color": "grey60", "fontcolor": "grey40", "style": "dotted"},
+}
+MERMAID_ARROWS = {
+    "call": "-->",
+    "mismatch": "==>",
+    "nowhere": "-.->",
+    "errors": "-->",
+    "failover": "-.->",
+}
+MERMAID_LINK_STYLES = {
+    "mismatch": "stroke:red,color:red",
+    "nowhere": "stroke:grey",
+    "errors": "stroke:darkorange,color:darkorange",
+    "failover": "stroke:lightgrey,color:grey",
+}
+
+
+def _dot_caller(name: str) -> dict[str, str]:
+    return {"label": f"calls from {name}", "shape": "ellipse", "style": "dashed"}
+
+
 def dot(doc: Doc) -> str:
     """Graphviz DOT: ``devmesh graph --format dot | dot -Tsvg > mesh.svg``."""
     out = [
@@ -284,6 +349,7 @@ def dot(doc: Doc) -> str:
         '  edge [fontname="Helvetica", fontsize=9];',
     ]
     nodes = list(doc.get("nodes") or [])
+    callers = _callers(doc)
     for i, m in enumerate(doc.get("machines") or []):
         out.append(f"  subgraph cluster_{i} {{")
         out.append(f"    label={_dot_quote(machine_title(m))};")
@@ -294,7 +360,13 @@ def dot(doc: Doc) -> str:
                 out.append(
                     f"    {_dot_quote(n['id'])} {_dot_attrs(label=_node_label(n), style=style)};"
                 )
+        for cid, (name, machine) in callers.items():
+            if machine == m["id"]:
+                out.append(f"    {_dot_quote(cid)} {_dot_attrs(**_dot_caller(name))};")
         out.append("  }")
+    for cid, (name, machine) in callers.items():
+        if machine is None:
+            out.append(f"  {_dot_quote(cid)} {_dot_attrs(**_dot_caller(name))};")
     for n in nodes:
         if n.get("machine") is not None:
             continue
@@ -305,13 +377,9 @@ def dot(doc: Doc) -> str:
                 label=_node_label(n), shape="octagon", style="dashed", color="grey40"
             )
         out.append(f"  {_dot_quote(n['id'])} {attrs};")
-    for e in doc.get("edges") or []:
-        look: dict[str, str] = {"label": _edge_label(e)}
-        if e.get("mismatch"):
-            look.update(color="red", fontcolor="red", style="bold")
-        elif e.get("target") is None:
-            look.update(color="grey40", fontcolor="grey40", style="dashed")
-        out.append(f"  {_dot_quote(e['from'])} -> {_dot_quote(e['to'])} {_dot_attrs(**look)};")
+    for source, dest, label, kind in _arrows(doc):
+        look = {"label": label, **DOT_LOOKS[kind]}
+        out.append(f"  {_dot_quote(source)} -> {_dot_quote(dest)} {_dot_attrs(**look)};")
     out.append("}")
     return "\n".join(out) + "\n"
 
@@ -342,9 +410,14 @@ def mermaid(doc: Doc) -> str:
     """A Mermaid flowchart for a Markdown page (inside a ```` ```mermaid ```` block)."""
     machines = list(doc.get("machines") or [])
     nodes = list(doc.get("nodes") or [])
+    callers = _callers(doc)
     mids = _mermaid_ids(machines, "m")
     nids = _mermaid_ids(nodes, "n")
+    nids.update({cid: f"c{i}" for i, cid in enumerate(callers)})
     out = ["flowchart LR"]
+
+    def caller_line(cid: str, indent: str) -> str:
+        return f'{indent}{nids[cid]}(("{_mermaid_text("calls from " + callers[cid][0])}"))'
 
     def node_line(n: Doc, indent: str) -> str:
         label = f'"{_mermaid_text(_node_label(n))}"'
@@ -358,29 +431,24 @@ def mermaid(doc: Doc) -> str:
     for m in machines:
         out.append(f'  subgraph {mids[str(m["id"])]}["{_mermaid_text(machine_title(m))}"]')
         out += [node_line(n, "    ") for n in nodes if n.get("machine") == m["id"]]
+        out += [caller_line(c, "    ") for c, (_, mid) in callers.items() if mid == m["id"]]
         out.append("  end")
     out += [node_line(n, "  ") for n in nodes if n.get("machine") is None]
-    mismatched: list[int] = []
-    nowhere: list[int] = []
+    out += [caller_line(c, "  ") for c, (_, mid) in callers.items() if mid is None]
+    styled: dict[str, list[int]] = {}
     drawn = 0
-    for e in doc.get("edges") or []:
-        source, dest = nids.get(str(e["from"])), nids.get(str(e["to"]))
-        if source is None or dest is None:
+    for source, dest, label, kind in _arrows(doc):
+        a, b = nids.get(source), nids.get(dest)
+        if a is None or b is None:
             continue  # the document names every node an edge uses; never draw half an edge
-        i, drawn = drawn, drawn + 1
-        label = _edge_label(e)
-        arrow = "-.->" if e.get("target") is None else "==>" if e.get("mismatch") else "-->"
         text_part = f'|"{_mermaid_text(label)}"|' if label else ""
-        out.append(f"  {source} {arrow}{text_part} {dest}")
-        if e.get("mismatch"):
-            mismatched.append(i)
-        elif e.get("target") is None:
-            nowhere.append(i)
+        out.append(f"  {a} {MERMAID_ARROWS[kind]}{text_part} {b}")
+        styled.setdefault(kind, []).append(drawn)
+        drawn += 1
     out.append("  classDef missing stroke-dasharray: 5 5")
-    if mismatched:
-        out.append(f"  linkStyle {','.join(map(str, mismatched))} stroke:red,color:red")
-    if nowhere:
-        out.append(f"  linkStyle {','.join(map(str, nowhere))} stroke:grey")
+    for kind, style in MERMAID_LINK_STYLES.items():
+        if styled.get(kind):
+            out.append(f"  linkStyle {','.join(map(str, styled[kind]))} {style}")
     return "\n".join(out) + "\n"
 
 

@@ -178,7 +178,7 @@ class Stats:
     def from_dict(cls, raw: Mapping[str, object]) -> Stats:
         """The inverse of ``to_dict``; raises ValueError on a malformed record."""
         try:
-            codes = raw.get("codes") or {}
+            codes = raw.get("codes", {})
             buckets = list(raw.get("buckets") or [])  # type: ignore[call-overload]
             if not isinstance(codes, dict) or len(buckets) != len(BUCKETS_S) + 1:
                 raise ValueError("malformed metrics record")

@@ -26,8 +26,10 @@ Why it looks like this:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -81,8 +83,10 @@ _COUNTERS = (
     (_CONFLICTS, "version_conflicts_total", "Calls refused with 409 (no compatible version)"),
 )
 
-_claimed: list[Path] = []
-"""The multiprocess folder this process writes to (prometheus-client has one per process)."""
+_claimed: set[Path] = set()
+"""Folders a Recorder of this process writes to: one Recorder per folder and process."""
+_storage_lock = threading.Lock()
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def off(environ: dict[str, str] | os._Environ[str] | None = None) -> bool:
@@ -100,22 +104,28 @@ def prepare(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
-def _claim(directory: Path) -> None:
-    """Make this process write its counts into ``directory``.
+@contextlib.contextmanager
+def _storage(value_class: Any, directory: Path) -> Iterator[None]:
+    """Create prometheus-client values in ``directory`` while this block runs.
 
-    prometheus-client picks its storage once per process, from the environment, when it is
-    first imported; the proxy's processes import it before they know the folder, so the
-    multiprocess storage is switched on here, before the first metric exists. One process
-    writes to one folder: a second folder is refused.
+    prometheus-client picks one storage per process, from the environment, when it is first
+    imported, and names each file from the environment when a value is made. A proxy learns
+    its folder later (and a test runs several proxies in one process), so each Recorder has
+    its own multiprocess value class and folder, put in place only while it makes a metric
+    or a labelled child; the lock keeps two proxies' threads from interleaving that.
     """
-    if _claimed:
-        if _claimed[0] != directory:
-            raise ValueError(f"this process already writes metrics to {_claimed[0]}")
-        return
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    if not getattr(values.ValueClass, "_multiprocess", False):
-        values.ValueClass = values.MultiProcessValue()
-    _claimed.append(directory)
+    with _storage_lock:
+        saved_class, saved_env = values.ValueClass, os.environ.get(_MULTIPROC_ENV)
+        values.ValueClass = value_class
+        os.environ[_MULTIPROC_ENV] = str(directory)
+        try:
+            yield
+        finally:
+            values.ValueClass = saved_class
+            if saved_env is None:
+                os.environ.pop(_MULTIPROC_ENV, None)
+            else:
+                os.environ[_MULTIPROC_ENV] = saved_env
 
 
 class _Families:
@@ -152,16 +162,28 @@ class Recorder:
     """Counts of one proxy process, flushed to the shared folder (see the module's words)."""
 
     def __init__(self, directory: Path) -> None:
-        """``directory``: the multiprocess folder (``prepare``d by the owner)."""
-        _claim(directory)
+        """``directory``: the multiprocess folder (``prepare``d by the owner). Raises
+        ValueError when another Recorder of this process writes there (both would write
+        the same file)."""
+        directory = directory.absolute()
+        if directory in _claimed:
+            raise ValueError(f"a recorder of this process already writes to {directory}")
+        _claimed.add(directory)
         self.directory = directory
-        self.enabled = True
+        self._values = values.MultiProcessValue()
         self._pending: dict[tuple[Any, ...], list[float]] = {}
-        self._route = _Families(ROUTE_PREFIX, ROUTE_LABELS, "Requests the proxy routed")
-        self._served = _Families(
-            SERVED_PREFIX, SERVED_LABELS, "Requests teammates' nodes made to shared services"
-        )
+        with _storage(self._values, directory):
+            self._route = _Families(ROUTE_PREFIX, ROUTE_LABELS, "Requests the proxy routed")
+            self._served = _Families(
+                SERVED_PREFIX, SERVED_LABELS, "Requests teammates' nodes made to shared services"
+            )
         self._children: dict[tuple[Any, ...], dict[int | str, Any]] = {}
+
+    def close(self) -> None:
+        """Flush, close this process's files and free the folder for another Recorder."""
+        self.flush()
+        self._values.close_all_files()
+        _claimed.discard(self.directory)
 
     # -- the hot path: plain additions ------------------------------------------------------
 
@@ -250,6 +272,14 @@ class Recorder:
         for key, v in pending.items():
             self._write(key, v)
 
+    def _child(self, children: dict[int | str, Any], slot: int | str, make: Any) -> Any:
+        """The labelled child in ``slot``, made (in this Recorder's folder) on first use."""
+        child = children.get(slot)
+        if child is None:
+            with _storage(self._values, self.directory):
+                child = children[slot] = make()
+        return child
+
     def _write(self, key: tuple[Any, ...], v: list[float]) -> None:
         if len(key) == _SERVED_KEY:
             families, labels = self._served, key[1:]
@@ -260,31 +290,23 @@ class Recorder:
         children = self._children.get(labels)
         if children is None:
             children = self._children[labels] = {}
+        make: Any
         for i, code in enumerate(core.CODE_CLASSES):
             n = v[_CODES + i]
             if n:
-                child = children.get(code)
-                if child is None:
-                    child = children[code] = families.requests.labels(*labels, code)
-                child.inc(n)
+                make = functools.partial(families.requests.labels, *labels, code)
+                self._child(children, code, make).inc(n)
         observed = v[_BUCKETS:_DURATION]
         if any(observed):
-            hist = children.get("duration")
-            if hist is None:
-                hist = children["duration"] = families.duration.labels(*labels)
-            _add_observations(hist, observed, v[_DURATION])
+            make = functools.partial(families.duration.labels, *labels)
+            _add_observations(self._child(children, "duration", make), observed, v[_DURATION])
         for index, family in families.counters.items():
             n = v[index]
             if n:
-                child = children.get(index)
-                if child is None:
-                    child = children[index] = family.labels(*labels)
-                child.inc(n)
+                self._child(children, index, functools.partial(family.labels, *labels)).inc(n)
         if v[_WS_OPEN]:
-            gauge = children.get(_WS_OPEN)
-            if gauge is None:
-                gauge = children[_WS_OPEN] = families.ws_open.labels(*labels)
-            gauge.inc(v[_WS_OPEN])
+            make = functools.partial(families.ws_open.labels, *labels)
+            self._child(children, _WS_OPEN, make).inc(v[_WS_OPEN])
 
     def exposition(self) -> bytes:
         """Every process's counts in the Prometheus text format (this one's flushed first)."""
