@@ -277,3 +277,14 @@ def test_retention_days_from_the_project_that_starts_the_agent(mesh: Mesh) -> No
     checked = mesh.cli("validate", cwd=bad)
     assert checked.returncode != 0
     assert "devmesh.yaml:9" in checked.stderr and "retention_days" in checked.stderr
+
+
+def test_a_clean_stop_writes_what_the_history_did_not_have_yet(mesh: Mesh) -> None:
+    up(mesh)
+    for _ in range(5):
+        assert request(mesh.proxy_port, "/code/200")[0] == 200
+    agent = mesh.agent
+    assert agent is not None
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(30) == 0
+    assert stored_requests(mesh.home) == 5
