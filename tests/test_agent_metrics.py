@@ -259,3 +259,32 @@ def test_metrics_off_for_benchmarking(mesh: Mesh) -> None:
     out = mesh.cli("metrics", check=True).stdout
     assert "metrics are off" in out
     assert not (mesh.home / "metrics" / "counts").exists()
+
+
+def test_retention_days_from_the_project_that_starts_the_agent(mesh: Mesh) -> None:
+    d = mesh.project("shop", SHOP + "metrics:\n  retention_days: 2.5\n", {"coded.py": CODED})
+    mesh.cli("up", "-d", cwd=d, check=True)  # starts the agent with the project's settings
+    report = json.loads(mesh.cli("metrics", "--json", check=True).stdout)
+    assert report["retention_days"] == 2.5
+    other = mesh.project(
+        "other",
+        SHOP.replace("project: shop", "project: other") + "metrics: {retention_days: 30}\n",
+        {"coded.py": CODED},
+    )
+    up_other = mesh.cli("up", "-d", cwd=other, check=True)
+    assert "asks for metrics.retention_days 30 but this agent keeps 2.5 days" in up_other.stderr
+    bad = mesh.project("bad", SHOP + "metrics:\n  retention_days: 0\n", {"coded.py": CODED})
+    checked = mesh.cli("validate", cwd=bad)
+    assert checked.returncode != 0
+    assert "devmesh.yaml:9" in checked.stderr and "retention_days" in checked.stderr
+
+
+def test_a_clean_stop_writes_what_the_history_did_not_have_yet(mesh: Mesh) -> None:
+    up(mesh)
+    for _ in range(5):
+        assert request(mesh.proxy_port, "/code/200")[0] == 200
+    agent = mesh.agent
+    assert agent is not None
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(30) == 0
+    assert stored_requests(mesh.home) == 5

@@ -44,10 +44,10 @@ def write_at(h: agent_metrics.History, clock: list[float], at: float) -> None:
     """Write at ``at`` what came in just before it (writes go to the minute of the middle of
     the period they cover: a write just before makes that period one second long)."""
     clock[0] = at - 1
-    counts = h._read
-    h._read = lambda _f: h._baseline  # nothing new yet
+    counts = h._read_files
+    h._read_files = lambda _f: h._baseline  # nothing new yet
     h.write()
-    h._read = counts
+    h._read_files = counts
     clock[0] = at
     h.write()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -244,3 +245,30 @@ def test_a_folder_takes_one_recorder_per_process(tmp_path: Path) -> None:
     finally:
         first.close()
     metrics.Recorder(tmp_path).close()  # free again once closed
+
+
+def test_a_dead_process_keeps_its_counts_and_drops_its_open_websockets(
+    proxy: proxykit.InProcessProxy,
+) -> None:
+    server = serve(_echo, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        proxy.table = table.RouteTable(
+            backends=(
+                table.Backend(project="shop", service="api", port=server.socket.getsockname()[1]),
+            )
+        )
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        with connect(f"ws://api.localhost:{proxy.port}/chat", sock=sock) as ws:
+            ws.send("ping")
+            assert ws.recv(timeout=10) == "ping"
+            assert value(scrape(proxy.port), "devmesh_proxy_websocket_connections_open", **ROUTE)
+            # What the agent does when a worker dies (its pid here: this process's files).
+            metrics.worker_died(proxy.metrics_dir, os.getpid())
+            samples = proxy.metrics()
+            assert value(samples, "devmesh_proxy_websocket_connections_open", **ROUTE) == 0
+            assert value(samples, "devmesh_proxy_websocket_connections_total", **ROUTE) == 1
+    finally:
+        server.shutdown()
+        thread.join(5)

@@ -306,6 +306,13 @@ def _warnings(engine: Engine, proj: model.Project, rec: state_mod.ProjectRecord)
             f"but this agent's proxy listens on {agent_ports[0]}/{agent_ports[1]} (one proxy per "
             "agent, set when it started); URLs use the agent's ports"
         )
+    history = engine.metrics
+    if history is not None and proj.metrics.retention_days != history.retention_days:
+        out.append(
+            f"project {proj.name} asks for metrics.retention_days "
+            f"{proj.metrics.retention_days:g} but this agent keeps {history.retention_days:g} "
+            "days (one history per agent, set when it started)"
+        )
     if proj.mesh is None:
         # Without a mesh, a dependency that runs elsewhere can only be reached at its
         # fallback: its NAME_URL (the edge listener) would answer every call with a 502.

@@ -187,7 +187,9 @@ async def _start_proxy(tg: anyio.abc.TaskGroup, home: Home, engine: Engine) -> s
         recorder = metrics.Recorder(home.metrics_counts)
         db = MetricsDB(home.metrics_db)
         db.open()
-        engine.metrics = agent_metrics.History(home.metrics_counts, db, retention_days=retention)
+        engine.metrics = agent_metrics.History(
+            home.metrics_counts, db, retention_days=retention, flush=recorder.flush
+        )
     else:
         log.info("metrics are off (DEVMESH_METRICS=off): nothing is counted")
     proxy = server.ProxyServer(

@@ -63,16 +63,26 @@ class History:
         retention_days: float = core.DEFAULT_RETENTION_DAYS,
         clock: Callable[[], float] = time.time,
         read: Callable[[Path], core.Snapshot] = proxy_metrics.read,
+        flush: Callable[[], None] | None = None,
     ) -> None:
         """``counts_dir``: the proxy's shared metrics folder; ``clock``: Unix seconds;
-        ``read``: how the proxy's counts are read (``proxy.metrics.read``)."""
+        ``read``: how the proxy's counts are read (``proxy.metrics.read``); ``flush``
+        writes the agent's own proxy's buffered counts first (its ``Recorder.flush``: the
+        history and the queries are exact for this process, the workers' lag a quarter
+        second)."""
         self.counts_dir = counts_dir
         self.db = db
         self.retention_days = retention_days
         self.clock = clock
-        self._read = read
+        self._read_files = read
+        self._flush = flush
         self._baseline: core.Snapshot = {}
         self._written_at = clock()
+
+    def _read(self, folder: Path) -> core.Snapshot:
+        if self._flush is not None:
+            self._flush()
+        return self._read_files(folder)
 
     def write(self) -> None:
         """Add the counts since the last write to the SQLite rollups; drop expired rows.
