@@ -221,7 +221,7 @@ def _steady(graph: dict[str, Any]) -> None:
     tick would be a change to send while any traffic is in the window)."""
     graph.pop("generated_at", None)
     graph.pop("window_s", None)
-    for e in graph.get("edges") or []:
+    for e in [*(graph.get("edges") or []), *(graph.get("inbound") or [])]:
         for field, digits in (("rps", 2), ("error_rate", 4), ("p50_ms", 1), ("p99_ms", 1)):
             if isinstance(e.get(field), float):
                 e[field] = round(e[field], digits)

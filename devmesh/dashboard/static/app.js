@@ -263,6 +263,14 @@ function renderGraph(s) {
     warn: Boolean(e.mismatch || e.warning),
     lines: [`→ ${goesTo(e)}${e.mismatch ? " ⚠ version" : ""}${e.status ? ` (answers ${e.status})` : ""}`, ...metricLines(e)],
   }));
+  // Calls teammates' nodes made into this machine's shared services.
+  for (const i of g.inbound || []) {
+    const id = `inbound:${i.node}`;
+    if (!nodes.some((n) => n.id === id)) {
+      nodes.push({ id, title: `calls from ${i.node}`, lines: ["a teammate's node", "through the peer listener"], level: "ext" });
+    }
+    edges.push({ from: id, to: i.to, kind: "peer", warn: false, lines: [`→ ${i.service}`, ...metricLines(i)] });
+  }
   draw($("#graph-canvas"), nodes, edges);
 
   const body = $("#route-table tbody");
