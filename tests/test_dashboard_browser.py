@@ -151,16 +151,17 @@ def test_the_page_follows_the_mesh_restarts_and_refuses_other_origins(two: Two) 
             expect(page.locator("#warning-list")).to_contain_text("extra → pay")
             expect(page.locator('#graph-canvas g.edge[data-edge*="shop/web"]')).to_have_count(2)
 
-            # Traffic: web's calls to api (through its API_URL listener) put the golden
-            # numbers on the edge; browser-like calls and a 404 show in the request tail.
-            listener = next(
-                r["listener"]
-                for r in ana.status()["routes"]
-                if (r["caller"], r["service"]) == ("web", "api")
-            )
+            # Traffic: web's calls to api and to ben's pay (through its API_URL and PAY_URL
+            # listeners) put the golden numbers on the edges; browser-like calls and a 404
+            # show in the request tail.
+            listeners = {
+                r["service"]: r["listener"] for r in ana.status()["routes"] if r["caller"] == "web"
+            }
             with httpx.Client(trust_env=False, timeout=10) as c:
                 for i in range(20):
-                    assert c.get(f"http://{listener}/edge/{i}").status_code == 200
+                    assert c.get(f"http://{listeners['api']}/edge/{i}").status_code == 200
+                for i in range(5):
+                    assert c.get(f"http://{listeners['pay']}/peer/{i}").status_code == 200
                 for i in range(3):
                     c.get(
                         f"http://127.0.0.1:{ana.proxy_port}/direct/{i}",
@@ -175,6 +176,8 @@ def test_the_page_follows_the_mesh_restarts_and_refuses_other_origins(two: Two) 
             web_api = page.locator('#route-table tr[data-edge="shop/web->api"] td')
             expect(web_api.nth(6)).to_have_text("100.0%", timeout=DEADLINE_MS)  # success
             expect(web_api.nth(5)).not_to_have_text("\u2013")  # requests per second
+            web_pay = page.locator('#route-table tr[data-edge="shop/web->pay"] td')
+            expect(web_pay.nth(6)).to_have_text("100.0%", timeout=DEADLINE_MS)  # via ben
             expect(
                 page.locator('#graph-canvas g.edge[data-edge="local:shop/web->local:shop/api"]')
             ).to_contain_text("rps")

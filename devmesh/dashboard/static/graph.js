@@ -9,7 +9,7 @@ const SVG = "http://www.w3.org/2000/svg";
 const NODE_W = 190;
 const NODE_H = 54;
 const GAP_X = 230;
-const GAP_Y = 60;
+const GAP_Y = 90;
 const PAD = 20;
 
 function el(name, attrs, text) {
