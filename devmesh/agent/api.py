@@ -19,6 +19,7 @@ Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
        {service, line, time}; proxy=1 (&format=text) for the access log
   GET  /v1/metrics?since=1h&service=S  the proxy's per-route numbers (see metricsapi)
   GET  /v1/ca                         {path, pem} of the CA signing HTTPS leaves (team or local)
+  GET  /v1/dashboard                  {url, urls, token}: the dashboard's (see dashboardhost)
   GET|POST /v1/mesh/...               the team identity: see identity_api
   POST /v1/shutdown
 """

@@ -308,6 +308,8 @@ class _Session:
         self.lock = anyio.Lock()
         self.tap_scope: anyio.CancelScope | None = None
         self.log_scope: anyio.CancelScope | None = None
+        self.tg: anyio.abc.TaskGroup | None = None
+        """The session's tasks: subscriptions start theirs here."""
 
     async def send(self, doc: dict[str, Any] | str) -> None:
         text = doc if isinstance(doc, str) else json.dumps(doc, default=str)
@@ -373,6 +375,7 @@ class _Session:
                     await self.send({"type": "error", "message": f"unknown status {status!r}"})
                     return
                 self.tap_scope = anyio.CancelScope()
+                assert self.tg is not None
                 self.tg.start_soon(self._tap, self.tap_scope, str(msg.get("service") or ""), status)
         elif kind == "log":
             if self.log_scope is not None:
@@ -381,6 +384,7 @@ class _Session:
             project, service = msg.get("project"), msg.get("service")
             if isinstance(project, str) and isinstance(service, str) and service:
                 self.log_scope = anyio.CancelScope()
+                assert self.tg is not None
                 self.tg.start_soon(self._log, self.log_scope, project, service)
         else:
             await self.send({"type": "error", "message": f"unknown message type {kind!r}"})
