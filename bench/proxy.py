@@ -335,6 +335,17 @@ def ws_rate(port: int, host: str, duration: float) -> float:
         return count / (time.perf_counter() - start)
 
 
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and its children (a proxy's workers)."""
     import psutil
@@ -408,14 +419,7 @@ def metrics_cost(args: argparse.Namespace) -> int:
                     f" requests per proxy CPU-second {off['cpu_us'] / on['cpu_us']:.3f}x"
                 )
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+            stop_all(procs)
     return 0
 
 
@@ -586,14 +590,7 @@ def main() -> int:
                 print(f"  {name:8} {wp:.0f} msg/s ({wp / wd:.2f}x direct)")
         finally:
             stop_agent(tmp / "agent-home")
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+            stop_all(procs)
     return 0
 
 

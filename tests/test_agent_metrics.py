@@ -16,10 +16,8 @@ import signal
 import socket
 import sqlite3
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from agentkit import PY, Mesh
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -52,16 +50,6 @@ services:
     command: {PY} coded.py
 """
 ROUTE = {"project": "shop", "caller": "", "service": "api", "target": "local", "node": ""}
-
-
-@pytest.fixture
-def mesh() -> Iterator[Mesh]:
-    m = Mesh()
-    try:
-        yield m
-    finally:
-        m.close()
-        assert m.leftovers() == []
 
 
 def request(

@@ -135,20 +135,36 @@ def _echo(ws: ServerConnection) -> None:
         ws.send(message)
 
 
-def test_a_websocket_is_counted_open_then_closed(proxy: proxykit.InProcessProxy) -> None:
+@contextlib.contextmanager
+def echo_service(proxy: proxykit.InProcessProxy) -> Iterator[None]:
+    """A WebSocket echo service routed as api.localhost by ``proxy``."""
     server = serve(_echo, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
+        port = server.socket.getsockname()[1]
         proxy.table = table.RouteTable(
-            backends=(
-                table.Backend(project="shop", service="api", port=server.socket.getsockname()[1]),
-            )
+            backends=(table.Backend(project="shop", service="api", port=port),)
         )
-        sock = socket.create_connection(("127.0.0.1", proxy.port))
-        with connect(f"ws://api.localhost:{proxy.port}/chat", sock=sock) as ws:
-            ws.send("ping")
-            assert ws.recv(timeout=10) == "ping"
+        yield
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+@contextlib.contextmanager
+def websocket(proxy: proxykit.InProcessProxy) -> Iterator[None]:
+    """A WebSocket to api.localhost through ``proxy``, open (one echo done) while inside."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    with connect(f"ws://api.localhost:{proxy.port}/chat", sock=sock) as ws:
+        ws.send("ping")
+        assert ws.recv(timeout=10) == "ping"
+        yield
+
+
+def test_a_websocket_is_counted_open_then_closed(proxy: proxykit.InProcessProxy) -> None:
+    with echo_service(proxy):
+        with websocket(proxy):
             samples = scrape(proxy.port)
             assert value(samples, "devmesh_proxy_websocket_connections_open", **ROUTE) == 1
             assert value(samples, "devmesh_proxy_websocket_connections_total", **ROUTE) == 1
@@ -162,9 +178,6 @@ def test_a_websocket_is_counted_open_then_closed(proxy: proxykit.InProcessProxy)
         assert value(samples, "devmesh_proxy_websocket_connections_total", **ROUTE) == 1
         assert value(samples, "devmesh_proxy_requests_total", **ROUTE, code="1xx") == 1
         assert value(samples, "devmesh_proxy_request_bytes_total", **ROUTE) > 0
-    finally:
-        server.shutdown()
-        thread.join(5)
 
 
 def test_the_owner_counts_calls_of_teammates_by_caller_node(tmp_path: Path) -> None:
@@ -250,25 +263,10 @@ def test_a_folder_takes_one_recorder_per_process(tmp_path: Path) -> None:
 def test_a_dead_process_keeps_its_counts_and_drops_its_open_websockets(
     proxy: proxykit.InProcessProxy,
 ) -> None:
-    server = serve(_echo, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        proxy.table = table.RouteTable(
-            backends=(
-                table.Backend(project="shop", service="api", port=server.socket.getsockname()[1]),
-            )
-        )
-        sock = socket.create_connection(("127.0.0.1", proxy.port))
-        with connect(f"ws://api.localhost:{proxy.port}/chat", sock=sock) as ws:
-            ws.send("ping")
-            assert ws.recv(timeout=10) == "ping"
-            assert value(scrape(proxy.port), "devmesh_proxy_websocket_connections_open", **ROUTE)
-            # What the agent does when a worker dies (its pid here: this process's files).
-            metrics.worker_died(proxy.metrics_dir, os.getpid())
-            samples = proxy.metrics()
-            assert value(samples, "devmesh_proxy_websocket_connections_open", **ROUTE) == 0
-            assert value(samples, "devmesh_proxy_websocket_connections_total", **ROUTE) == 1
-    finally:
-        server.shutdown()
-        thread.join(5)
+    with echo_service(proxy), websocket(proxy):
+        assert value(scrape(proxy.port), "devmesh_proxy_websocket_connections_open", **ROUTE)
+        # What the agent does when a worker dies (its pid here: this process's files).
+        metrics.worker_died(proxy.metrics_dir, os.getpid())
+        samples = proxy.metrics()
+        assert value(samples, "devmesh_proxy_websocket_connections_open", **ROUTE) == 0
+        assert value(samples, "devmesh_proxy_websocket_connections_total", **ROUTE) == 1

@@ -189,12 +189,9 @@ class Recorder:
 
     def finished(self, ex: forward.Exchange, routes_table: table.RouteTable) -> None:
         """Count ``ex`` (its access log moment: the exchange is over)."""
-        key = self._key(ex, routes_table)
-        if key is None:
-            return
-        v = self._pending.get(key)
+        v = self._slot(ex, routes_table)
         if v is None:
-            v = self._pending[key] = [0] * _SIZE
+            return
         result = ex.result
         status = result.status
         v[status // 100 - 1 if 100 <= status < 600 else _NO_CODE] += 1
@@ -218,14 +215,21 @@ class Recorder:
 
     def opened(self, ex: forward.Exchange, routes_table: table.RouteTable) -> None:
         """A WebSocket tunnel of ``ex`` just opened (its 101 was sent)."""
+        v = self._slot(ex, routes_table)
+        if v is None:
+            return
+        v[_WS_OPEN] += 1
+        v[_WS_TOTAL] += 1
+
+    def _slot(self, ex: forward.Exchange, routes_table: table.RouteTable) -> list[float] | None:
+        """The pending counts of ``ex``'s route; None when it is not counted."""
         key = self._key(ex, routes_table)
         if key is None:
-            return
+            return None
         v = self._pending.get(key)
         if v is None:
             v = self._pending[key] = [0] * _SIZE
-        v[_WS_OPEN] += 1
-        v[_WS_TOTAL] += 1
+        return v
 
     def _key(self, ex: forward.Exchange, routes_table: table.RouteTable) -> tuple[Any, ...] | None:
         client = ex.client
