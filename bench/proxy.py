@@ -13,6 +13,12 @@ Prints requests/s and latency for wrk -t1 -c32 and -c1, the ratios against nginx
 1 GiB streamed (direct vs devmesh, with the proxy's peak RSS), and WebSocket echo
 messages/s (direct vs devmesh). Not a test: nothing asserts.
 
+``--metrics`` measures only what the proxy's metrics cost: the same proxy with them on and
+off (``--no-metrics``, as ``DEVMESH_METRICS=off`` does for the agent), one process and two,
+in interleaved rounds of one run, and prints the on/off ratios (the bar is 0.95x) of the
+throughput and of the requests served per CPU-second of the proxy's processes (the steadier
+figure on a machine shared with other load).
+
 ``--compare DIR`` also runs the proxy from another source tree (for a before/after table in
 one run, on one machine state), e.g. ``git archive OLD devmesh | tar -x -C /tmp/old``;
 ``--no-uvloop`` passes the same flag to every devmesh process.
@@ -329,6 +335,94 @@ def ws_rate(port: int, host: str, duration: float) -> float:
         return count / (time.perf_counter() - start)
 
 
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (a proxy's workers)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in (proc, *proc.children(recursive=True)):
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def metrics_cost(args: argparse.Namespace) -> int:
+    """The proxy's throughput with its metrics on and off, in one run (``--metrics``)."""
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="devmesh-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        tmp.chmod(0o755)
+        up, wsp = free_port(), free_port()
+        try:
+            procs.append(
+                start_nginx(
+                    tmp,
+                    "upstream",
+                    f"""
+                server {{
+                    listen 127.0.0.1:{up};
+                    location = / {{ return 200 "hello from nginx\\n"; }}
+                }}""",
+                )
+            )
+            extra = ("--no-uvloop",) if args.no_uvloop else ()
+            targets = []
+            for workers in (1, 2):
+                for label, flags in (("on", ()), ("off", ("--no-metrics",))):
+                    proc, port = start_devmesh(tmp, up, wsp, workers, extra=(*extra, *flags))
+                    procs.append(proc)
+                    targets.append((f"{workers}p metrics {label}", port, proc))
+            for port in (up, *(port for _, port, _ in targets)):
+                wait_port(port)
+            for _, port, _ in targets:
+                wrk(port, 32, 1, "api.localhost")  # warm up
+            # On a shared machine the wall-clock rate of one run moves with the neighbours'
+            # load; the proxy's own CPU time per request does much less. Both are reported,
+            # each the median of its runs; rounds alternate the order (on/off, off/on).
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in targets}
+            for round_ in range(args.rounds):
+                order = targets if round_ % 2 == 0 else targets[::-1]
+                for name, port, proc in order:
+                    before = cpu_seconds(proc.pid)
+                    r = wrk(port, 32, args.duration, "api.localhost")
+                    spent = cpu_seconds(proc.pid) - before
+                    r["cpu_us"] = spent / (r["rps"] * args.duration) * 1e6
+                    runs[name].append(r)
+            results = {name: median_run(r) for name, r in runs.items()}
+            print(f"{'target':18} {'c32 req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>10}")
+            for name, r in results.items():
+                print(
+                    f"{name:18} {r['rps']:10.0f} {r['p50']:8.3f} {r['p99']:8.3f}"
+                    f" {r['cpu_us']:10.1f}"
+                )
+            print()
+            for workers in (1, 2):
+                on, off = results[f"{workers}p metrics on"], results[f"{workers}p metrics off"]
+                print(
+                    f"{workers} process(es), metrics on/off:"
+                    f" throughput {on['rps'] / off['rps']:.3f}x,"
+                    f" requests per proxy CPU-second {off['cpu_us'] / on['cpu_us']:.3f}x"
+                )
+        finally:
+            stop_all(procs)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -343,11 +437,18 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="median of this many runs")
     parser.add_argument("--no-uvloop", action="store_true", help="devmesh without uvloop")
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="only the proxy with its metrics on vs off (same run), and their ratio",
+    )
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "curl"):
         if shutil.which(tool) is None:
             print(f"missing {tool}: apt-get install -y wrk nginx-light curl (caddy optional)")
             return 2
+    if args.metrics:
+        return metrics_cost(args)
     have_caddy = shutil.which("caddy") is not None
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="devmesh-bench-") as tmpdir:
@@ -493,14 +594,7 @@ def main() -> int:
                 print(f"  {name:8} {wp:.0f} msg/s ({wp / wd:.2f}x direct)")
         finally:
             stop_agent(tmp / "agent-home")
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+            stop_all(procs)
     return 0
 
 

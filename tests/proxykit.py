@@ -406,7 +406,7 @@ class InProcessProxy:
     ) -> None:
         import asyncio
 
-        from devmesh.proxy import accesslog, ca, server, settings
+        from devmesh.proxy import accesslog, ca, metrics, server, settings
 
         self.table = routes
         self.folder = folder
@@ -415,12 +415,17 @@ class InProcessProxy:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
+        self.metrics_dir = folder / "metrics"
+        metrics.prepare(self.metrics_dir)
+        self.recorder = metrics.Recorder(self.metrics_dir)
+        """Counts every exchange, as the agent's proxy does (``metrics()`` reads them)."""
         self.server = server.ProxyServer(
             settings.Settings(port=0, https_port=0 if https else None, ipv6=False),
             lambda: self.table,
             ca.LocalCA(folder / "ca") if https else None,
             accesslog.AccessLog(self.log_path, json_lines=True),
             router=router,
+            recorder=self.recorder,
         )
         self._task: asyncio.Task[None] | None = None
 
@@ -471,6 +476,19 @@ class InProcessProxy:
         self._thread.join(10)
         self.loop.close()
         self.server.access_log.close()
+        self.recorder.close()
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """``/metrics`` as this proxy answers it, parsed: (sample name, sorted labels) ->
+        value (the proxy's own buffered counts are written first, on its loop)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = self.on_loop(self.recorder.exposition).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
 
 class Node:

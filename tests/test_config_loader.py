@@ -199,7 +199,7 @@ def test_nested_duplicate_keys_and_anchors(tmp_path: Path, monkeypatch: pytest.M
         loader.load(path, environ={})
     assert str(info.value) == (
         "devmesh.yaml:2:1: x-common: unknown key 'x-common'; expected one of: "
-        "version, project, proxy, mesh, policy, services\n"
+        "version, project, proxy, metrics, mesh, policy, services\n"
         "devmesh.yaml:7:17: services.a.env.K: duplicate key 'K' (first at line 7, column 11)"
     )
 

@@ -39,3 +39,7 @@ def test_wheel_ships_the_schema_and_the_console_script(tmp_path: Path) -> None:
     assert shipped == (ROOT / "schemas" / "devmesh.schema.json").read_bytes()
     assert "devmesh = devmesh.cli:main" in scripts
     assert "devmesh/cli.py" in names and "devmesh/core/model.py" in names
+    # The dashboard's static files: the agent serves them from the installed package.
+    static = ROOT / "devmesh" / "dashboard" / "static"
+    for f in static.iterdir():
+        assert f"devmesh/dashboard/static/{f.name}" in names

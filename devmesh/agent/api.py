@@ -9,6 +9,7 @@ Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
   GET  /v1/status[?project=P]         services, peers, routes, agent
   GET  /v1/peers                      the mesh: this node, peers, backends, drop counters
   GET  /v1/route?project=P&service=S[&caller=C][&branch=B]   where such a call goes, and why
+  GET  /v1/graph[?project=P]          machines, services and where each call goes (graphview)
   POST /v1/apply                      {document, directory, source, services, no_deps, base_env,
                                        dry_run}
   GET  /v1/wait?project=P&services=a,b    stream: progress, then {"done": true, "ok": ...}
@@ -18,12 +19,15 @@ Endpoints (all JSON; ``stream`` ones answer NDJSON, one document per line):
   GET  /v1/logs?project=P&services=a,b&tail=N|all&since=UNIX_S&follow=1   stream of
        {service, line, time}; proxy=1 (&format=text) for the access log
   POST /v1/mesh/reload                the team identity changed on disk: see identity_api
+  GET  /v1/metrics?since=1h&service=S  the proxy's per-route numbers (see metricsapi)
+  GET  /v1/dashboard                  {url, urls, token}: the dashboard's (see dashboardhost)
   POST /v1/shutdown
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,9 +37,11 @@ from devmesh import __version__
 from devmesh.agent import (
     dbapi,
     gitbranch,
+    graphview,
     identity_api,
     logfeed,
     meshhost,
+    metricsapi,
     preflight,
     routeview,
     routing,
@@ -52,6 +58,7 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
     router = Router()
     # POST /v1/mesh/reload: `devmesh mesh init|join` changed the identity on disk
     identity_api.register(router, engine.mesh.reload_identity)
+    metricsapi.register(router, lambda: engine.metrics)  # GET /v1/metrics
 
     @router.route("GET", "/v1/status")
     async def status(req: Request) -> Response:
@@ -188,6 +195,29 @@ def build_router(engine: Engine, on_shutdown: Any) -> Router:
             ),
         )
 
+    @router.route("GET", "/v1/graph")
+    async def graph(req: Request) -> Response:
+        project = req.query.get("project") or None
+        snap = engine.snapshot()
+        if project is not None and snap.project(project) is None:
+            known = ", ".join(p.name for p in snap.projects) or "none"
+            raise ApiError(
+                404, f"no project {project!r} is applied to this agent (projects: {known})"
+            )
+        n = engine.mesh.node
+        return Response(
+            200,
+            graphview.document(
+                snap,
+                engine.explain,
+                machine_name=engine.node_name() or socket.gethostname(),
+                node_id=n.identity.node_id if n is not None else None,
+                peer_rows=engine.mesh.peers(),
+                history=engine.metrics,
+                project=project,
+            ),
+        )
+
     @router.route("GET", "/v1/peers")
     async def peers(req: Request) -> Response:
         doc = engine.mesh.status()
@@ -312,6 +342,13 @@ def _warnings(engine: Engine, proj: model.Project, rec: state_mod.ProjectRecord)
             f"project {proj.name} asks for proxy ports {proj.proxy.port}/{proj.proxy.https_port} "
             f"but this agent's proxy listens on {agent_ports[0]}/{agent_ports[1]} (one proxy per "
             "agent, set when it started); URLs use the agent's ports"
+        )
+    history = engine.metrics
+    if history is not None and proj.metrics.retention_days != history.retention_days:
+        out.append(
+            f"project {proj.name} asks for metrics.retention_days "
+            f"{proj.metrics.retention_days:g} but this agent keeps {history.retention_days:g} "
+            "days (one history per agent, set when it started)"
         )
     if proj.mesh is None or engine.mesh.off_for(proj):
         # Without a mesh, a dependency that runs elsewhere can only be reached at its

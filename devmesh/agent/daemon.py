@@ -24,13 +24,15 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from devmesh.agent import logfeed
+from devmesh.agent import dashboardhost, logfeed
+from devmesh.agent import metrics as agent_metrics
 from devmesh.agent.api import build_router
 from devmesh.agent.engine import Engine
 from devmesh.agent.http_server import serve_unix
+from devmesh.agent.metricsdb import MetricsDB
 from devmesh.agent.paths import Home
 from devmesh.core import model
-from devmesh.proxy import accesslog, ca, runtime, server, settings, workers
+from devmesh.proxy import accesslog, ca, metrics, runtime, server, settings, workers
 from devmesh.supervisor import ports, process
 
 log = logging.getLogger("devmesh.agent")
@@ -177,16 +179,32 @@ async def _start_proxy(tg: anyio.abc.TaskGroup, home: Home, engine: Engine) -> s
         config = proxy_settings()
     except ValueError as exc:
         raise ProxyStartError(f"cannot start the proxy: {exc}") from exc
+    try:
+        retention = agent_metrics.retention_days()
+    except ValueError as exc:
+        raise ProxyStartError(f"cannot start the proxy's metrics: {exc}") from exc
     for port in (config.port, config.https_port):
         if port:
             owner = await _port_owner(port)
             if owner is not None:
                 raise _port_busy(port, owner)
+    recorder = None
+    if not metrics.off():
+        metrics.prepare(home.metrics_counts)  # the previous agent's counts are in the history
+        recorder = metrics.Recorder(home.metrics_counts)
+        db = MetricsDB(home.metrics_db)
+        db.open()
+        engine.metrics = agent_metrics.History(
+            home.metrics_counts, db, retention_days=retention, flush=recorder.flush
+        )
+    else:
+        log.info("metrics are off (DEVMESH_METRICS=off): nothing is counted")
     proxy = server.ProxyServer(
         config,
         lambda: engine.routes,
         ca.LocalCA(home.root),
         accesslog.AccessLog(home.proxy_log, json_lines=True),
+        recorder=recorder,
     )
     try:
         await tg.start(proxy.serve)
@@ -253,8 +271,11 @@ async def _start_workers(
         access_log=home.proxy_log,
         json_lines=True,
         allow_uvloop=runtime.uvloop_available(),
+        metrics_dir=home.metrics_counts if engine.metrics is not None else None,
     )
-    worker_set = workers.WorkerSet(argv, count)
+    counts = home.metrics_counts
+    on_exit = (lambda pid: metrics.worker_died(counts, pid)) if engine.metrics else None
+    worker_set = workers.WorkerSet(argv, count, on_exit=on_exit)
     await tg.start(worker_set.run)
     engine.proxy_workers = worker_set
     with anyio.move_on_after(WORKERS_READY_TIMEOUT_S):
@@ -275,10 +296,15 @@ async def _main(home: Home) -> None:
     async with anyio.create_task_group() as tg:
         engine.proxy = await _start_proxy(tg, home, engine)
         await _start_workers(tg, home, engine, engine.proxy)
+        if engine.metrics is not None:
+            tg.start_soon(engine.metrics.run)
+        await dashboardhost.start(tg, engine)  # before the first round: it publishes the route
         await tg.start(engine.run)
         await engine.mesh.restore(engine.mesh_view())
         tg.start_soon(logfeed.stamp_forever, engine.service_logs)
-        await tg.start(serve_unix, home.socket, build_router(engine, stop.set))
+        router = build_router(engine, stop.set)
+        dashboardhost.register(router, engine)
+        await tg.start(serve_unix, home.socket, router)
         tg.start_soon(_signals, stop)
         log.info("devmesh agent %d listening on %s", os.getpid(), home.socket)
         await stop.wait()

@@ -35,6 +35,7 @@ from devmesh.agent import (
     databases,
     launch,
     meshhost,
+    metrics,
     peerchannel,
     preflight,
     reconcile,
@@ -42,6 +43,7 @@ from devmesh.agent import (
 )
 from devmesh.agent import snapshot as snap
 from devmesh.agent import state as state_mod
+from devmesh.agent.instance import Instance
 from devmesh.agent.paths import Home
 from devmesh.core import desired, model, plan, routes
 from devmesh.proxy import accesslog, routesfile, server, table, workers
@@ -70,6 +72,8 @@ class Engine:
         self.proxy = proxy
         self.routes = table.RouteTable()
         """What the proxy routes by; replaced (never mutated) after each round."""
+        self.metrics: metrics.History | None = None
+        """The proxy's metrics history (``History.query``); None with DEVMESH_METRICS=off."""
         self.route_file: Path | None = None
         """Where the routes and edge ports are published for proxy worker processes after
         each round; None when the agent runs no workers."""
@@ -100,6 +104,9 @@ class Engine:
         rounds builds the table from it."""
         self._edge_warnings: dict[tuple[str, str, str], str] = {}
         """(project, caller, service) -> the version warning last logged for that edge."""
+        self.dashboard: table.Backend | None = None
+        """The dashboard's listener, where the proxy sends devmesh.localhost (None: the
+        proxy's own index page)."""
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -343,6 +350,32 @@ class Engine:
             await self.databases.stop_project(project)
         return [k[1] for k in targets]
 
+    async def restart(self, key: plan.Key) -> Instance:
+        """Restart one service at the user's request and return its new instance once the
+        next round started it (its ``proc`` set, or ``reason`` saying why it could not start).
+
+        The process is stopped the way its service says (signal, grace); the planner then
+        starts it again as for any wanted service that does not run. Raises RestartError
+        when the service is not one this agent runs or is stopping already.
+        """
+        name = plan.key_text(key)
+        if key not in self.wants():
+            raise RestartError(404, f"{name} is not a service this agent runs")
+        inst = self.runner.instances.get(key)
+        if inst is None:
+            raise RestartError(409, f"{name} has not started yet; it starts by itself")
+        if inst.phase is plan.Phase.STOPPING:
+            raise RestartError(409, f"{name} is stopping already")
+        self.runner.restart(key, "restart asked for")
+        self.wake()
+        with anyio.fail_after(inst.service.stop.grace_s + 60):
+            while True:
+                generation = self.generation
+                new = self.runner.instances.get(key)
+                if new is not None and new is not inst and new.phase is not plan.Phase.STOPPING:
+                    return new
+                await self.changed(generation)
+
     # ---------------------------------------------------------------- a round
 
     def _reconcile(self) -> dict[plan.Key, plan.Want]:
@@ -379,6 +412,7 @@ class Engine:
             mesh_peers=n.registry.peers() if n is not None else (),
             identity=n.identity if n is not None else None,
             names=self.mesh.display_names(),
+            agent=self.dashboard,
         )
         self.publish_route_file()
         self._log_edge_warnings()
@@ -542,6 +576,15 @@ class Engine:
 def _same_folder(a: str, b: str) -> bool:
     """Whether two folders are one (symlinks resolved; a folder gone compares by its path)."""
     return a == b or os.path.realpath(a) == os.path.realpath(b)
+
+
+class RestartError(Exception):
+    """A restart that cannot be done now; ``status`` is the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 def _model(rec: state_mod.ProjectRecord) -> model.Project:

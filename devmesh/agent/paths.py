@@ -55,6 +55,22 @@ class Home:
         """The route table and edge ports the agent publishes for its proxy worker processes."""
         return self.root / "proxy-routes.json"
 
+    @property
+    def dashboard_token(self) -> Path:
+        """The dashboard's access token (mode 0600): `devmesh dashboard` prints it in its URL."""
+        return self.root / "dashboard.token"
+
+    @property
+    def metrics_counts(self) -> Path:
+        """The proxy processes' shared metric files (prometheus-client's multiprocess folder),
+        emptied at every agent start."""
+        return self.root / "metrics" / "counts"
+
+    @property
+    def metrics_db(self) -> Path:
+        """The per-minute metrics history (SQLite, WAL)."""
+        return self.root / "metrics" / "history.db"
+
     def service_log(self, project: str, service: str) -> Path:
         return self.logs / project / f"{service}.log"
 

@@ -55,6 +55,8 @@ class Runner:
         self.wake = wake
         self.instances: dict[plan.Key, Instance] = {}
         self.tg: anyio.abc.TaskGroup | None = None
+        self.carried_restarts: dict[plan.Key, int] = {}
+        """Restart counts of instances a user restarted (``restart``), for their successor."""
 
     def execute(
         self,
@@ -91,7 +93,7 @@ class Runner:
             fingerprint=want.fingerprint,
             deps=tuple(dep for dep, _ in want.deps),
             failures=old.failures if old and old.fingerprint == want.fingerprint else 0,
-            restarts=old.restarts + 1 if old else 0,
+            restarts=old.restarts + 1 if old else self.carried_restarts.pop(key, 0),
         )
         self.instances[key] = inst
         try:
@@ -194,6 +196,17 @@ class Runner:
                     # the tracker counts failures only at the pace of interval_s.
                     delay = min(check.interval_s, STARTING_PROBE_CAP_S, delay * 1.5)
                 await anyio.sleep(delay)
+
+    def restart(self, key: plan.Key, reason: str) -> None:
+        """Stop ``key``'s process (or forget its exited one) so the next round starts it
+        afresh: a restart the user asked for, counted in ``restarts``."""
+        inst = self.instances[key]
+        self.carried_restarts[key] = inst.restarts + 1
+        if inst.phase is plan.Phase.RUNNING:
+            self.begin_stop(key, reason)
+        else:
+            del self.instances[key]
+            self.wake()
 
     def begin_stop(self, key: plan.Key, reason: str) -> None:
         inst = self.instances[key]

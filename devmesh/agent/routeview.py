@@ -11,11 +11,12 @@ would answer (this agent's node name for local, null without a mesh or for the f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from devmesh.agent.snapshot import Snapshot
-from devmesh.core import desired, routes
+from devmesh.agent.snapshot import ProjectView, Snapshot
+from devmesh.core import desired, model, routes
 from devmesh.proxy import table
 
 Explain = Callable[..., routes.Decision | None]
@@ -101,6 +102,45 @@ def decision_doc(
     }
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EdgeDecision:
+    """One caller -> dependency edge of a local service, and where its calls go now."""
+
+    project: ProjectView
+    caller: str
+    dependency: model.Dependency
+    decision: routes.Decision | None
+    """None when the dependency runs here but listens on no port (it has no route)."""
+
+
+def edge_decisions(
+    snap: Snapshot, explain: Explain, project: str | None = None
+) -> Iterator[EdgeDecision]:
+    """Every dependency edge of every enabled local service of the applied projects (or of
+    ``project``), with the decision its calls get: what ``status`` ROUTES and ``devmesh
+    graph`` show."""
+    for p in snap.projects:
+        if project is not None and p.name != project:
+            continue
+        proj = p.project
+        for caller in sorted(p.enabled):
+            svc = proj.services.get(caller)
+            if svc is None or not svc.runs_here:
+                continue
+            edges = set(desired.local_edges(proj, [caller]))
+            for dep in svc.depends_on:
+                if dep.name not in proj.services:
+                    continue
+                routed = (caller, dep.name) in edges
+                decision = explain(p.name, dep.name, caller=caller) if routed else None
+                yield EdgeDecision(project=p, caller=caller, dependency=dep, decision=decision)
+
+
+def unrouted_reason(dep: model.Dependency) -> str:
+    """Why an edge without a decision goes nowhere."""
+    return f"{dep.name} runs here but listens on no port"
+
+
 def rows(
     snap: Snapshot,
     routes_table: table.RouteTable,
@@ -116,53 +156,30 @@ def rows(
     was given and the edge listener behind it.
     """
     out: list[dict[str, Any]] = []
-    for p in snap.projects:
-        if project is not None and p.name != project:
-            continue
-        proj = p.project
-        for caller in sorted(p.enabled):
-            svc = proj.services.get(caller)
-            if svc is None or not svc.runs_here:
-                continue
-            urls = p.urls.get(caller, {})
-            edges = set(desired.local_edges(proj, [caller]))
-            for dep in svc.depends_on:
-                if dep.name not in proj.services:
-                    continue
-                edge_port = p.edges.get(f"{caller}->{dep.name}")
-                route = routes_table.mesh_route(p.name, dep.name)
-                decision = (
-                    explain(p.name, dep.name, caller=caller)
-                    if (
-                        caller,
-                        dep.name,
-                    )
-                    in edges
-                    else None
-                )
-                chosen = decision.chosen if decision is not None else None
-                if decision is None:
-                    reason = f"{dep.name} runs here but listens on no port"
-                else:
-                    reason = decision.explanation
-                target = chosen.kind.value if chosen is not None else None
-                out.append(
-                    {
-                        "project": p.name,
-                        "caller": caller,
-                        "service": dep.name,
-                        "target_project": route.target_project if route else p.name,
-                        "target": target,
-                        "node": _node(chosen, node_name),
-                        "version": chosen.version if chosen is not None else None,
-                        "branch": decision.request.branch if decision is not None else None,
-                        "reason": reason,
-                        "warning": decision.warning if decision is not None else None,
-                        "range": dep.version_range,
-                        "url": urls.get(dep.name),
-                        "listener": f"127.0.0.1:{edge_port}" if edge_port else None,
-                        "via": target or "none",
-                        "why": reason,
-                    }
-                )
+    for e in edge_decisions(snap, explain, project):
+        p, caller, dep, decision = e.project, e.caller, e.dependency, e.decision
+        edge_port = p.edges.get(f"{caller}->{dep.name}")
+        route = routes_table.mesh_route(p.name, dep.name)
+        chosen = decision.chosen if decision is not None else None
+        reason = unrouted_reason(dep) if decision is None else decision.explanation
+        target = chosen.kind.value if chosen is not None else None
+        out.append(
+            {
+                "project": p.name,
+                "caller": caller,
+                "service": dep.name,
+                "target_project": route.target_project if route else p.name,
+                "target": target,
+                "node": _node(chosen, node_name),
+                "version": chosen.version if chosen is not None else None,
+                "branch": decision.request.branch if decision is not None else None,
+                "reason": reason,
+                "warning": decision.warning if decision is not None else None,
+                "range": dep.version_range,
+                "url": p.urls.get(caller, {}).get(dep.name),
+                "listener": f"127.0.0.1:{edge_port}" if edge_port else None,
+                "via": target or "none",
+                "why": reason,
+            }
+        )
     return out

@@ -41,6 +41,7 @@ def build_table(
     mesh_peers: Sequence[peers.Peer] = (),
     identity: ids.Identity | None = None,
     names: Mapping[str, str] | None = None,
+    agent: table.Backend | None = None,
 ) -> table.RouteTable:
     """One backend per service with a port, projects in the order they were first applied,
     and one mesh route per declared service.
@@ -50,7 +51,8 @@ def build_table(
     ``mesh_peers`` are the node's peers and ``identity`` its identity while this agent is
     a mesh node (the peers' server names and ``peer_tls`` come from it); ``names`` the
     node names to show (node id -> ``NAME`` or ``NAME#ID6``, see ``core.nodenames``), so
-    route reasons and the access log tell two peers of one name apart.
+    route reasons and the access log tell two peers of one name apart. ``agent`` is
+    where devmesh.localhost goes: the agent's dashboard.
     """
     backends: list[table.Backend] = []
     for rec, proj in projects:
@@ -82,7 +84,7 @@ def build_table(
     )
     shown = tuple(sorted((i, n) for i, n in (names or {}).items() if "#" in n))
     return table.RouteTable(
-        tuple(backends), mesh=mesh, peer_tls=peer_tls(identity), node_names=shown
+        tuple(backends), agent, mesh=mesh, peer_tls=peer_tls(identity), node_names=shown
     )
 
 

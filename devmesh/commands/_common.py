@@ -102,8 +102,9 @@ def ensure_agent(
     )
 
 
-def proxy_env(proxy: Any) -> dict[str, str]:
-    """A project's ``proxy:`` as the variables the agent reads at start (see agent.daemon)."""
+def proxy_env(proxy: Any, metrics: Any = None) -> dict[str, str]:
+    """A project's ``proxy:`` (and ``metrics:``) as the variables the agent reads at start
+    (see agent.daemon)."""
     env = {
         "DEVMESH_PROXY_PORT": str(proxy.port),
         "DEVMESH_HTTPS_PORT": str(proxy.https_port),
@@ -114,6 +115,8 @@ def proxy_env(proxy: Any) -> dict[str, str]:
     }
     if proxy.max_body_mb is not None:
         env["DEVMESH_PROXY_MAX_BODY_MB"] = str(proxy.max_body_mb)
+    if metrics is not None:
+        env["DEVMESH_METRICS_RETENTION_DAYS"] = str(metrics.retention_days)
     return env
 
 

@@ -97,5 +97,5 @@ def _adhoc(args: argparse.Namespace, name: str, command: list[str]) -> int:
         source="<command line>",
         services=None,
         log_services=[proj.name],
-        agent_env=_common.proxy_env(proj.proxy),
+        agent_env=_common.proxy_env(proj.proxy, proj.metrics),
     )

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         source=proj.source,
         services=args.services or None,
         log_services=sorted(desired.enabled_closure(proj, args.services or None, no_deps=no_deps)),
-        agent_env=_common.proxy_env(proj.proxy),
+        agent_env=_common.proxy_env(proj.proxy, proj.metrics),
         no_deps=no_deps,
     )
 

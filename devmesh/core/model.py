@@ -244,6 +244,12 @@ class ProxySettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSettings:
+    retention_days: float = 7.0
+    """Days of per-minute metrics history the agent keeps (``devmesh metrics``)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Discovery:
     broadcast: bool = True
     interfaces: tuple[str, ...] = ("auto",)
@@ -280,6 +286,7 @@ class Project:
     source: str = "devmesh.yaml"
     """Where the config came from (a path, or "<stdin>"), for messages."""
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     mesh: MeshSettings | None = None
     policy: Policy = field(default_factory=Policy)
     services: Mapping[str, Service] = field(default_factory=dict)
@@ -478,6 +485,9 @@ def from_document(
             if proxy_doc.get("max_body_mb") is None
             else float(proxy_doc["max_body_mb"]),
         ),
+        metrics=MetricsSettings(
+            retention_days=float(_opt(doc.get("metrics") or {}, "retention_days", 7.0))
+        ),
         mesh=mesh,
         policy=Policy(
             versions=VersionPolicy(_opt(policy_doc, "versions", "warn")),
@@ -593,6 +603,8 @@ def to_document(p: Project) -> dict[str, Any]:
     }
     if p.proxy.max_body_mb is not None:
         doc["proxy"]["max_body_mb"] = p.proxy.max_body_mb
+    if p.metrics != MetricsSettings():
+        doc["metrics"] = {"retention_days": p.metrics.retention_days}
     if p.mesh is not None:
         m = p.mesh
         mesh: dict[str, Any] = {}

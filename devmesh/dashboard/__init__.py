@@ -1,3 +1,5 @@
-"""Reserved for the live web dashboard (a later issue); empty until then so the layout of
-DESIGN.md and its import contracts hold from the start.
+"""The live web dashboard: static files and one WebSocket feed, served by the agent.
+
+A driver like the proxy: it imports no other driver and no agent code. The agent hands it a
+``source.Source`` (``agent.dashboardhost``) and routes devmesh.localhost to its listener.
 """

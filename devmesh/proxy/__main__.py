@@ -41,7 +41,7 @@ from pathlib import Path
 
 import anyio
 
-from devmesh.proxy import accesslog, ca, routesfile, runtime, settings, table, workers
+from devmesh.proxy import accesslog, ca, metrics, routesfile, runtime, settings, table, workers
 from devmesh.proxy import server as server_mod
 
 log = logging.getLogger("devmesh.proxy")
@@ -81,6 +81,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-uvloop",
         action="store_true",
         help="use asyncio's own event loop even when uvloop is installed",
+    )
+    p.add_argument(
+        "--metrics-dir",
+        type=Path,
+        default=None,
+        help="folder of the metrics shared by the processes (default: a private temporary one)",
+    )
+    p.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="count nothing, /metrics answers 404 (to measure what metrics cost)",
     )
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-edges", action="store_true", help=argparse.SUPPRESS)
@@ -125,11 +136,18 @@ async def run(args: argparse.Namespace) -> int:
         return 1
     current = [routes]
     config = _settings(args)
+    metrics_dir: Path | None = args.metrics_dir
+    own_metrics: Path | None = None
+    if metrics_dir is None and not args.no_metrics and not worker:
+        metrics_dir = own_metrics = Path(tempfile.mkdtemp(prefix="devmesh-proxy-metrics-"))
+    if metrics_dir is not None and not worker:
+        metrics.prepare(metrics_dir)
     proxy = server_mod.ProxyServer(
         config,
         lambda: current[0],
         ca.LocalCA(home) if args.https_port is not None else None,
         accesslog.AccessLog(args.access_log, json_lines=args.json),
+        recorder=None if args.no_metrics else _recorder(metrics_dir),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -142,6 +160,8 @@ async def run(args: argparse.Namespace) -> int:
         print(f"devmesh proxy: cannot {what}: {exc}", file=sys.stderr)
         proxy.close()
         proxy.access_log.close()
+        if own_metrics is not None:
+            shutil.rmtree(own_metrics, ignore_errors=True)
         return 1
 
     async def apply_edges(wanted: dict[table.Edge, int | None]) -> dict[table.Edge, int]:
@@ -157,8 +177,12 @@ async def run(args: argparse.Namespace) -> int:
             shared_dir = Path(tempfile.mkdtemp(prefix="devmesh-proxy-workers-"))
             shared = shared_dir / "routes.json"
             routesfile.write(shared, current[0], ports)
-            argv = _worker_argv(args, config, proxy, shared, home)
-            pool = workers.WorkerSet(argv, args.workers - 1)
+            argv = _worker_argv(args, config, proxy, shared, home, metrics_dir=metrics_dir)
+            on_exit = None
+            if metrics_dir is not None:
+                folder = metrics_dir
+                on_exit = lambda pid: metrics.worker_died(folder, pid)  # noqa: E731
+            pool = workers.WorkerSet(argv, args.workers - 1, on_exit=on_exit)
             pool_task = asyncio.create_task(pool.run())
             with anyio.fail_after(WORKERS_READY_TIMEOUT_S):
                 await pool.wait_ready()
@@ -175,7 +199,7 @@ async def run(args: argparse.Namespace) -> int:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), server_mod.FLUSH_INTERVAL_S)
-            proxy.access_log.flush()
+            proxy.flush()
             if worker and os.getppid() != args.worker_of:
                 break  # the owner is gone (where there is no parent-death signal)
             now = routesfile.stamp(args.routes)
@@ -200,7 +224,13 @@ async def run(args: argparse.Namespace) -> int:
                 await pool_task
         if shared_dir is not None:
             shutil.rmtree(shared_dir, ignore_errors=True)
+        if own_metrics is not None:
+            shutil.rmtree(own_metrics, ignore_errors=True)
     return 0
+
+
+def _recorder(directory: Path | None) -> metrics.Recorder | None:
+    return metrics.Recorder(directory) if directory is not None else None
 
 
 def _worker_argv(
@@ -209,6 +239,8 @@ def _worker_argv(
     proxy: server_mod.ProxyServer,
     shared: Path,
     home: Path,
+    *,
+    metrics_dir: Path | None,
 ) -> list[str]:
     assert proxy.http_port is not None
     return workers.worker_argv(
@@ -221,6 +253,7 @@ def _worker_argv(
         access_log=args.access_log,
         json_lines=args.json,
         allow_uvloop=not args.no_uvloop,
+        metrics_dir=metrics_dir,
     )
 
 

@@ -33,6 +33,7 @@ rule, the words of each error) is ``upstream``'s, shared with ``callbacks``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import h11
 
@@ -156,7 +157,7 @@ class Client:
 class Result:
     """What the access log needs to know about an exchange."""
 
-    __slots__ = ("bytes_in", "bytes_out", "error", "extra", "status")
+    __slots__ = ("bytes_in", "bytes_out", "error", "extra", "on_open", "status")
 
     def __init__(self) -> None:
         self.status = 0
@@ -165,6 +166,8 @@ class Result:
         self.error: str | None = None
         self.extra: headers.Headers | None = None
         """Headers added to the response head (a version warning); None on the fast path."""
+        self.on_open: Callable[[], None] | None = None
+        """Called when a WebSocket tunnel opens (the metrics count it open until it ends)."""
 
 
 async def _next_upstream(
@@ -574,6 +577,8 @@ async def _tunnel(
     if result.extra:
         hdrs += result.extra
     client.writer.write(client.conn.send(h11.InformationalResponse(status_code=101, headers=hdrs)))
+    if result.on_open is not None:
+        result.on_open()
     client_rest = client.conn.trailing_data[0]
     up_rest = up.conn.trailing_data[0]
     if client_rest:

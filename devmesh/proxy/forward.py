@@ -36,6 +36,7 @@ from devmesh.proxy import (
     errors,
     exchange,
     headers,
+    metrics,
     pages,
     peering,
     pool,
@@ -104,9 +105,11 @@ class Forwarder:
         *,
         clock: Callable[[], float] = time.time,
         router: selection.Router | None = None,
+        recorder: metrics.Recorder | None = None,
     ) -> None:
         """``clock`` gives Unix seconds (a restarting service's page says how long it waits);
-        ``router`` holds the selection state (its own clock, for down marks)."""
+        ``router`` holds the selection state (its own clock, for down marks); ``recorder``
+        counts every exchange (None: no metrics, and ``/metrics`` says so)."""
         self.router = router or selection.Router()
         self.settings = config
         self.table = table_provider
@@ -116,6 +119,7 @@ class Forwarder:
         self.http_port: int | None = None
         """The ports the index page links to, set once the listeners are bound."""
         self.https_port: int | None = None
+        self.metrics = recorder
 
     def open(self, client: exchange.Client, request: h11.Request) -> Exchange:
         return Exchange(client, request)
@@ -127,6 +131,14 @@ class Forwarder:
             self.pool.peer_tls = routes_table.peer_tls
         if ex.client.mesh is not None:
             return self._route_peer(ex, routes_table)
+        request = ex.request
+        if (
+            request is not None
+            and request.target.startswith(metrics.PATH)
+            and metrics.is_metrics_request(ex, routes_table)
+        ):
+            self._answer_metrics(ex)
+            return None
         try:
             target = routing.choose(
                 routes_table,
@@ -201,6 +213,15 @@ class Forwarder:
         ex.adjust = peering.STRIP
         return served
 
+    def _answer_metrics(self, ex: Exchange) -> None:
+        """``/metrics`` of devmesh.localhost: every proxy process's counts, no token needed
+        (they hold names and numbers only)."""
+        if self.metrics is None:
+            self.answer(ex, 404, "metrics are off in this proxy (DEVMESH_METRICS=off)")
+            return
+        body = self.metrics.exposition()
+        self.send(ex, 200, metrics.CONTENT_TYPE, body, [])
+
     async def run(self, ex: Exchange, backend: table.Backend, *, attempt: int = 0) -> bool:
         """Forward ``ex`` from its request head on, as a task; True when the client
         connection can serve another request. ``attempt``: see ``exchange.forward``.
@@ -211,6 +232,8 @@ class Forwarder:
         had begun to leave moves only when the whole body is in its copy
         (``exchange.RETRY_BODY_BYTES``)."""
         assert ex.request is not None
+        if self.metrics is not None and ex.result.on_open is None:
+            ex.result.on_open = lambda: self._opened(ex)
         while True:
             self.entered(ex)
             try:
@@ -318,6 +341,10 @@ class Forwarder:
         ex.hop = ex.adjust = plan.hop
         ex.backend = plan.hop.backend
         return ex.backend
+
+    def _opened(self, ex: Exchange) -> None:
+        if self.metrics is not None:
+            self.metrics.opened(ex, self.table())
 
     def entered(self, ex: Exchange) -> None:
         """Count ``ex`` as outstanding on its current target (and no longer on the last)."""
@@ -440,6 +467,8 @@ class Forwarder:
             answered = ex.result.status and ex.result.error is None  # by the target itself
             if answered and ex.plan is not None and ex.hop is not None:
                 self.router.mark_up(ex.plan.project, ex.plan.service, ex.hop.target.key)
+        if self.metrics is not None:
+            self.metrics.finished(ex, self.table())
         self._log(ex)
         conn = ex.client.conn
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE

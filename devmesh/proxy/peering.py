@@ -164,5 +164,17 @@ def serve(
     return backend
 
 
+def served_name(routes_table: table.RouteTable, hdrs: headers.Headers) -> tuple[str, str] | None:
+    """(project, service) a peer's call names in ``x-devmesh-service``, when this node has a
+    service of that name (the metrics count a call against it); None otherwise, so a name
+    nobody runs never becomes a label."""
+    wanted = headers.get(hdrs, selection.SERVICE_HEADER)
+    if not wanted:
+        return None
+    service, _, project = wanted.decode("latin-1").strip().partition(".")
+    backend = routes_table.backend(project, service)
+    return (backend.project, backend.service) if backend is not None else None
+
+
 def _namespace(branch: str | None) -> str:
     return f"branch {branch}" if branch else "the default namespace"

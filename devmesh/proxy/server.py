@@ -29,6 +29,7 @@ from devmesh.proxy import (
     dispatch,
     forward,
     listeners,
+    metrics,
     peergate,
     peering,
     pool,
@@ -51,14 +52,18 @@ class ProxyServer:
         authority: ca.CertificateAuthority | None = None,
         access_log: accesslog.AccessLog | None = None,
         router: selection.Router | None = None,
+        *,
+        recorder: metrics.Recorder | None = None,
     ) -> None:
-        """``router`` holds the route selection's state and clock (tests inject one)."""
+        """``router`` holds the route selection's state and clock (tests inject one);
+        ``recorder`` counts every exchange for ``/metrics`` (None: no metrics)."""
         self.settings = config
+        self.metrics = recorder
         self._ca = authority
         self.access_log = access_log or accesslog.AccessLog(None)
         self.pool = pool.Pool(config)
         self.forwarder = forward.Forwarder(
-            config, table_provider, self.pool, self.access_log, router=router
+            config, table_provider, self.pool, self.access_log, router=router, recorder=recorder
         )
         self.http_port: int | None = None
         self.https_port: int | None = None
@@ -115,7 +120,7 @@ class ProxyServer:
             task_status.started(self)
             while True:
                 await anyio.sleep(FLUSH_INTERVAL_S)
-                self.access_log.flush()
+                self.flush()
         finally:
             self.close()
 
@@ -135,7 +140,14 @@ class ProxyServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.pool.close()
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what is buffered: the access log, and this process's counts to the shared
+        metrics files (the proxy does both every ``FLUSH_INTERVAL_S``)."""
         self.access_log.flush()
+        if self.metrics is not None:
+            self.metrics.flush()
 
     def _sweep(self) -> None:
         """Time out exchanges running in callbacks whose service went quiet for idle_timeout_s,

@@ -40,7 +40,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ def worker_argv(
     access_log: Path | None,
     json_lines: bool,
     allow_uvloop: bool = True,
+    metrics_dir: Path | None = None,
 ) -> list[str]:
     """The command line of a worker joining ``http_port`` (and ``https_port``) of ``parent``.
 
@@ -125,6 +126,7 @@ def worker_argv(
             argv += ["--upstream-ca", config.upstream_ca_file]
     if not allow_uvloop:
         argv.append("--no-uvloop")
+    argv += ["--metrics-dir", str(metrics_dir)] if metrics_dir is not None else ["--no-metrics"]
     return argv
 
 
@@ -140,10 +142,19 @@ class _Worker:
 class WorkerSet:
     """``count`` worker processes kept running while ``run`` runs."""
 
-    def __init__(self, argv: Sequence[str], count: int, *, stderr: int | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        count: int,
+        *,
+        stderr: int | None = None,
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
         """``argv`` from ``worker_argv``; ``stderr`` is where the workers' own messages go
-        (default: the owner's stderr, which for the agent is its log file)."""
+        (default: the owner's stderr, which for the agent is its log file); ``on_exit(pid)``
+        is called after a worker ended (its metrics' live gauges are dropped there)."""
         self.argv = list(argv)
+        self._on_exit = on_exit
         self.count = count
         self.restarts = 0
         """Workers started again after one died."""
@@ -213,6 +224,8 @@ class WorkerSet:
                 tg.start_soon(self._read_report, worker)
                 status = await _wait(worker.popen)
                 tg.cancel_scope.cancel()
+            if self._on_exit is not None:
+                self._on_exit(worker.popen.pid)
             ran_s = time.monotonic() - worker.started_at
             quick_deaths = 1 if ran_s >= STABLE_AFTER_S else quick_deaths + 1
             delay = min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** (quick_deaths - 1))
