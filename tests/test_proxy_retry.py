@@ -181,7 +181,7 @@ def test_a_peer_that_says_unavailable_after_the_body_left_moves_on_with_the_copy
     def body_at_b() -> bool:
         # The body waits, undecrypted-then-buffered, in B's peer connection while B dials.
         return b.proxy.on_loop(
-            lambda: sum(d._size for d in b.proxy.server._connections.peers) >= len(BODY)
+            lambda: sum(d._size for d in b.proxy.server._connections.open) >= len(BODY)
         )
 
     def stalls_then_closes(conn: socket.socket, number: int) -> None:
