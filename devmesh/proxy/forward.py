@@ -232,7 +232,13 @@ class Forwarder:
         had begun to leave moves only when the whole body is in its copy
         (``exchange.RETRY_BODY_BYTES``)."""
         assert ex.request is not None
-        if self.metrics is not None and ex.result.on_open is None:
+        if (
+            self.metrics is not None
+            and ex.result.on_open is None
+            and headers.get(ex.hdrs, b"upgrade") is not None
+        ):
+            # A cycle (ex -> result -> hook -> ex) until ``finish`` breaks it: only for
+            # upgrades, so other requests stay free of garbage the collector must find.
             ex.result.on_open = lambda: self._opened(ex)
         while True:
             self.entered(ex)
@@ -469,6 +475,7 @@ class Forwarder:
                 self.router.mark_up(ex.plan.project, ex.plan.service, ex.hop.target.key)
         if self.metrics is not None:
             self.metrics.finished(ex, self.table())
+            ex.result.on_open = None
         self._log(ex)
         conn = ex.client.conn
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
