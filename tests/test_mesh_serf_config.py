@@ -53,7 +53,7 @@ def test_the_model_reads_port_and_join(tmp_path: Path) -> None:
 def test_validate_refuses_bad_serf_keys(tmp_path: Path, serf: str, problem: str) -> None:
     result = validate(tmp_path, HEAD + serf, os.environ["PATH"])
     assert result.returncode != 0
-    assert "devmesh.yaml:6:" in result.stdout + result.stderr
+    assert "devmesh.yaml:7:" in result.stdout + result.stderr
     assert problem in result.stdout + result.stderr
 
 
