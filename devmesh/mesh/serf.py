@@ -130,9 +130,9 @@ class SerfBackend:
         self.node_id = node_id
         self.bind = bind
         self.port = port
-        self.join = list(join)
-        for entry in self.join:
-            parse_join(entry)
+        # One committed file lists the same join address for the whole team: its owner
+        # leaves itself out.
+        self.join = [j for j in join if parse_join(j) != (bind, port)]
         self.keys = keys
         self.make_tags = make_tags
         self.poll_s = poll_s
@@ -151,6 +151,8 @@ class SerfBackend:
         self.sent = 0
         """Tag updates pushed to Serf."""
         self.restarts = 0
+        self.polls = 0
+        """Member lists read from Serf."""
         self.errors = 0
         """Failed ``serf members``/``serf tags`` calls (Serf down or restarting)."""
 
@@ -256,6 +258,7 @@ class SerfBackend:
             out = await self._cli("members", "-format=json")
             if out is not None:
                 self._apply(out)
+                self.polls += 1
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_s):
                     await self._wake.wait()
@@ -362,6 +365,7 @@ class SerfBackend:
             "join": list(self.join),
             "members": sum(1 for m in self._members.values() if m.alive) + 1,
             "restarts": self.restarts,
+            "polls": self.polls,
             "errors": self.errors,
             "log": str(self.log_path),
         }
