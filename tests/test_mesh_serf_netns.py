@@ -83,7 +83,10 @@ def test_one_join_address_finds_everyone_and_survives_its_loss(hosts: Hosts) -> 
     assert beta is not None and beta["backends"] == ["serf"]
     assert beta["address"] == hosts.net.address(1)
     doc = hosts.agents[0].peers()
-    assert doc["serf"]["members"] == 3  # mallory's Serf cannot join: the gossip key differs
+    # Mallory's Serf cannot join (the gossip key differs): not even an unsigned member.
+    assert (doc["serf"]["members"], doc["serf"]["cluster"]) == (3, 3)
+    assert doc["drops"] == {}
+    assert hosts.agents[3].peers()["serf"]["cluster"] == 1
     assert "broadcast" not in doc["sent"]
     assert all(hosts.peer(i, "mallory") is None for i in range(3))
     assert hosts.alive(3) == set()
@@ -162,7 +165,8 @@ def test_a_killed_serf_is_restarted_and_a_forged_member_is_counted(hosts: Hosts)
                 what="the forged member counted on alpha",
             )
             assert hosts.peer(0, "mallory") is None
-            assert a.peers()["serf"]["members"] == 2  # Serf has 3; only signed ones count
+            assert a.peers()["serf"]["members"] == 2  # only signed members count
+            assert a.peers()["serf"]["cluster"] == 3  # ... but Serf let it in: it has the key
             drops, polls = a.peers()["drops"]["bad-signature"], a.peers()["serf"]["polls"]
             a.wait_for(lambda: a.peers()["serf"]["polls"] >= polls + 3, what="three more polls")
             assert a.peers()["drops"]["bad-signature"] == drops  # counted once, not per poll

@@ -152,6 +152,8 @@ class SerfBackend:
         """Tag updates pushed to Serf."""
         self.restarts = 0
         self.polls = 0
+        self.cluster = 0
+        """Alive members as Serf lists them, this node included, signed tags or not."""
         """Member lists read from Serf."""
         self.errors = 0
         """Failed ``serf members``/``serf tags`` calls (Serf down or restarting)."""
@@ -271,6 +273,7 @@ class SerfBackend:
             self.errors += 1
             return
         seen: set[str] = set()
+        cluster = 1
         for m in members:
             if not isinstance(m, dict) or not isinstance(m.get("name"), str):
                 continue
@@ -281,6 +284,7 @@ class SerfBackend:
             tags = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
             address = str(m.get("addr", "")).rpartition(":")[0].strip("[]")
             alive = m.get("status") == "alive"
+            cluster += alive
             seen.add(name)
             self._member(name, tags, address, alive)
         for name in [n for n in self._members if n not in seen]:
@@ -289,6 +293,7 @@ class SerfBackend:
             self._members.pop(name, None)
         for name in [n for n in self._bad if n not in seen]:
             self._bad.pop(name)
+        self.cluster = cluster
 
     def _member(self, name: str, tags: dict[str, str], address: str, alive: bool) -> None:
         old = self._members.get(name)
@@ -364,6 +369,7 @@ class SerfBackend:
             "bind": f"{self.bind}:{self.port}",
             "join": list(self.join),
             "members": sum(1 for m in self._members.values() if m.alive) + 1,
+            "cluster": self.cluster,
             "restarts": self.restarts,
             "polls": self.polls,
             "errors": self.errors,
