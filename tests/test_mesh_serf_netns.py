@@ -36,8 +36,9 @@ def serf_only(join: str) -> str:
     return f"    broadcast: false\n    interfaces: [eth0]\n    serf:\n      join: ['{join}:7946']\n"
 
 
-def serf_pids(hosts: Hosts, i: int) -> list[int]:
-    """The ``serf agent`` processes running in host ``i`` (not the short ``serf members``)."""
+def serf_pids(hosts: Hosts, i: int, every: bool = False) -> list[int]:
+    """The ``serf agent`` processes running in host ``i``; ``every``: any ``serf`` (its
+    ``monitor`` and ``members`` too)."""
     out = []
     for pid in hosts.net.pids(i):
         try:
@@ -45,7 +46,8 @@ def serf_pids(hosts: Hosts, i: int) -> list[int]:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        is_agent = len(argv) > 1 and os.path.basename(argv[0]) == b"serf" and argv[1] == b"agent"
+        is_serf = len(argv) > 1 and os.path.basename(argv[0]) == b"serf"
+        is_agent = is_serf and (every or argv[1] == b"agent")
         if is_agent and state != "Z":
             out.append(pid)
     return out
@@ -100,7 +102,9 @@ def test_one_join_address_finds_everyone_and_survives_its_loss(hosts: Hosts) -> 
     assert services(hosts, 1, "gamma") == ["svc-gamma"]
     assert services(hosts, 2, "beta") == ["svc-beta"]
     # `down` stops the mesh with the project that owned it, and its serf child with it.
-    wait_for("no serf process on machine 0", lambda: serf_pids(hosts, 0) == [], timeout_s=15)
+    wait_for(
+        "no serf process on machine 0", lambda: serf_pids(hosts, 0, every=True) == [], timeout_s=15
+    )
     assert hosts.agents[0].agent_pid() is not None  # the agent itself still runs
 
 

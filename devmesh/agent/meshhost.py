@@ -433,6 +433,7 @@ class MeshHost:
                 "port": d.port,
                 "seeds": list(d.peers),
                 "mdns": d.mdns,
+                "serf": {"port": d.serf.port, "join": list(d.serf.join)} if d.serf else None,
                 "interval_s": d.interval_s,
             },
             "allow": list(self.settings.allow),

@@ -21,7 +21,8 @@ How:
   with a key derived from the mesh secret under its own label (``-encrypt``), so another
   team's Serf cluster on the network can neither join ours nor read it.
 - Membership is read by polling ``serf members -format json`` over Serf's RPC (loopback,
-  with a per-run token) every ``poll_s``. Why polling and not ``serf monitor`` or event
+  with a per-run token) every ``poll_s``, and at once when ``serf monitor`` (one
+  long-lived process) shows a membership event. Why polling and not ``serf monitor`` or event
   handlers: a poll reads Serf's whole state, so a missed or reordered event, or a restart
   of the Serf child, can never leave the registry out of step; event handlers would start a
   process per event and need a second channel back into the node. The cost is one short
@@ -141,6 +142,9 @@ class SerfBackend:
         self.rpc_addr = ""
         self._token = secrets.token_urlsafe(24)
         self._tags: dict[str, str] = {}
+        """The tags this node wants Serf to carry."""
+        self._pushed: dict[str, str] = {}
+        """The tags Serf carries (written in its config, or set by ``serf tags``)."""
         self._members: dict[str, _Member] = {}
         self._bad: dict[str, dict[str, str]] = {}
         self._proc: asyncio.subprocess.Process | None = None
@@ -148,6 +152,7 @@ class SerfBackend:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._wake = asyncio.Event()
+        self._pushing = asyncio.Lock()
         self.sent = 0
         """Tag updates pushed to Serf."""
         self.restarts = 0
@@ -170,13 +175,14 @@ class SerfBackend:
             "rpc_addr": self.rpc_addr,
             "rpc_auth": self._token,
             "encrypt_key": serftags.gossip_key(self.keys),
-            "tags": dict(self._tags),
+            "tags": self._pushed,
             "retry_join": join,
-            "retry_interval": "5s",
-            "log_level": "info",
+            "retry_interval": "1s",
+            "log_level": "warn",  # membership events reach the node's log through the monitor
         }
 
     async def _spawn(self) -> asyncio.subprocess.Process:
+        self._pushed = dict(self._tags)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         config = self.dir / "agent.json"
@@ -257,6 +263,7 @@ class SerfBackend:
 
     async def _poll(self) -> None:
         while True:
+            await self._push()
             out = await self._cli("members", "-format=json")
             if out is not None:
                 self._apply(out)
@@ -315,6 +322,43 @@ class SerfBackend:
                 Sighting(backend=self.name, source=address, member=name, tags=tags, alive=alive)
             )
 
+    async def _watch(self) -> None:
+        """Poll at once when Serf reports a membership event (``serf monitor``).
+
+        Only a trigger: the member list is still read whole by the poll, so a line missed
+        while Serf restarts costs at most one poll interval, never a wrong registry.
+        """
+        env = {**os.environ, "SERF_RPC_AUTH": self._token}
+        while True:
+            proc = None
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    self.binary,
+                    "monitor",
+                    "-log-level=info",
+                    f"-rpc-addr={self.rpc_addr}",
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+                assert proc.stdout is not None
+                async for raw in proc.stdout:
+                    line = raw.decode(errors="replace")
+                    if "serf: EventMember" in line:
+                        self.log("mesh: serf: " + line.split("serf: ", 1)[1].strip()[:200])
+                        self._wake.set()
+            except OSError:
+                self.errors += 1
+            finally:
+                if proc is not None and proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
+            await asyncio.sleep(self.poll_s)  # Serf is (re)starting: try again soon
+
     # -- the backend interface -------------------------------------------------------------
 
     async def start(self, report: Report) -> None:
@@ -322,7 +366,11 @@ class SerfBackend:
         self.rpc_addr = f"127.0.0.1:{_free_loopback_port()}"
         self._tags = self.make_tags(self.bind)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._keep()), loop.create_task(self._poll())]
+        self._tasks = [
+            loop.create_task(self._keep()),
+            loop.create_task(self._poll()),
+            loop.create_task(self._watch()),
+        ]
         self.log(
             f"mesh: serf agent on {self.bind}:{self.port}"
             + (f", joining {', '.join(self.join)}" if self.join else "")
@@ -330,18 +378,23 @@ class SerfBackend:
 
     async def announce(self, make: MakeDatagram) -> None:
         """Push the tags when they changed (new catalog revision); ``make`` is unused."""
-        tags = self.make_tags(self.bind)
-        if tags == self._tags:
-            return
-        self._tags = tags
-        if self._proc is None or self._closing:
-            return  # the next start carries them in its config
-        args = ["tags"]
-        for k, v in tags.items():
-            args.append(f"-set={k}={v}")
-        if await self._cli(*args) is not None:
-            self.sent += 1
-            self._wake.set()
+        self._tags = self.make_tags(self.bind)
+        await self._push()
+
+    async def _push(self) -> None:
+        """Bring Serf's tags up to date; a failure (Serf starting) is retried every poll, so
+        peers never hold a stale revision (they would fetch the catalog again and again)."""
+        async with self._pushing:  # the poll loop and an announce may both try
+            tags = self._tags
+            if tags == self._pushed or self._proc is None or self._closing:
+                return  # nothing to do, or the next start carries them in its config
+            args = ["tags"]
+            for k, v in tags.items():
+                args.append(f"-set={k}={v}")
+            if await self._cli(*args) is not None:
+                self._pushed = dict(tags)
+                self.sent += 1
+                self._wake.set()
 
     async def close(self) -> None:
         """Leave the cluster (SIGINT), then kill after a grace; never leaves a child."""
