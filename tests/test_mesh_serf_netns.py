@@ -90,6 +90,8 @@ def test_one_join_address_finds_everyone_and_survives_its_loss(hosts: Hosts) -> 
     assert doc["drops"] == {}
     assert hosts.agents[3].peers()["serf"]["cluster"] == 1
     assert "broadcast" not in doc["sent"]
+    text = hosts.agents[1].cli("peers", check=True).stdout
+    assert f"serf on {hosts.net.address(1)}:7946, 3 members, joining {first}:7946" in text
     assert all(hosts.peer(i, "mallory") is None for i in range(3))
     assert hosts.alive(3) == set()
 
