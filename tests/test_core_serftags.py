@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 
 import pytest
+from test_core_wire import announcement as wire_announcement
 
 from devmesh.core import peers, serftags, wire
 
@@ -18,18 +18,7 @@ R = wire.DropReason
 
 
 def announcement(**changes: object) -> wire.Announcement:
-    base = wire.Announcement(
-        kind=wire.Kind.HEARTBEAT,
-        node_id=NODE,
-        node_name="laptop-b",
-        address="10.250.7.2",
-        port=7701,
-        revision="65430df56b7f13ea",
-        sent_ms=NOW_MS,
-        boot_ms=NOW_MS - 5000,
-        seq=0,
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+    return wire_announcement(**{"seq": 0, **changes})
 
 
 def decode(tags: dict[str, str], name: str = NODE, alive: bool = True) -> object:

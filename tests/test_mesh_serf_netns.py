@@ -14,13 +14,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from netkit import have_netns, wait_for
-from test_agent_mesh_netns import NAMES, Hosts
+from test_agent_mesh_netns import NAMES, Hosts, hosts  # noqa: F401 (the fixture)
 
 from devmesh.core import serftags, wire
 from devmesh.mesh import identity as ids
@@ -36,11 +35,11 @@ def serf_only(join: str) -> str:
     return f"    broadcast: false\n    interfaces: [eth0]\n    serf:\n      join: ['{join}:7946']\n"
 
 
-def serf_pids(hosts: Hosts, i: int, every: bool = False) -> list[int]:
+def serf_pids(h: Hosts, i: int, every: bool = False) -> list[int]:
     """The ``serf agent`` processes running in host ``i``; ``every``: any ``serf`` (its
     ``monitor`` and ``members`` too)."""
     out = []
-    for pid in hosts.net.pids(i):
+    for pid in h.net.pids(i):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -53,21 +52,12 @@ def serf_pids(hosts: Hosts, i: int, every: bool = False) -> list[int]:
     return out
 
 
-def services(hosts: Hosts, i: int, name: str) -> list[str]:
-    return [s["name"] for s in (hosts.peer(i, name) or {}).get("services", [])]
-
-
-@pytest.fixture
-def hosts(request: pytest.FixtureRequest) -> Iterator[Hosts]:
-    h = Hosts(getattr(request, "param", 3))
-    try:
-        yield h
-    finally:
-        h.close()
+def services(h: Hosts, i: int, name: str) -> list[str]:
+    return [s["name"] for s in (h.peer(i, name) or {}).get("services", [])]
 
 
 @pytest.mark.parametrize("hosts", [4], indirect=True)
-def test_one_join_address_finds_everyone_and_survives_its_loss(hosts: Hosts) -> None:
+def test_one_join_address_finds_everyone_and_survives_its_loss(hosts: Hosts) -> None:  # noqa: F811 (the imported fixture)
     hosts.team(0, 1, 2)
     hosts.agents[3].mesh_init("mallory")  # another team: same mesh name, its own secret
     first = hosts.net.address(0)
@@ -110,7 +100,7 @@ def test_one_join_address_finds_everyone_and_survives_its_loss(hosts: Hosts) -> 
     assert hosts.agents[0].agent_pid() is not None  # the agent itself still runs
 
 
-def test_a_killed_serf_is_restarted_and_a_forged_member_is_counted(hosts: Hosts) -> None:
+def test_a_killed_serf_is_restarted_and_a_forged_member_is_counted(hosts: Hosts) -> None:  # noqa: F811 (the imported fixture)
     hosts.team(0, 1)
     first = hosts.net.address(0)
     hosts.up(0, serf_only(first))

@@ -53,7 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from devmesh.core import backoff, serftags, wire
-from devmesh.mesh.discovery import DiscoveryError, MakeDatagram, Report, Sighting
+from devmesh.mesh.discovery import DiscoveryError, MakeDatagram, Report, Sighting, parse_seed
 
 DEFAULT_PORT = 7946
 PACKAGE_HINT = (
@@ -78,11 +78,10 @@ def find_binary() -> str | None:
 
 def parse_join(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` of a member's Serf port; raises DiscoveryError."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise DiscoveryError(f"serf join {text!r}", "expected HOST:PORT")
-    return host, int(port)
+    try:
+        return parse_seed(text)  # the same form as a seed
+    except DiscoveryError:
+        raise DiscoveryError(f"serf join {text!r}", "expected HOST:PORT") from None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
