@@ -120,6 +120,13 @@ def test_a_killed_serf_is_restarted_and_a_forged_member_is_counted(hosts: Hosts)
     )
     a.wait_for(lambda: "beta" in hosts.alive(0), timeout=40, what="beta alive on alpha again")
 
+    # Beta's agent SIGKILLed: its serf (and monitor) die with it, and leave the cluster.
+    agent = b.agent_pid()
+    assert agent is not None
+    os.kill(agent, signal.SIGKILL)
+    wait_for("no serf left on beta", lambda: serf_pids(hosts, 1, every=True) == [], timeout_s=15)
+    a.wait_for(lambda: hosts.peer(0, "beta") is None, timeout=30, what="beta gone from alpha")
+
     # A plain serf agent with the team's gossip key (it can join) but tags signed with
     # another secret: refused and counted, never a peer.
     secret = ids.load(a.home).team.secret.reveal()
@@ -161,8 +168,8 @@ def test_a_killed_serf_is_restarted_and_a_forged_member_is_counted(hosts: Hosts)
                 what="the forged member counted on alpha",
             )
             assert hosts.peer(0, "mallory") is None
-            assert a.peers()["serf"]["members"] == 2  # only signed members count
-            assert a.peers()["serf"]["cluster"] == 3  # ... but Serf let it in: it has the key
+            assert a.peers()["serf"]["members"] == 1  # only signed members count (beta is gone)
+            assert a.peers()["serf"]["cluster"] == 2  # ... but Serf let it in: it has the key
             drops, polls = a.peers()["drops"]["bad-signature"], a.peers()["serf"]["polls"]
             a.wait_for(lambda: a.peers()["serf"]["polls"] >= polls + 3, what="three more polls")
             assert a.peers()["drops"]["bad-signature"] == drops  # counted once, not per poll
