@@ -125,15 +125,20 @@ def _loopback_only(mesh: model.MeshSettings) -> bool:
     """Whether discovery stays on this machine, so the peer channel needs no other address."""
     if tuple(mesh.discovery.interfaces) != ("lo",) or mesh.discovery.mdns:
         return False
-    for seed in mesh.discovery.peers:
-        host = seed.rsplit(":", 1)[0].strip("[]")
-        if host != "localhost":
-            try:
-                if not ipaddress.ip_address(host).is_loopback:
-                    return False
-            except ValueError:
-                return False
-    return True
+    if mesh.discovery.serf and not all(_is_loopback(j) for j in mesh.discovery.serf.join):
+        return False
+    return all(_is_loopback(seed) for seed in mesh.discovery.peers)
+
+
+def _is_loopback(entry: str) -> bool:
+    """Whether ``HOST:PORT`` names this machine (localhost or a loopback address)."""
+    host = entry.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def node_settings(home: Path, mesh: model.MeshSettings) -> node.NodeSettings:
@@ -147,6 +152,9 @@ def node_settings(home: Path, mesh: model.MeshSettings) -> node.NodeSettings:
         discovery_port=d.port,
         seeds=tuple(d.peers),
         mdns=d.mdns,
+        serf=d.serf is not None,
+        serf_port=d.serf.port if d.serf else 7946,
+        serf_join=tuple(d.serf.join) if d.serf else (),
         channel_host="127.0.0.1" if _loopback_only(mesh) else "0.0.0.0",
         channel_port=mesh.port,
         interval_s=d.interval_s,
@@ -507,6 +515,7 @@ class MeshHost:
                 "port": d.port,
                 "seeds": list(d.peers),
                 "mdns": d.mdns,
+                "serf": {"port": d.serf.port, "join": list(d.serf.join)} if d.serf else None,
                 "interval_s": d.interval_s,
             },
             "allow": list(self.settings.allow),

@@ -83,6 +83,14 @@ def render(data: dict[str, Any], out: Any) -> None:
         how.append(f"seeds {', '.join(disc['seeds'])}")
     if disc.get("mdns"):
         how.append("mdns")
+    serf = data.get("serf")
+    if isinstance(serf, dict):
+        how.append(
+            f"serf on {serf.get('bind')}, {serf.get('members')} members"
+            + (f", joining {', '.join(serf['join'])}" if serf.get("join") else "")
+        )
+    elif disc.get("serf"):
+        how.append("serf not running (no `serf` binary: install the `serf` package)")
     print(
         f"mesh {data.get('mesh')}: this node is {data.get('display_name') or data.get('name')} "
         f"({data.get('node')}), "

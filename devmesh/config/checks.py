@@ -9,6 +9,7 @@ have the right shape and silently skips the rest (the schema has reported those)
 from __future__ import annotations
 
 import shlex
+import shutil
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -73,7 +74,25 @@ def check(
     _check_commands(services, out)
     _check_routing(services, out)
     _check_project_and_remote(services, project, out)
+    _check_serf(doc, out)
     return out.problems
+
+
+def _check_serf(doc: Any, out: _Out) -> None:
+    """``mesh.discovery.serf`` runs the machine's ``serf``: without one, say what to install.
+
+    A warning, not an error: the node starts without Serf and the other backends go on.
+    """
+    mesh = doc.get("mesh") if isinstance(doc, dict) else None
+    disc = mesh.get("discovery") if isinstance(mesh, dict) else None
+    if isinstance(disc, dict) and isinstance(disc.get("serf"), dict) and not shutil.which("serf"):
+        out.add(
+            ("mesh", "discovery", "serf"),
+            "no `serf` binary on PATH: install the `serf` package (Debian/Ubuntu: apt install "
+            "serf; macOS: brew install serf); until then this node discovers without Serf",
+            at_key=True,
+            severity=report.WARNING,
+        )
 
 
 def _check_dependencies(services: dict[str, dict[str, Any]], out: _Out) -> None:

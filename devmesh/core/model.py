@@ -250,6 +250,15 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Serf:
+    """``mesh.discovery.serf``: gossip discovery on the machine's Serf agent."""
+
+    port: int = 7946
+    join: tuple[str, ...] = ()
+    """HOST:PORT of members' Serf ports; one reachable member finds everyone."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Discovery:
     broadcast: bool = True
     interfaces: tuple[str, ...] = ("auto",)
@@ -258,6 +267,8 @@ class Discovery:
     interval_s: float = 2.0
     peers: tuple[str, ...] = ()
     mdns: bool = False
+    serf: Serf | None = None
+    """None: Serf is not used (the default)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -304,6 +315,12 @@ class Project:
 def _opt(d: Mapping[str, Any], key: str, default: Any = None) -> Any:
     value = d.get(key, default)
     return default if value is None else value
+
+
+def _serf(doc: Mapping[str, Any] | None) -> Serf | None:
+    if doc is None:
+        return None
+    return Serf(port=int(_opt(doc, "port", 7946)), join=tuple(_opt(doc, "join", [])))
 
 
 def _argv(value: str | list[str] | None) -> tuple[str, ...] | None:
@@ -463,6 +480,7 @@ def from_document(
                 interval_s=float(_opt(disc, "interval_s", 2.0)),
                 peers=tuple(_opt(disc, "peers", [])),
                 mdns=bool(_opt(disc, "mdns", False)),
+                serf=_serf(disc.get("serf")),
             ),
             allow=tuple(_opt(mesh_doc, "allow", ["*"])),
         )
@@ -621,6 +639,11 @@ def to_document(p: Project) -> dict[str, Any]:
             "peers": list(m.discovery.peers),
             "mdns": m.discovery.mdns,
         }
+        if m.discovery.serf is not None:
+            mesh["discovery"]["serf"] = {
+                "port": m.discovery.serf.port,
+                "join": list(m.discovery.serf.join),
+            }
         mesh["allow"] = list(m.allow)
         doc["mesh"] = mesh
     doc["policy"] = {

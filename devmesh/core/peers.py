@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Mapping
 
 from devmesh.core import catalog as catalogs
-from devmesh.core import wire
+from devmesh.core import serftags, wire
 
 MISSED_HEARTBEATS = 3
 MAX_PEERS = 1024
@@ -201,6 +201,22 @@ class Registry:
         )
         return self._apply(msg, source=source, backend=backend, now_s=now_s)
 
+    def receive_member(
+        self,
+        name: str,
+        tags: Mapping[str, str],
+        *,
+        alive: bool,
+        source: str,
+        backend: str,
+        now_s: float,
+    ) -> Seen:
+        """A Serf member (``core.serftags``): alive refreshes it, failed or left removes it."""
+        msg = serftags.decode(
+            name, tags, keys=self.settings.keys, alive=alive, now_ms=int(now_s * 1000)
+        )
+        return self._apply(msg, source=source, backend=backend, now_s=now_s)
+
     def _drop(self, drop: wire.Drop, node_id: str | None = None) -> Seen:
         self.drops[drop.reason.value] += 1
         return Seen(node_id=node_id, drop=drop)
@@ -218,7 +234,8 @@ class Registry:
             return self._drop(bad, msg.node_id)
         if msg.node_id not in self._high_water and len(self._high_water) >= MAX_PEERS:
             self._forget_oldest()
-        self._high_water[msg.node_id] = msg.order
+        # Never lowered: a Serf sighting (counter 0) must not reopen the datagram window.
+        self._high_water[msg.node_id] = max(msg.order, self._high_water.get(msg.node_id, (0, 0)))
         old = self._peers.get(msg.node_id)
         if msg.kind is wire.Kind.GOODBYE:
             self._peers.pop(msg.node_id, None)

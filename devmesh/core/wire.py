@@ -138,6 +138,11 @@ class MeshKeys:
     mesh: str
     datagram_key: bytes = dataclasses.field(repr=False)
     txt_key: bytes = dataclasses.field(repr=False)
+    serf_tag_key: bytes = dataclasses.field(repr=False)
+    """Signs a node's Serf tags (``core.serftags``)."""
+    serf_gossip_key: bytes = dataclasses.field(repr=False)
+    """Serf's own gossip encryption key (``serf agent -encrypt``): another team's cluster
+    cannot join or read ours."""
 
     @property
     def mesh_tag(self) -> bytes:
@@ -164,6 +169,8 @@ def derive_keys(mesh: str, secret: bytes) -> MeshKeys:
         mesh=mesh,
         datagram_key=_hkdf(secret, b"devmesh datagram v1\x00" + label),
         txt_key=_hkdf(secret, b"devmesh txt v1\x00" + label),
+        serf_tag_key=_hkdf(secret, b"devmesh serf tags v1\x00" + label),
+        serf_gossip_key=_hkdf(secret, b"devmesh serf gossip v1\x00" + label),
     )
 
 

@@ -58,6 +58,10 @@ class Sighting:
     data: bytes | None = None
     txt: Mapping[object, object] | None = None
     source_port: int = 0
+    member: str = ""
+    """A Serf member's name (its node id), with its ``tags`` and whether Serf says it is alive."""
+    tags: Mapping[str, str] | None = None
+    alive: bool = True
 
 
 Report = Callable[[Sighting], None]

@@ -33,7 +33,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 from devmesh.core import catalog as catalogs
-from devmesh.core import peers, wire
+from devmesh.core import peers, serftags, wire
 from devmesh.mesh import channel, discovery
 from devmesh.mesh import identity as ids
 
@@ -55,6 +55,11 @@ class NodeSettings:
     mdns: bool = False
     mdns_addresses: tuple[str, ...] = ()
     """Addresses zeroconf is pinned to; default: those of the interfaces."""
+    serf: bool = False
+    """``mesh.discovery.serf`` is set: run a Serf agent (``mesh.serf``)."""
+    serf_port: int = 7946
+    serf_join: tuple[str, ...] = ()
+    """HOST:PORT of members' Serf ports; one is enough to find everyone."""
     advertise: str | None = None
     """Peer-channel address announced to seeds; default: the route's source address."""
     channel_host: str = "0.0.0.0"
@@ -164,6 +169,8 @@ class Node:
                         make_txt=self._make_txt,
                     )
                 )
+            if s.serf:
+                self._add_serf()
             for backend in self.backends:
                 await backend.start(self._on_sighting)
         except BaseException:
@@ -171,6 +178,32 @@ class Node:
             raise
         self._spawn(self._announcer())
         self._spawn(self._housekeeper())
+
+    def _add_serf(self) -> None:
+        from devmesh.mesh import serf
+
+        s = self.settings
+        binary = serf.find_binary()
+        if binary is None:
+            self.log(
+                f"mesh: serf: no `serf` binary on PATH: {serf.PACKAGE_HINT}; other backends go on"
+            )
+            return
+        self.backends.append(
+            serf.SerfBackend(
+                binary=binary,
+                home=s.home,
+                node_id=self.identity.node_id,
+                bind=serf.bind_address(list(s.interfaces), list(s.serf_join)),
+                port=s.serf_port,
+                join=list(s.serf_join),
+                keys=self.keys,
+                make_tags=lambda address: serftags.encode(self._announcement(address), self.keys),
+                poll_s=s.interval_s,
+                log=self.log,
+                rng=self.rng,
+            )
+        )
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -258,6 +291,15 @@ class Node:
         elif sighting.txt is not None:
             seen = self.registry.receive_txt(
                 sighting.txt, source=sighting.source, backend=sighting.backend, now_s=now
+            )
+        elif sighting.tags is not None:
+            seen = self.registry.receive_member(
+                sighting.member,
+                sighting.tags,
+                alive=sighting.alive,
+                source=sighting.source,
+                backend=sighting.backend,
+                now_s=now,
             )
         else:
             return
@@ -382,6 +424,7 @@ class Node:
             "channel": {"port": self.channel_port, "served": self.served},
             "sent": {b.name: getattr(b, "sent", 0) for b in self.backends},
             "udp_errors": self.udp.errors,
+            **{b.name: b.status() for b in self.backends if b.name == "serf"},  # type: ignore[attr-defined]
             "channel_refused": list(self.channel_refused),
             **self.registry.status(now),
         }
