@@ -127,6 +127,8 @@ class Soak:
             self.m.close()
             raise
         self.counts: dict[str, Counts] = {}
+        self.kills = 0
+        """How many times flaky was SIGKILLed."""
         self.lock = threading.Lock()
 
     def __enter__(self) -> Soak:
@@ -293,6 +295,7 @@ class Soak:
         pid = self.alpha.services("shop")["flaky"].get("pid")
         if pid:
             os.kill(int(pid), signal.SIGKILL)
+            self.kills += 1
 
     def run(
         self,

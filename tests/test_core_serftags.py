@@ -102,8 +102,9 @@ def test_serf_sighting_does_not_lower_the_datagram_counter() -> None:
     registry = peers.Registry(peers.Settings(keys=KEYS, self_id="ef" * 16))
     now = NOW_MS / 1000
     datagram = wire.encode(announcement(seq=5), KEYS)
-    assert registry.receive(datagram, source="10.0.0.2", backend="broadcast", now_s=now).new
+    src = announcement().address  # a broadcast must come from the address it names
+    assert registry.receive(datagram, source=src, backend="broadcast", now_s=now).new
     tags = serftags.encode(announcement(), KEYS)
-    registry.receive_member(NODE, tags, alive=True, source="10.0.0.2", backend="serf", now_s=now)
-    again = registry.receive(datagram, source="10.0.0.2", backend="broadcast", now_s=now)
+    registry.receive_member(NODE, tags, alive=True, source=src, backend="serf", now_s=now)
+    again = registry.receive(datagram, source=src, backend="broadcast", now_s=now)
     assert again.drop is not None and again.drop.reason is R.REPLAYED

@@ -3,7 +3,10 @@ fresh connections, HTTPS, WebSocket, server-sent events, a peer hop, and a servi
 and restarted every half minute.
 
 Asserted: outcomes. No request failed (the proxy's own 502 while the killed service is down
-is not a failure: nothing could answer it, and it is what the proxy is for); every kind of
+is not a failure: nothing could answer it, and it is what the proxy is for), but for the one
+request of flaky's client thread that a SIGKILL may catch half-answered (the service sent its
+head and died before its body: no proxy can complete that answer), at most one per kill and
+only as a cut connection; every kind of
 traffic was served; and once the traffic stops and no client connection is left, neither
 agent holds more open files or asyncio tasks than at the same quiet moment after warm-up.
 Memory and speed are the benchmark's to report (bench/soak.py), not asserted here.
@@ -21,6 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import soak
 
+CUT = ("IncompleteRead", "RemoteDisconnected", "ConnectionResetError")
+"""How a request in flight when flaky is SIGKILLed ends: a connection cut, never a wrong answer."""
+
 pytestmark = [
     pytest.mark.slow,
     NETNS,
@@ -36,9 +42,13 @@ def test_two_minutes_of_mixed_traffic_fail_nothing_and_leak_nothing() -> None:
         end_alpha, end_beta = s.quiet()
         restarts = s.alpha.services("shop")["flaky"]["restarts"]
         counts = dict(s.counts)
-    failures = {flow: c.errors for flow, c in counts.items() if c.failed}
+        kills = s.kills
+    failures = {flow: c.errors for flow, c in counts.items() if c.failed and flow != "flaky"}
     assert failures == {}, failures
-    assert sum(m.failed for m in samples) == 0
+    flaky = counts["flaky"]
+    assert flaky.failed <= kills, (kills, flaky.errors)  # at most the one in flight per kill
+    assert all(e.startswith(CUT) for e in flaky.errors), flaky.errors
+    assert sum(m.failed for m in samples) <= flaky.failed  # nothing failed in other flows
     assert set(counts) == {"keep-alive", "fresh", "https", "websocket", "sse", "peer hop", "flaky"}
     assert all(c.ok > 0 for c in counts.values()), counts
     assert restarts >= 3  # one kill in the warm-up, two after: the agent restarted each
