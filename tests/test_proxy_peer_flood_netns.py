@@ -133,6 +133,7 @@ class Caller(threading.Thread):
         self.go.set()
         self.stop = threading.Event()
         self.ok = 0
+        self.inflight = 0
         self.failures: list[str] = []
         self.lock = threading.Lock()
 
@@ -141,6 +142,8 @@ class Caller(threading.Thread):
             while not self.stop.is_set():
                 if not self.go.wait(0.2):
                     continue
+                with self.lock:
+                    self.inflight += 1
                 try:
                     status, body = call(self.m, f"/flood/{k}")
                     ok = status == 200 and json.loads(body).get("node") == "beta"
@@ -148,6 +151,7 @@ class Caller(threading.Thread):
                 except Exception as exc:
                     ok, words = False, repr(exc)
                 with self.lock:
+                    self.inflight -= 1
                     if ok:
                         self.ok += 1
                     elif self.go.is_set():  # a call cut by the agent's own restart is not one
@@ -180,7 +184,7 @@ def test_a_strangers_flood_keeps_no_teammate_out(machines: Machines) -> None:
         # Alpha's agent restarts mid-flood: calls stop while it is down (they would fail
         # at alpha, not at beta), then it must find beta again through the flooded listener.
         caller.go.clear()
-        time.sleep(0.3)  # let calls in flight end; their outcome is counted either way
+        m.agents[ALPHA].wait_for(lambda: caller.inflight == 0, what="calls in flight to end")
         alpha = m.agents[ALPHA]
         pid = alpha.agent_pid()
         assert pid is not None
