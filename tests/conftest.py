@@ -9,7 +9,10 @@ test them can never pass as a whole, as ``DEVMESH_REQUIRE_DOCKER`` does for Dock
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -49,3 +52,33 @@ def mesh() -> Iterator[Mesh]:
         yield m
     finally:
         m.close()
+
+
+class _Fallback(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with JSON naming itself: the team's staging server in a test."""
+
+    def do_GET(self) -> None:
+        doc = {"from": "fallback", "path": self.path, "env": {"DEVMESH_PROJECT": "fallback"}}
+        body = json.dumps(doc).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fallback() -> Iterator[str]:
+    """A real HTTP server on loopback standing for a service's ``fallback`` URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fallback)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

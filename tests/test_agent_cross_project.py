@@ -15,12 +15,9 @@ real agents on loopback, real processes, calls made with curl through the caller
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from agentkit import Mesh
@@ -122,30 +119,6 @@ def test_web_of_one_project_calls_api_of_another_on_this_machine_and_says_so(mes
     assert mesh.cli("down", cwd=api_dir, timeout=60).returncode == 0
     mesh.wait_for(lambda: get(url)[0] == 502, what="web's calls to fail once shop-api is down")
     assert route_of(mesh, "web", "api")["target"] is None
-
-
-class _Fallback(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = json.dumps({"env": {"DEVMESH_PROJECT": "fallback"}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def fallback() -> Iterator[str]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fallback)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 @pytest.mark.slow

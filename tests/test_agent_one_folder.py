@@ -14,13 +14,10 @@ without an agent: real agents and the real CLI on loopback (tests/agentkit.py).
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import signal
 import socket
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -109,31 +106,6 @@ def test_a_project_belongs_to_one_folder(mesh: Mesh) -> None:
     mesh.cli("down", "-p", "shop", check=True)
     mesh.cli("up", "-d", cwd=second, check=True)
     assert set(mesh.services("shop")) == {"api"}
-
-
-class _Fallback(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = json.dumps({"from": "fallback", "path": self.path}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def fallback() -> Iterator[str]:
-    """A small HTTP server on loopback standing for the team's staging api."""
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fallback)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def mesh_yaml(fallback: str, *, proxy: str = "") -> str:

@@ -9,15 +9,15 @@ the override, the same `up` starts api here and web's calls reach it.
 
 from __future__ import annotations
 
-import http.server
 import json
 import subprocess
-import threading
-from collections.abc import Iterator
-from typing import Any
 
-import pytest
 from agentkit import PY, Mesh, alive
+
+FROM_FALLBACK = json.dumps(
+    {"from": "fallback", "path": "/orders", "env": {"DEVMESH_PROJECT": "fallback"}}
+)
+"""What the shared ``fallback`` fixture (conftest.py) answers to GET /orders."""
 
 # Answers / with its caller-visible URLs (the env), /healthz with 200.
 WEB = """
@@ -42,32 +42,6 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 """
-
-
-class _Fallback(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b"fallback answered " + self.path.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def fallback() -> Iterator[str]:
-    """A real HTTP server on loopback standing in for a team's staging api."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fallback)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def curl(url: str, *headers: str) -> tuple[int, str]:
@@ -129,7 +103,7 @@ def test_remote_in_the_override_keeps_api_off_this_machine_until_the_override_go
     )
 
     url = api_url_of_web(mesh)
-    assert curl(url + "/orders") == (200, "fallback answered /orders")
+    assert curl(url + "/orders") == (200, FROM_FALLBACK)
     assert not mark.exists()  # api's process never ran
 
     # Without the override the committed file runs api here, and web's calls reach it.
@@ -151,4 +125,4 @@ def test_remote_in_the_override_keeps_api_off_this_machine_until_the_override_go
         what="api to be stopped and shown as remote",
     )
     assert not alive(api["pid"])
-    assert curl(api_url_of_web(mesh) + "/orders") == (200, "fallback answered /orders")
+    assert curl(api_url_of_web(mesh) + "/orders") == (200, FROM_FALLBACK)
